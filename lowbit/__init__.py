@@ -1,0 +1,7 @@
+"""lowbit: post-training quantization of large language models, and an honest measure of what it cost."""
+
+__version__ = "0.1.0"
+
+from lowbit.api import fake_quantize_model, load, load_tokenizer, quantize, save
+
+__all__ = ["__version__", "fake_quantize_model", "load", "load_tokenizer", "quantize", "save"]

@@ -1,0 +1,205 @@
+"""What the CLI calls: load(), load_tokenizer(), quantize(), save(), fake_quantize_model()."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.data.calibration import CalibConfig, calibration_ids
+from lowbit.errors import LowbitError
+from lowbit.formats import fake_quantize, fake_quantize_activation
+from lowbit.io.checkpoint import quantized_layers, save_checkpoint, storage_state_dict
+from lowbit.methods.registry import get_method
+from lowbit.model.capture import capture_block_inputs
+from lowbit.model.loading import family_of, load_float, tokenizer_dir_or_gguf
+from lowbit.model.sources import resolve
+from lowbit.model.targets import linear_layers, select_layers
+from lowbit.pipeline import PipelineResult, quantize_model
+from lowbit.recipe import LayerSpec, Recipe
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+FP16_MAX = 65504.0
+
+
+def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32, verify: bool = True) -> nn.Module:
+    """The one way in: a lowbit checkpoint, a Hugging Face directory, a .gguf file or a built-in name.
+
+    A lowbit checkpoint comes back with QuantLinear layers that keep packed weights; the others as float models.
+    """
+    source = resolve(name_or_path)
+    if source.kind == "lowbit":
+        from lowbit.io.checkpoint import load_checkpoint
+
+        return load_checkpoint(source.path, dtype, verify)
+    return load_float(source, dtype)
+
+
+def load_tokenizer(name_or_path: str | Path):
+    from transformers import AutoTokenizer
+
+    directory, gguf = tokenizer_dir_or_gguf(name_or_path)
+    if gguf:
+        return AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise LowbitError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LowbitError(f"device {device!r} was asked for but no CUDA GPU is available; use --device cpu.")
+    return dev
+
+
+def storage_dtype(model: nn.Module, requested: str = "auto") -> torch.dtype:
+    """16-bit dtype for unquantized tensors: the model's own 16-bit dtype, else float16 when every value fits."""
+    if requested != "auto":
+        if requested not in _DTYPES:
+            raise LowbitError(f"unknown --dtype {requested!r}: use auto, {', '.join(_DTYPES)}.")
+        return _DTYPES[requested]
+    own = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    if own in (torch.float16, torch.bfloat16, "float16", "bfloat16"):
+        return _DTYPES[str(own).removeprefix("torch.")]
+    fits = all(t.abs().max().item() <= FP16_MAX for t in model.state_dict().values()
+               if t.is_floating_point() and t.numel())
+    return torch.float16 if fits else torch.bfloat16
+
+
+def round_unquantized(model: nn.Module, dtype: torch.dtype, skip: set[str]) -> None:
+    """Round every stored float tensor outside `skip` layers through `dtype` (what a checkpoint keeps), in place."""
+    prefixes = tuple(n + "." for n in skip)
+    with torch.no_grad():
+        for key, t in model.state_dict(keep_vars=True).items():
+            if t.is_floating_point() and not key.startswith(prefixes):
+                t.data = t.data.to(dtype).to(t.dtype)
+
+
+@dataclass
+class QuantizeResult:
+    model: nn.Module
+    recipe: Recipe
+    plan: dict[str, LayerSpec]
+    dtype: torch.dtype
+    seconds: float
+    pipeline: PipelineResult
+    calib: CalibConfig | None = None
+    source: str = ""
+    sizes: dict = field(default_factory=dict)
+
+
+def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, calib: CalibConfig | None = None,
+             device: str = "auto", dtype: str = "auto", progress: bool = True) -> QuantizeResult:
+    """Quantize a model as the recipe says, block by block; returns the model with QuantLinear layers.
+
+    Calibration data is used when the method needs it, or when `calib` is given (RTN then reports each block's
+    output error on it).
+    """
+    start = time.perf_counter()
+    source = str(model) if not isinstance(model, nn.Module) else getattr(model, "name_or_path", "")
+    if not isinstance(model, nn.Module):
+        if tokenizer is None and (calib is not None or get_method(recipe.method).module.NEEDS_CALIBRATION):
+            tokenizer = load_tokenizer(model)
+        model = load(model)
+    method = get_method(recipe.method)
+    if method.required_scheme and recipe.scheme != method.required_scheme:
+        raise LowbitError(f"--method {recipe.method} needs --scheme {method.required_scheme}, not {recipe.scheme}.")
+    family = family_of(model)
+    plan = select_layers(model, family, recipe)
+    linears = linear_layers(model)
+    for name in plan:
+        if not torch.isfinite(linears[name].weight).all():
+            raise LowbitError(f"layer {name} has NaN or Inf weights; a quantized grid cannot represent them. Check "
+                              f"the checkpoint, or skip the layer with --ignore '{name}'.")
+    store_dtype = storage_dtype(model, dtype)
+    dev = resolve_device(device)
+    inputs = None
+    if calib is None and method.module.NEEDS_CALIBRATION:
+        calib = CalibConfig()
+    if calib is not None:
+        if tokenizer is None:
+            raise LowbitError("calibration needs the model's tokenizer: pass tokenizer= or a model name or path.")
+        ids = calibration_ids(tokenizer, calib, getattr(model.config, "max_position_embeddings", None))
+        inputs = capture_block_inputs(model, family, ids, dev)
+    result = quantize_model(model, family, plan, method, inputs, dev, progress=progress)
+    if "lm_head" in plan and getattr(model.config, "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False
+    round_unquantized(model, store_dtype, set(plan))
+    out = QuantizeResult(model, recipe, plan, store_dtype, time.perf_counter() - start, result, calib, source)
+    out.sizes = size_report(model, store_dtype)
+    return out
+
+
+def size_report(model: nn.Module, dtype: torch.dtype) -> dict:
+    """Bits per weight (overall and per layer type) and bytes, counting every stored bit."""
+    qlayers = quantized_layers(model)
+    bits, numel = defaultdict(int), defaultdict(int)
+    for name, m in qlayers.items():
+        kind = name.rsplit(".", 1)[-1]
+        bits[kind] += m.quantized_weight().stored_bits()
+        numel[kind] += m.in_features * m.out_features
+    tensors, _ = storage_state_dict(model, dtype)
+    qprefixes = tuple(n + "." for n in qlayers)
+    other_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items()
+                      if not k.startswith(qprefixes) or k.endswith(".bias"))
+    other_params = sum(t.numel() for k, t in tensors.items() if not k.startswith(qprefixes) or k.endswith(".bias"))
+    qbits, qnumel = sum(bits.values()), sum(numel.values())
+    return {
+        "quantized_layers": len(qlayers),
+        "quantized_weights": qnumel,
+        "bits_per_weight": qbits / qnumel if qnumel else None,
+        "bits_per_weight_by_type": {k: bits[k] / numel[k] for k in sorted(bits)},
+        "other_params": other_params,
+        "bytes_16bit": 2 * (qnumel + other_params),
+        "bytes_predicted": qbits // 8 + other_bytes,
+    }
+
+
+def save(result: QuantizeResult, out_dir: str | Path, *, tokenizer=None, overwrite: bool = False) -> dict:
+    """Write a QuantizeResult as a lowbit checkpoint (atomically); returns its header."""
+    info = {
+        "method": result.recipe.method, "scheme": result.recipe.scheme,
+        "bits_per_weight": result.sizes["bits_per_weight"], "seconds": round(result.seconds, 3),
+        "source_model": result.source, "recipe": result.recipe.to_dict(),
+        "calibration": result.calib.to_dict() if result.calib else None,
+        "size": result.sizes,
+        "blocks": [vars(b) for b in result.pipeline.blocks],
+    }
+    return save_checkpoint(result.model, out_dir, dtype=result.dtype, tokenizer=tokenizer, overwrite=overwrite,
+                           info=info)
+
+
+def fake_quantize_model(model: nn.Module, plan: dict[str, LayerSpec], dtype: torch.dtype | None = None) -> nn.Module:
+    """A copy of `model` whose planned layers hold dequantize(quantize(W)) as plain float weights.
+
+    Layers with an activation format get a hook that fake-quantizes their input the same way.
+
+    With `dtype`, every other stored tensor is rounded through it, as a checkpoint stores it. This is the
+    reference that a saved-and-loaded checkpoint must reproduce.
+    """
+    fake = copy.deepcopy(model)
+    linears = linear_layers(fake)
+    with torch.no_grad():
+        for name, spec in plan.items():
+            linears[name].weight = nn.Parameter(fake_quantize(linears[name].weight, spec.weight), requires_grad=False)
+            if spec.act is not None:
+                linears[name].register_forward_pre_hook(_act_hook(spec.act))
+    if dtype is not None:
+        round_unquantized(fake, dtype, set(plan))
+    return fake
+
+
+def _act_hook(act):
+    def hook(_module, args):
+        return (fake_quantize_activation(args[0], act), *args[1:])
+
+    return hook

@@ -1,0 +1,156 @@
+"""The `lowbit` command: parses arguments, builds a config, calls lowbit.api, prints a summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+from lowbit.errors import LowbitError
+
+
+def _recipe_from_args(args: argparse.Namespace):
+    from lowbit.recipe import Recipe
+
+    recipe = Recipe.from_yaml(args.recipe) if args.recipe else Recipe()
+    return recipe.with_options(
+        method=args.method, scheme=args.scheme, group_size=args.group_size,
+        symmetric=False if args.asym else None, clip=True if args.clip else None,
+        targets=tuple(args.targets) if args.targets else None, ignore=tuple(args.ignore) if args.ignore else None,
+    )
+
+
+def _calib_from_args(args: argparse.Namespace):
+    from lowbit.data.calibration import CalibConfig
+
+    given = {k: v for k, v in {"dataset": args.calib, "samples": args.calib_samples, "seqlen": args.calib_seqlen,
+                               "seed": args.seed}.items() if v is not None}
+    return CalibConfig(**given) if given else None
+
+
+def _describe(spec) -> str:
+    w = spec.weight
+    gran = w.granularity.to_dict()
+    where = {"per_tensor": "per tensor", "per_channel": "per channel"}.get(gran["type"], f"groups of {gran.get('size')}")
+    kind = "fp8 e4m3" if w.kind == "fp8" else f"int{w.bits} {'sym' if w.symmetric else 'asym'}"
+    clip = ", clipped" if w.clip else ""
+    act = f", {spec.act.kind} per-token activations" if spec.act else ""
+    return f"{kind}, {where}{clip}{act}"
+
+
+def print_summary(result, header: dict, out: Path, file=sys.stdout) -> None:
+    s = result.sizes
+    by_type = ", ".join(f"{k} {v:.3f}" for k, v in s["bits_per_weight_by_type"].items())
+    weights = (out / "model.safetensors").stat().st_size
+    errors = [b.output_error for b in result.pipeline.blocks if b.output_error is not None]
+    lines = [
+        f"quantized {result.source} with {result.recipe.method} {result.recipe.scheme} ({_describe(result.recipe.default_spec)})",
+        f"  layers       {s['quantized_layers']} linear layers in {len(result.pipeline.blocks)} blocks"
+        f" ({s['quantized_weights'] / 1e6:.1f}M weights; other tensors kept in {str(result.dtype).removeprefix('torch.')})",
+        f"  bits/weight  {s['bits_per_weight']:.3f} including scales and zeros ({by_type})",
+        f"  size         {s['bytes_16bit'] / 1e6:.1f} MB at 16 bits -> {weights / 1e6:.1f} MB of weights"
+        f" (predicted {s['bytes_predicted'] / 1e6:.1f} MB; {header['bytes_on_disk'] / 1e6:.1f} MB with config and tokenizer)",
+    ]
+    if errors:
+        lines.append(f"  block error  relative output MSE on calibration data: first {errors[0]:.2e}, "
+                     f"max {max(errors):.2e}, last {errors[-1]:.2e}")
+    lines += [f"  time         {result.seconds:.1f} s", f"  output       {out}"]
+    print("\n".join(lines), file=file)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from lowbit import api
+    from lowbit.io.atomic import check_output_dir
+
+    out = check_output_dir(args.out, args.overwrite)
+    recipe = _recipe_from_args(args)
+    calib = _calib_from_args(args)
+    tokenizer = api.load_tokenizer(args.model)
+    result = api.quantize(args.model, recipe, tokenizer=tokenizer, calib=calib, device=args.device, dtype=args.dtype,
+                          progress=not args.quiet)
+    header = api.save(result, out, tokenizer=tokenizer, overwrite=args.overwrite)
+    print_summary(result, header, out)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lowbit.demo import run_demo
+
+    return run_demo(out=args.out, quiet=args.quiet)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from lowbit.io.checkpoint import read_header, verify_files
+
+    header = read_header(args.checkpoint)
+    verify_files(Path(args.checkpoint), header)
+    print(json.dumps({k: v for k, v in header.items() if k not in ("layers", "files", "blocks")}, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lowbit import __version__
+
+    p = argparse.ArgumentParser(prog="lowbit", description="Quantize LLMs after training and measure what it cost.")
+    p.add_argument("--version", action="version", version=f"lowbit {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and write a lowbit checkpoint")
+    q.add_argument("model", help="built-in name (smollm2-135m), Hugging Face directory or .gguf file")
+    q.add_argument("--method", help="rtn or fp8 (default: the recipe's, else rtn)")
+    q.add_argument("--scheme", help="w8a16, w4a16, w3a16, w2a16 (any w{b}a16, b in 2..8), w8a8, fp8")
+    q.add_argument("--group-size", type=int, help="input columns per scale; 0 or -1 = per output channel")
+    q.add_argument("--asym", action="store_true", help="asymmetric grid with a zero point (default symmetric)")
+    q.add_argument("--clip", action="store_true", help="choose each group's range by an error-minimizing search")
+    q.add_argument("--recipe", help="YAML recipe; command-line options override its fields")
+    q.add_argument("--targets", action="append", metavar="REGEX", help="quantize linear layers whose name matches")
+    q.add_argument("--ignore", action="append", metavar="REGEX", help="leave matching layers in 16 bits")
+    q.add_argument("--calib", help="calibration set: c4 (default), wikitext2, ptb, or a file")
+    q.add_argument("--calib-samples", type=int, help="calibration windows (default 128)")
+    q.add_argument("--calib-seqlen", type=int, help="tokens per window (default 1024, capped at the context)")
+    q.add_argument("--seed", type=int, help="seed for drawing calibration windows (default 0)")
+    q.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:N")
+    q.add_argument("--dtype", default="auto", help="16-bit dtype for unquantized tensors: auto, float16, bfloat16")
+    q.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(func=cmd_quantize)
+
+    d = sub.add_parser("demo", help="quantize the built-in model and show what it did")
+    d.add_argument("--out", help="where to write the demo checkpoint (default: in the lowbit cache)")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=cmd_demo)
+
+    i = sub.add_parser("info", help="show a checkpoint's header after checking its files")
+    i.add_argument("checkpoint")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except LowbitError as e:
+        print(textwrap.fill(f"lowbit: error: {e}", width=100, break_on_hyphens=False), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted; nothing was written.", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Datasets: local files (or hub names), calibration sampling."""

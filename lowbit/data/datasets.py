@@ -1,0 +1,74 @@
+"""Local datasets: where the data folder is, and the text of each named set.
+
+Offline, data is read from `LOWBIT_DATA` if set, else `../shared/data` next to the checkout. Names:
+`c4` (calibration: documents 0–511 of the C4 validation sample), `wikitext2` (validation split) and `ptb`
+(validation split), or a path to a .txt file, or a .json / .jsonl file of {"text": ...} records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from lowbit.errors import LowbitError
+
+C4_CALIBRATION_DOCS = range(0, 512)
+CALIBRATION_SETS = ("c4", "wikitext2", "ptb")
+
+
+def data_root() -> Path:
+    env = os.environ.get("LOWBIT_DATA")
+    candidates = [Path(env)] if env else [Path(__file__).resolve().parents[3] / "shared" / "data",
+                                          Path.cwd().parent / "shared" / "data"]
+    for c in candidates:
+        if c.is_dir():
+            return c
+    raise LowbitError(f"no data folder found (looked in {', '.join(map(str, candidates))}). Set LOWBIT_DATA to a "
+                      f"folder laid out like ../shared/data (c4/, wikitext-2/, ptb/), or pass a text file path.")
+
+
+def _read(path: Path) -> str:
+    if not path.is_file():
+        raise LowbitError(f"dataset file {str(path)!r} does not exist.")
+    return path.read_text(encoding="utf-8")
+
+
+def records_text(path: Path) -> list[str]:
+    """Texts of a .txt file (one text), a .json list of records, or a .jsonl file of records with 'text'."""
+    raw = _read(path)
+    try:
+        if path.suffix == ".jsonl":
+            items = [json.loads(line) for line in raw.splitlines() if line.strip()]
+        elif path.suffix == ".json":
+            items = json.loads(raw)
+        else:
+            return [raw]
+    except json.JSONDecodeError as e:
+        raise LowbitError(f"{str(path)!r} is not valid JSON ({e}).") from None
+    if not isinstance(items, list) or not all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in items):
+        raise LowbitError(f"{str(path)!r} must hold a list of records with a 'text' field.")
+    return [r["text"] for r in items]
+
+
+def calibration_texts(name: str) -> list[str]:
+    """The texts of a calibration set (never the evaluation splits)."""
+    key = name.lower()
+    if key == "c4":
+        docs = records_text(data_root() / "c4" / "c4-validation-sample.json")
+        return [docs[i] for i in C4_CALIBRATION_DOCS if i < len(docs)]
+    if key == "wikitext2":
+        return [_read(data_root() / "wikitext-2" / "valid.txt")]
+    if key == "ptb":
+        return [_read(data_root() / "ptb" / "ptb.valid.txt")]
+    path = Path(name).expanduser()
+    if path.exists():
+        return records_text(path)
+    raise LowbitError(f"unknown calibration set {name!r}: use one of {', '.join(CALIBRATION_SETS)} or a path to a "
+                      f".txt, .json or .jsonl file.")
+
+
+def wikitext2_test_text() -> str:
+    """WikiText-2 raw test split as the GPTQ protocol joins it: the file's lines joined by blank lines."""
+    rows = _read(data_root() / "wikitext-2-raw" / "wiki.test.raw").split("\n")
+    return "\n\n".join(rows)

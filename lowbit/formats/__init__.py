@@ -1,0 +1,28 @@
+"""Number formats: integer grids (sym/asym), fp8, granularities, clipping search, bit packing."""
+
+from lowbit.formats.activation import ActFormat, fake_quantize_activation
+from lowbit.formats.fp8 import FP8Format
+from lowbit.formats.granularity import (
+    Granularity,
+    PerChannel,
+    PerGroup,
+    PerTensor,
+    granularity_from_group_size,
+    num_groups,
+)
+from lowbit.formats.intgrid import IntFormat
+from lowbit.formats.packing import pack, unpack
+from lowbit.formats.weight import (
+    QuantizedWeight,
+    WeightFormat,
+    fake_quantize,
+    format_from_dict,
+    packed_shapes,
+    quantize,
+)
+
+__all__ = [
+    "ActFormat", "FP8Format", "Granularity", "IntFormat", "PerChannel", "PerGroup", "PerTensor",
+    "QuantizedWeight", "WeightFormat", "fake_quantize", "fake_quantize_activation", "format_from_dict",
+    "granularity_from_group_size", "num_groups", "pack", "packed_shapes", "quantize", "unpack",
+]

@@ -1,0 +1,122 @@
+"""A quantized weight as a value: format, codes, scales, zeros; quantize, dequantize, pack, count bits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.formats.fp8 import FP8_DTYPE, FP8Format, fp8_decode, fp8_encode, fp8_scale
+from lowbit.formats.fp8 import SCALE_DTYPE as FP8_SCALE
+from lowbit.formats.grouping import grouped, stats_shape
+from lowbit.formats.intgrid import SCALE_DTYPE as INT_SCALE
+from lowbit.formats.intgrid import IntFormat, decode, encode, grid_params
+from lowbit.formats.packing import pack, packed_length, unpack
+from lowbit.formats.search import search_range
+
+WeightFormat = IntFormat | FP8Format
+
+
+def format_from_dict(d: dict) -> WeightFormat:
+    kind = d.get("kind")
+    if kind == "int":
+        return IntFormat.from_dict(d)
+    if kind == "fp8":
+        return FP8Format.from_dict(d)
+    raise LowbitError(f"unknown weight format {d!r}: expected kind 'int' or 'fp8'.")
+
+
+@dataclass
+class QuantizedWeight:
+    """Codes [out, in] (uint8 for integer grids, float8 for fp8), scale and zero [rows, groups].
+
+    `zero` is None for symmetric and fp8 formats (the zero point is implicit).
+    """
+
+    fmt: WeightFormat
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        """ŵ in float32, shape [out, in]."""
+        if isinstance(self.fmt, FP8Format):
+            cg = grouped(self.codes, self.fmt.granularity)
+            return fp8_decode(cg, self.scale.unsqueeze(-1)).reshape(self.shape)
+        zero = self.zero if self.zero is not None else _implicit_zero(self.scale, self.fmt)
+        return decode(grouped(self.codes, self.fmt.granularity), self.scale, zero).reshape(self.shape)
+
+    def packed(self) -> dict[str, torch.Tensor]:
+        """The tensors that are stored: what a checkpoint holds and the runtime module keeps."""
+        if isinstance(self.fmt, FP8Format):
+            return {"weight": self.codes, "weight_scale": self.scale}
+        out = {"qweight": pack(self.codes, self.fmt.bits), "scales": self.scale}
+        if self.zero is not None:
+            out["qzeros"] = pack(self.zero.reshape(-1), self.fmt.bits)
+        return out
+
+    @classmethod
+    def from_packed(cls, fmt: WeightFormat, shape: tuple[int, int], tensors: dict[str, torch.Tensor]) -> QuantizedWeight:
+        if isinstance(fmt, FP8Format):
+            return cls(fmt, tensors["weight"], tensors["weight_scale"])
+        scale = tensors["scales"]
+        codes = unpack(tensors["qweight"], fmt.bits, shape[1])
+        zero = None
+        if "qzeros" in tensors:
+            zero = unpack(tensors["qzeros"], fmt.bits, scale.numel()).reshape(scale.shape)
+        return cls(fmt, codes, scale, zero)
+
+    def stored_bits(self) -> int:
+        """Every stored bit: packed codes (with padding), scales and zeros."""
+        return sum(t.numel() * t.element_size() * 8 for t in self.packed().values())
+
+    def bits_per_weight(self) -> float:
+        return self.stored_bits() / self.codes.numel()
+
+
+def packed_shapes(fmt: WeightFormat, shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shapes and dtypes of `QuantizedWeight.packed()` without quantizing anything (for building on meta)."""
+    rows, groups = stats_shape(shape, fmt.granularity)
+    if isinstance(fmt, FP8Format):
+        return {"weight": (shape, FP8_DTYPE), "weight_scale": ((rows, groups), FP8_SCALE)}
+    out = {"qweight": ((shape[0], packed_length(shape[1], fmt.bits)), torch.int32),
+           "scales": ((rows, groups), INT_SCALE)}
+    if not fmt.symmetric:
+        out["qzeros"] = ((packed_length(rows * groups, fmt.bits),), torch.int32)
+    return out
+
+
+def quantize(weight: torch.Tensor, fmt: WeightFormat) -> QuantizedWeight:
+    """Round-to-nearest quantization of a 2-D weight [out, in] to `fmt` (scales by absmax or clip search)."""
+    if weight.dim() != 2:
+        raise LowbitError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}.")
+    if not torch.isfinite(weight).all():
+        raise LowbitError("the weight contains NaN or Inf values; a quantized grid cannot represent them. "
+                          "Check the checkpoint (a failed conversion or a diverged fine-tune).")
+    w = weight.detach().float()
+    wg = grouped(w, fmt.granularity)
+    if isinstance(fmt, FP8Format):
+        scale = fp8_scale(wg.abs().amax(-1))
+        return QuantizedWeight(fmt, fp8_encode(wg, scale.unsqueeze(-1)).reshape(w.shape), scale)
+    if fmt.clip:
+        scale, zero = search_range(wg, fmt)
+    else:
+        scale, zero = grid_params(wg.amin(-1), wg.amax(-1), fmt)
+    codes = encode(wg, scale, zero, fmt).reshape(w.shape)
+    return QuantizedWeight(fmt, codes, scale, None if fmt.symmetric else zero)
+
+
+def fake_quantize(weight: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
+    """dequantize(quantize(w)) in float32."""
+    return quantize(weight, fmt).dequantize()
+
+
+def _implicit_zero(scale: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
+    return torch.full_like(scale, 2 ** (fmt.bits - 1), dtype=torch.uint8)
+
+

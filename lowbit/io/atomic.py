@@ -1,0 +1,58 @@
+"""Atomic writes: build the output in a temporary sibling directory, rename it into place when complete.
+
+An interrupted or failed write leaves nothing behind (the temporary directory is removed), and an existing
+output is replaced only when asked to, and only once the new one is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from lowbit.errors import LowbitError
+
+
+def check_output_dir(target: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing output unless overwrite; call before long work so nothing is wasted."""
+    target = Path(target).expanduser()
+    if target.exists() and not target.is_dir():
+        raise LowbitError(f"output {str(target)!r} exists and is not a directory; choose another --out.")
+    if target.exists() and not overwrite:
+        raise LowbitError(f"output directory {str(target)!r} already exists; pass --overwrite to replace it, or choose "
+                          f"another --out.")
+    return target
+
+
+@contextmanager
+def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `target` when the block completes without an exception."""
+    target = check_output_dir(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield tmp
+        _default_permissions(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, target)
+
+
+def _default_permissions(directory: Path) -> None:
+    """mkdtemp (and some writers) create private files; give the result the user's usual permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for p in directory.rglob("*"):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)

@@ -1,0 +1,163 @@
+"""lowbit's checkpoint format: packed tensors in safetensors, a JSON header, written atomically.
+
+A checkpoint directory holds
+- `model.safetensors`: packed quantized layers (`<layer>.qweight` int32 words, `.scales` float16,
+  `.qzeros` int32 words for asymmetric grids; fp8 layers `.weight` e4m3 and `.weight_scale` float32) and every
+  other tensor in 16 bits; tied tensors are stored once;
+- `config.json` (+ generation config, tokenizer files) as transformers writes them;
+- `lowbit.json`: format version, lowbit version, recipe, each quantized layer's format and shape, the tied
+  tensors, sizes, and the sha256 of every other file (checked on load).
+
+Loading is two-phase: the model is built with parameters on the meta device, quantized layers are swapped
+for QuantLinear as the header says, then the state dict is assigned after its keys are checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.io.atomic import atomic_directory
+from lowbit.model.architectures import family_for
+from lowbit.recipe import LayerSpec
+from lowbit.runtime.qlinear import QuantLinear, set_module
+
+FORMAT_NAME = "lowbit"
+FORMAT_VERSION = 1
+HEADER = "lowbit.json"
+WEIGHTS = "model.safetensors"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def storage_state_dict(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors to store (floats outside quantized layers cast to `dtype`) and the tied keys {dropped: kept}."""
+    qprefixes = tuple(n + "." for n in quantized_layers(model))
+    tensors: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, t in model.state_dict().items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ident in seen:
+            tied[key] = seen[ident]
+            continue
+        seen[ident] = key
+        if t.is_floating_point() and not key.startswith(qprefixes):
+            t = t.to(dtype)
+        tensors[key] = t.detach().contiguous().cpu()
+    return tensors, tied
+
+
+def save_checkpoint(model: nn.Module, out_dir: str | Path, *, dtype: torch.dtype, tokenizer=None,
+                    overwrite: bool = False, info: dict | None = None) -> dict:
+    """Write model (with QuantLinear layers) to out_dir atomically; returns the header written."""
+    from lowbit import __version__
+
+    tensors, tied = storage_state_dict(model, dtype)
+    layers = {name: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
+                     "spec": m.spec.to_dict(), "bits_per_weight": m.quantized_weight().bits_per_weight()}
+              for name, m in quantized_layers(model).items()}
+    with atomic_directory(out_dir, overwrite) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "lowbit_format": str(FORMAT_VERSION)})
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        files = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        header = {
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "lowbit_version": __version__,
+            **(info or {}),
+            "dtype": str(dtype).removeprefix("torch."),
+            "tied": tied, "layers": layers, "files": files,
+            "bytes_on_disk": sum((tmp / f).stat().st_size for f in files),
+        }
+        (tmp / HEADER).write_text(json.dumps(header, indent=1))
+    return header
+
+
+def read_header(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        header = json.loads((path / HEADER).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LowbitError(f"{str(path / HEADER)!r} is missing or not valid JSON ({e}); the checkpoint is damaged.") from None
+    if header.get("format") != FORMAT_NAME or not isinstance(header.get("layers"), dict):
+        raise LowbitError(f"{str(path)!r} does not hold a lowbit checkpoint header.")
+    if header.get("format_version", 0) > FORMAT_VERSION:
+        raise LowbitError(f"{str(path)!r} was written by a newer lowbit (format {header['format_version']}); upgrade "
+                          f"lowbit to read it.")
+    return header
+
+
+def verify_files(path: Path, header: dict) -> None:
+    for name, digest in header.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            raise LowbitError(f"checkpoint {str(path)!r} is incomplete: {name} is missing. Re-run `lowbit quantize`.")
+        if sha256(f) != digest:
+            raise LowbitError(f"checkpoint file {str(f)!r} fails its sha256 check: it was changed or corrupted after "
+                              f"lowbit wrote it. Re-run `lowbit quantize` to rebuild the checkpoint.")
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, verify: bool = True) -> nn.Module:
+    """A transformers model whose quantized layers are QuantLinear modules holding the packed weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    header = read_header(path)
+    if verify:
+        verify_files(path, header)
+    config = AutoConfig.from_pretrained(path)
+    family_for(config.model_type)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, layer in header["layers"].items():
+        spec = LayerSpec.from_dict(layer["spec"])
+        set_module(model, name, QuantLinear(layer["in_features"], layer["out_features"], spec, layer["bias"],
+                                            device="meta", bias_dtype=dtype))
+    try:
+        tensors = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise LowbitError(f"could not read {str(path / WEIGHTS)!r}: {e}") from None
+    tied = header.get("tied", {})
+    expected = set(model.state_dict()) - set(tied)
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise LowbitError(f"checkpoint {str(path)!r} does not match its config: missing {missing[:3]}, unexpected "
+                          f"{unexpected[:3]}. It may come from another lowbit or transformers version.")
+    qprefixes = tuple(n + "." for n in header["layers"])
+    for key, t in tensors.items():
+        if t.is_floating_point() and not key.startswith(qprefixes):
+            tensors[key] = t.to(dtype)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    for dropped, kept in tied.items():
+        _tie(model, dropped, kept)
+    leftover = [n for n, t in model.state_dict().items() if t.is_meta]
+    if leftover:
+        raise LowbitError(f"checkpoint {str(path)!r} left tensors uninitialized: {leftover[:3]}.")
+    return model.eval()
+
+
+def _tie(model: nn.Module, dropped: str, kept: str) -> None:
+    kept_mod, _, kept_attr = kept.rpartition(".")
+    drop_mod, _, drop_attr = dropped.rpartition(".")
+    setattr(model.get_submodule(drop_mod), drop_attr, getattr(model.get_submodule(kept_mod), kept_attr))

@@ -1,0 +1,1 @@
+"""Models and plumbing: loading, architecture families, block walking, calibration capture, layer selection."""

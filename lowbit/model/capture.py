@@ -1,0 +1,84 @@
+"""Calibration plumbing: capture the inputs of decoder block 0, and run one block on stored inputs.
+
+Only the modules before the first block (embeddings, rotary tables) and one block at a time need to be on the
+compute device; captured activations live on `offload` (the CPU) between blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lowbit.model.architectures import Family, decoder_blocks, optional_submodule
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: nothing after block 0's input is needed."""
+
+
+@dataclass
+class BlockInputs:
+    """Per calibration batch: the block's hidden states and the keyword arguments the model passed with them."""
+
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    kwargs: list[dict] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+
+def to_device(obj, device: torch.device | str):
+    """Move the tensors inside nested tuples, lists and dicts."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, family: Family, ids: torch.Tensor, device: torch.device | str,
+                         batch_size: int = 8, offload: torch.device | str = "cpu") -> BlockInputs:
+    """Run the model on ids [n, seqlen] until block 0 and keep block 0's inputs."""
+    first = decoder_blocks(model, family)[0]
+    pre = [m for p in family.pre_block if (m := optional_submodule(model, p)) is not None]
+    store = BlockInputs()
+
+    def hook(_module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        store.hidden.append(hidden.detach().to(offload))
+        store.kwargs.append(to_device(kwargs, offload))
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for m in pre:
+            m.to(device)
+        for batch in ids.split(batch_size):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        for m in pre:
+            m.to(offload)
+    return store
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device | str,
+              offload: torch.device | str = "cpu") -> BlockInputs:
+    """The block's outputs on every stored batch, with the same keyword arguments (the next block's inputs)."""
+    out = BlockInputs(kwargs=inputs.kwargs)
+    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
+        y = block(hidden.to(device), **to_device(kwargs, device))
+        y = y[0] if isinstance(y, tuple) else y
+        out.hidden.append(y.to(offload))
+    return out

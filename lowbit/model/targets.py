@@ -1,0 +1,64 @@
+"""Which linear layers a recipe quantizes, resolved against a model and checked before any work starts."""
+
+from __future__ import annotations
+
+import math
+import re
+from functools import reduce
+
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.formats import PerGroup
+from lowbit.formats.granularity import divisors
+from lowbit.model.architectures import Family
+from lowbit.recipe import LayerSpec, Recipe
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def select_layers(model: nn.Module, family: Family, recipe: Recipe) -> dict[str, LayerSpec]:
+    """Map each targeted linear layer's full name to its LayerSpec; errors when nothing or something odd matches."""
+    linears = linear_layers(model)
+    if recipe.targets:
+        candidates = [n for n in linears if any(re.search(p, n) for p in recipe.targets)]
+        what = f"targets {list(recipe.targets)}"
+    else:
+        candidates = [n for n in linears if n.startswith(family.blocks + ".")]
+        what = "the default targets (linear layers of the decoder blocks)"
+    chosen = [n for n in candidates if not any(re.search(p, n) for p in recipe.ignore)]
+    if not chosen:
+        examples = ", ".join(list(linears)[:4])
+        raise LowbitError(f"no linear layer matched {what} after ignore patterns {list(recipe.ignore)}. "
+                          f"Linear layers in this model are named like: {examples}.")
+    for o in recipe.overrides:
+        if not any(re.search(o.pattern, n) for n in chosen):
+            raise LowbitError(f"recipe override pattern {o.pattern!r} matches none of the {len(chosen)} targeted "
+                              f"layers (e.g. {chosen[0]}); fix or remove it.")
+    plan = {n: spec for n in chosen if (spec := recipe.layer_spec(n)) is not None}
+    if not plan:
+        raise LowbitError("the recipe's overrides skip every targeted layer: nothing would be quantized.")
+    _check_group_sizes(plan, linears)
+    return plan
+
+
+def _check_group_sizes(plan: dict[str, LayerSpec], linears: dict[str, nn.Linear]) -> None:
+    bad: dict[int, list[str]] = {}
+    for name, spec in plan.items():
+        g = spec.weight.granularity
+        if isinstance(g, PerGroup) and linears[name].in_features % g.size:
+            bad.setdefault(g.size, []).append(name)
+    if not bad:
+        return
+    size, names = next(iter(bad.items()))
+    common = reduce(math.gcd, (linears[n].in_features for n in plan))
+    ok = [d for d in divisors(common) if d >= 8] or divisors(common)
+    dims = sorted({linears[n].in_features for n in names})
+    raise LowbitError(
+        f"group size {size} does not divide the input dimension of {len(names)} of the {len(plan)} targeted layers "
+        f"(input dimensions {', '.join(map(str, dims))}; e.g. {names[0]}). Group sizes that divide every targeted "
+        f"layer: {', '.join(map(str, ok))}. Or use --group-size 0 for per-channel scales, or a recipe override for "
+        f"the layers concerned."
+    )

@@ -1,0 +1,209 @@
+"""Recipes: what gets quantized, and how.
+
+A recipe names a method and a scheme (vLLM / llm-compressor names: w8a16, w4a16, w3a16, w2a16, w8a8, fp8; any
+w{b}a16 with 2 ≤ b ≤ 8 also works), the weight granularity and symmetry, which linear layers are targeted
+(default: every linear layer inside the decoder blocks — not the embeddings, not lm_head) and per-layer
+overrides. Patterns are Python regular expressions searched in the module's full name
+(`model.layers.3.mlp.down_proj`). Overrides apply in order; a later one wins.
+
+It loads from YAML and is saved with every checkpoint, so a checkpoint says exactly how it was made.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import yaml
+
+from lowbit.errors import LowbitError
+from lowbit.formats import (
+    ActFormat,
+    FP8Format,
+    IntFormat,
+    PerGroup,
+    WeightFormat,
+    format_from_dict,
+    granularity_from_group_size,
+)
+
+RECIPE_VERSION = 1
+NAMED_SCHEMES = ("w8a16", "w4a16", "w3a16", "w2a16", "w8a8", "fp8")
+# Default group size per scheme when --group-size is not given (0 = per output channel).
+DEFAULT_GROUP_SIZE = {"w8a16": 0, "w8a8": 0, "fp8": 0, "w2a16": 64}
+DEFAULT_WEIGHT_ONLY_GROUP = 128
+_WEIGHT_ONLY = re.compile(r"^w(\d+)a16$")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """The resolved quantization of one linear layer."""
+
+    weight: WeightFormat
+    act: ActFormat | None = None
+
+    def to_dict(self) -> dict:
+        return {"weight": self.weight.to_dict(), "act": self.act.to_dict() if self.act else None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LayerSpec:
+        return cls(format_from_dict(d["weight"]), ActFormat.from_dict(d["act"]) if d.get("act") else None)
+
+
+def check_scheme(scheme: str) -> str:
+    """Validate a scheme name; returns it lower-cased."""
+    s = str(scheme).lower()
+    m = _WEIGHT_ONLY.match(s)
+    if m:
+        bits = int(m.group(1))
+        if not 2 <= bits <= 8:
+            raise LowbitError(f"scheme {scheme!r} asks for {bits}-bit weights; lowbit's integer grids have 2 to 8 bits "
+                              f"(w2a16 … w8a16).")
+        return s
+    if s in NAMED_SCHEMES:
+        return s
+    raise LowbitError(f"unknown scheme {scheme!r}. Known schemes: {', '.join(NAMED_SCHEMES)} "
+                      f"(and any w{{b}}a16 with b in 2..8).")
+
+
+def scheme_spec(scheme: str, group_size: int | None, symmetric: bool, clip: bool) -> LayerSpec:
+    """LayerSpec for a scheme name and its options (group_size None = the scheme's default)."""
+    s = check_scheme(scheme)
+    if group_size is None:
+        group_size = DEFAULT_GROUP_SIZE.get(s, DEFAULT_WEIGHT_ONLY_GROUP)
+    gran = granularity_from_group_size(group_size)
+    if s == "fp8":
+        if not symmetric:
+            raise LowbitError("fp8 is a sign-magnitude format and has no zero point: drop --asym with --scheme fp8.")
+        return LayerSpec(FP8Format(gran), ActFormat("fp8"))
+    if s == "w8a8":
+        return LayerSpec(IntFormat(8, symmetric, gran, clip), ActFormat("int8"))
+    bits = int(_WEIGHT_ONLY.match(s).group(1))
+    return LayerSpec(IntFormat(bits, symmetric, gran, clip))
+
+
+@dataclass(frozen=True)
+class Override:
+    """Per-layer change: layers whose name matches `pattern` get these fields (None = keep), or are skipped."""
+
+    pattern: str
+    scheme: str | None = None
+    group_size: int | None = None
+    symmetric: bool | None = None
+    clip: bool | None = None
+    skip: bool = False
+
+    def __post_init__(self) -> None:
+        _compile(self.pattern, "override pattern")
+        if self.scheme is not None:
+            check_scheme(self.scheme)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Method, scheme and the choice of layers. Validated on construction."""
+
+    method: str = "rtn"
+    scheme: str = "w4a16"
+    group_size: int | None = None
+    symmetric: bool = True
+    clip: bool = False
+    targets: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+    overrides: tuple[Override, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scheme", check_scheme(self.scheme))
+        object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "ignore", tuple(self.ignore))
+        object.__setattr__(self, "overrides", tuple(self.overrides))
+        for p in self.targets:
+            _compile(p, "target pattern")
+        for p in self.ignore:
+            _compile(p, "ignore pattern")
+        scheme_spec(self.scheme, self.group_size, self.symmetric, self.clip)  # validates the combination
+
+    def layer_spec(self, name: str) -> LayerSpec | None:
+        """The spec for a targeted layer after overrides, or None when an override skips it."""
+        scheme, group_size, symmetric, clip = self.scheme, self.group_size, self.symmetric, self.clip
+        for o in self.overrides:
+            if not re.search(o.pattern, name):
+                continue
+            if o.skip:
+                return None
+            if o.scheme is not None and o.scheme != scheme:
+                scheme, group_size = o.scheme, None
+            group_size = o.group_size if o.group_size is not None else group_size
+            symmetric = o.symmetric if o.symmetric is not None else symmetric
+            clip = o.clip if o.clip is not None else clip
+        return scheme_spec(scheme, group_size, symmetric, clip)
+
+    def with_options(self, **changes) -> Recipe:
+        """A copy with the given fields replaced (None values are ignored)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @property
+    def default_spec(self) -> LayerSpec:
+        return scheme_spec(self.scheme, self.group_size, self.symmetric, self.clip)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["targets"], d["ignore"] = list(self.targets), list(self.ignore)
+        d["overrides"] = [{k: v for k, v in asdict(o).items() if v is not None and not (k == "skip" and not v)}
+                          for o in self.overrides]
+        return {"lowbit_recipe": RECIPE_VERSION, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "recipe") -> Recipe:
+        if not isinstance(d, dict):
+            raise LowbitError(f"{source}: expected a mapping of recipe fields, got {type(d).__name__}.")
+        d = dict(d)
+        version = d.pop("lowbit_recipe", RECIPE_VERSION)
+        if version != RECIPE_VERSION:
+            raise LowbitError(f"{source}: recipe version {version} is not supported (this lowbit reads version "
+                              f"{RECIPE_VERSION}); upgrade lowbit.")
+        _check_keys(d, [f.name for f in fields(cls)], source)
+        overrides = []
+        for i, o in enumerate(d.pop("overrides", None) or []):
+            if not isinstance(o, dict) or "pattern" not in o:
+                raise LowbitError(f"{source}: override {i} must be a mapping with a 'pattern' key, got {o!r}.")
+            _check_keys(o, [f.name for f in fields(Override)], f"{source}: override {i}")
+            overrides.append(Override(**o))
+        for key in ("targets", "ignore"):
+            if isinstance(d.get(key), str):
+                d[key] = [d[key]]
+            d[key] = tuple(d.get(key) or ())
+        return cls(**d, overrides=tuple(overrides))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Recipe:
+        path = Path(path)
+        if not path.is_file():
+            raise LowbitError(f"recipe file {str(path)!r} does not exist.")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise LowbitError(f"recipe file {str(path)!r} is not valid YAML: {e}") from None
+        return cls.from_dict(data or {}, source=str(path))
+
+
+def _compile(pattern: str, what: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except (re.error, TypeError) as e:
+        raise LowbitError(f"{what} {pattern!r} is not a valid regular expression: {e}.") from None
+
+
+def _check_keys(d: dict, allowed: list[str], source: str) -> None:
+    unknown = sorted(set(d) - set(allowed))
+    if unknown:
+        raise LowbitError(f"{source}: unknown key(s) {', '.join(unknown)}; allowed keys: {', '.join(allowed)}.")
+
+
+def group_size_of(spec: LayerSpec) -> int | None:
+    g = spec.weight.granularity
+    return g.size if isinstance(g, PerGroup) else None
