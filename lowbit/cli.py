@@ -17,7 +17,8 @@ def _recipe_from_args(args: argparse.Namespace):
     recipe = Recipe.from_yaml(args.recipe) if args.recipe else Recipe()
     return recipe.with_options(
         method=args.method, scheme=args.scheme, group_size=args.group_size,
-        symmetric=False if args.asym else None, clip=True if args.clip else None,
+        symmetric=False if (args.asym or args.zero_point) else None, clip=True if args.clip else None,
+        zero_point=args.zero_point,
         targets=tuple(args.targets) if args.targets else None, ignore=tuple(args.ignore) if args.ignore else None,
     )
 
@@ -34,7 +35,8 @@ def _describe(spec) -> str:
     w = spec.weight
     gran = w.granularity.to_dict()
     where = {"per_tensor": "per tensor", "per_channel": "per channel"}.get(gran["type"], f"groups of {gran.get('size')}")
-    kind = "fp8 e4m3" if w.kind == "fp8" else f"int{w.bits} {'sym' if w.symmetric else 'asym'}"
+    sym = "sym" if w.symmetric else ("asym, float zero" if w.kind == "int" and w.float_zero else "asym")
+    kind = "fp8 e4m3" if w.kind == "fp8" else f"int{w.bits} {sym}"
     clip = ", clipped" if w.clip else ""
     act = f", {spec.act.kind} per-token activations" if spec.act else ""
     return f"{kind}, {where}{clip}{act}"
@@ -103,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--scheme", help="w8a16, w4a16, w3a16, w2a16 (any w{b}a16, b in 2..8), w8a8, fp8")
     q.add_argument("--group-size", type=int, help="input columns per scale; 0 or -1 = per output channel")
     q.add_argument("--asym", action="store_true", help="asymmetric grid with a zero point (default symmetric)")
+    q.add_argument("--zero-point", choices=("int", "float"),
+                   help="asymmetric zero point: int (GPTQ/vLLM, default) or float (llama.cpp Q4_1-style min); implies --asym")
     q.add_argument("--clip", action="store_true", help="choose each group's range by an error-minimizing search")
     q.add_argument("--recipe", help="YAML recipe; command-line options override its fields")
     q.add_argument("--targets", action="append", metavar="REGEX", help="quantize linear layers whose name matches")

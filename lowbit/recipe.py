@@ -67,20 +67,21 @@ def check_scheme(scheme: str) -> str:
                       f"(and any w{{b}}a16 with b in 2..8).")
 
 
-def scheme_spec(scheme: str, group_size: int | None, symmetric: bool, clip: bool) -> LayerSpec:
+def scheme_spec(scheme: str, group_size: int | None, symmetric: bool, clip: bool,
+                zero_point: str = "int") -> LayerSpec:
     """LayerSpec for a scheme name and its options (group_size None = the scheme's default)."""
     s = check_scheme(scheme)
     if group_size is None:
         group_size = DEFAULT_GROUP_SIZE.get(s, DEFAULT_WEIGHT_ONLY_GROUP)
     gran = granularity_from_group_size(group_size)
     if s == "fp8":
-        if not symmetric:
+        if not symmetric or zero_point != "int":
             raise LowbitError("fp8 is a sign-magnitude format and has no zero point: drop --asym with --scheme fp8.")
         return LayerSpec(FP8Format(gran), ActFormat("fp8"))
     if s == "w8a8":
-        return LayerSpec(IntFormat(8, symmetric, gran, clip), ActFormat("int8"))
+        return LayerSpec(IntFormat(8, symmetric, gran, clip, zero_point), ActFormat("int8"))
     bits = int(_WEIGHT_ONLY.match(s).group(1))
-    return LayerSpec(IntFormat(bits, symmetric, gran, clip))
+    return LayerSpec(IntFormat(bits, symmetric, gran, clip, zero_point))
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class Override:
     group_size: int | None = None
     symmetric: bool | None = None
     clip: bool | None = None
+    zero_point: str | None = None
     skip: bool = False
 
     def __post_init__(self) -> None:
@@ -109,6 +111,7 @@ class Recipe:
     group_size: int | None = None
     symmetric: bool = True
     clip: bool = False
+    zero_point: str = "int"
     targets: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
     overrides: tuple[Override, ...] = field(default_factory=tuple)
@@ -122,11 +125,12 @@ class Recipe:
             _compile(p, "target pattern")
         for p in self.ignore:
             _compile(p, "ignore pattern")
-        scheme_spec(self.scheme, self.group_size, self.symmetric, self.clip)  # validates the combination
+        self.default_spec  # noqa: B018  (builds the default spec, which validates the combination)
 
     def layer_spec(self, name: str) -> LayerSpec | None:
         """The spec for a targeted layer after overrides, or None when an override skips it."""
-        scheme, group_size, symmetric, clip = self.scheme, self.group_size, self.symmetric, self.clip
+        scheme, group_size, symmetric = self.scheme, self.group_size, self.symmetric
+        clip, zero_point = self.clip, self.zero_point
         for o in self.overrides:
             if not re.search(o.pattern, name):
                 continue
@@ -137,7 +141,8 @@ class Recipe:
             group_size = o.group_size if o.group_size is not None else group_size
             symmetric = o.symmetric if o.symmetric is not None else symmetric
             clip = o.clip if o.clip is not None else clip
-        return scheme_spec(scheme, group_size, symmetric, clip)
+            zero_point = o.zero_point if o.zero_point is not None else zero_point
+        return scheme_spec(scheme, group_size, symmetric, clip, zero_point)
 
     def with_options(self, **changes) -> Recipe:
         """A copy with the given fields replaced (None values are ignored)."""
@@ -145,7 +150,7 @@ class Recipe:
 
     @property
     def default_spec(self) -> LayerSpec:
-        return scheme_spec(self.scheme, self.group_size, self.symmetric, self.clip)
+        return scheme_spec(self.scheme, self.group_size, self.symmetric, self.clip, self.zero_point)
 
     def to_dict(self) -> dict:
         d = asdict(self)

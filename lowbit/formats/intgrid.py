@@ -6,6 +6,10 @@ Codes are stored unsigned, c ∈ [0, 2^b − 1], and dequantize as ŵ = (c − z
 - asymmetric: s = (max(w, 0) − min(w, 0)) / (2^b − 1),  z = round(−min(w, 0) / s)
 - codes:      c = clamp(round(w / s) + z, 0, 2^b − 1)
 
+Asymmetric grids take an integer zero point z (GPTQ, AWQ, vLLM; packed at b bits) by default. With
+`zero_point="float"` they take llama.cpp's Q4_1-style float offset instead: ŵ = c·s + m with
+m = min(w) and s = (max(w) − min(w)) / (2^b − 1), m stored in float16 — the grid need not contain 0.
+
 Scales are stored in float16 and rounded *up* to the next float16 value, so an absmax scale stays
 non-saturating after storage and |w − ŵ| ≤ s/2 holds for every weight (the property the tests check).
 A clipping search (lowbit.formats.search) shrinks the range per group to trade a few saturated weights for a
@@ -33,12 +37,22 @@ class IntFormat:
     symmetric: bool = True
     granularity: Granularity = field(default_factory=PerChannel)
     clip: bool = False
+    zero_point: str = "int"
 
     kind = "int"
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise LowbitError(f"integer formats have 2 to 8 bits; got {self.bits!r}. Pick a bit width in 2..8.")
+        if self.zero_point not in ("int", "float"):
+            raise LowbitError(f"zero point {self.zero_point!r} is not known: use 'int' (GPTQ/vLLM) or 'float' "
+                              f"(llama.cpp Q4_1-style minimum).")
+        if self.symmetric and self.zero_point == "float":
+            raise LowbitError("a float zero point only applies to asymmetric grids: add --asym.")
+
+    @property
+    def float_zero(self) -> bool:
+        return not self.symmetric and self.zero_point == "float"
 
     @property
     def qmax(self) -> int:
@@ -46,12 +60,13 @@ class IntFormat:
 
     def to_dict(self) -> dict:
         return {"kind": "int", "bits": self.bits, "symmetric": self.symmetric,
-                "granularity": self.granularity.to_dict(), "clip": self.clip}
+                "granularity": self.granularity.to_dict(), "clip": self.clip, "zero_point": self.zero_point}
 
     @classmethod
     def from_dict(cls, d: dict) -> IntFormat:
         return cls(bits=int(d["bits"]), symmetric=bool(d["symmetric"]),
-                   granularity=granularity_from_dict(d["granularity"]), clip=bool(d.get("clip", False)))
+                   granularity=granularity_from_dict(d["granularity"]), clip=bool(d.get("clip", False)),
+                   zero_point=d.get("zero_point", "int"))
 
 
 def round_scale_up(scale: torch.Tensor) -> torch.Tensor:
@@ -59,14 +74,32 @@ def round_scale_up(scale: torch.Tensor) -> torch.Tensor:
     scale = scale.float().clamp(min=_SMALLEST_SCALE)
     half = scale.to(SCALE_DTYPE)
     half = torch.where(half.float() < scale, torch.nextafter(half, torch.full_like(half, float("inf"))), half)
-    if torch.isinf(half).any():
-        raise LowbitError("a weight is too large for a float16 scale (|w| above about 6.5e4 × 2^(b-1)). "
-                          "Check the model's weights for corrupt values.")
+    _check_finite_scale(half)
     return half
 
 
+def _check_finite_scale(half: torch.Tensor) -> None:
+    if torch.isinf(half).any():
+        raise LowbitError("a weight is too large for a float16 scale or offset (|w| above about 6.5e4). "
+                          "Check the model's weights for corrupt values.")
+
+
 def grid_params(lo: torch.Tensor, hi: torch.Tensor, fmt: IntFormat) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale (float16) and zero point (uint8 codes) for groups whose range is [lo, hi]."""
+    """Scale (float16) and zero point for groups whose range is [lo, hi].
+
+    The zero point is uint8 codes, or for a float zero point the float16 minimum m ≤ lo. The float variant
+    rounds s to the nearest float16 (so an exactly representable Q4_1 grid is reproduced bit for bit) unless
+    that would leave max(w) more than s/2 beyond the grid, in which case s is rounded up.
+    """
+    if fmt.float_zero:
+        m = lo.to(SCALE_DTYPE)
+        m = torch.where(m.float() > lo, torch.nextafter(m, torch.full_like(m, float("-inf"))), m)
+        needed = (hi - m.float()) / fmt.qmax
+        nearest = needed.clamp(min=_SMALLEST_SCALE).to(SCALE_DTYPE)
+        _check_finite_scale(nearest)
+        # Nearest rounding can leave hi uncovered only where float16 steps are coarse (|m| ≫ s, subnormal s).
+        covered = hi - (m.float() + fmt.qmax * nearest.float()) <= nearest.float() / 2
+        return torch.where(covered, nearest, round_scale_up(needed)), m
     if fmt.symmetric:
         amax = torch.maximum(lo.abs(), hi.abs())
         scale = round_scale_up(amax / (2 ** (fmt.bits - 1) - 1))
@@ -80,10 +113,12 @@ def grid_params(lo: torch.Tensor, hi: torch.Tensor, fmt: IntFormat) -> tuple[tor
 
 def encode(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
     """Codes for grouped weights wg [rows, groups, size] given [rows, groups] scale and zero."""
-    q = torch.round(wg / scale.float().unsqueeze(-1)) + zero.float().unsqueeze(-1)
+    s, z = scale.float().unsqueeze(-1), zero.float().unsqueeze(-1)
+    q = torch.round((wg - z) / s) if fmt.float_zero else torch.round(wg / s) + z
     return q.clamp(0, fmt.qmax).to(torch.uint8)
 
 
-def decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """ŵ = (c − z)·s in float32, for grouped codes [rows, groups, size]."""
-    return (codes.float() - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
+def decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
+    """ŵ = (c − z)·s (integer zero) or c·s + m (float zero) in float32, for grouped codes [rows, groups, size]."""
+    s, z = scale.float().unsqueeze(-1), zero.float().unsqueeze(-1)
+    return codes.float() * s + z if fmt.float_zero else (codes.float() - z) * s

@@ -36,4 +36,4 @@ def search_range(wg: torch.Tensor, fmt: IntFormat,
 
 
 def _sq_error(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
-    return (decode(encode(wg, scale, zero, fmt), scale, zero) - wg).pow(2).sum(-1)
+    return (decode(encode(wg, scale, zero, fmt), scale, zero, fmt) - wg).pow(2).sum(-1)

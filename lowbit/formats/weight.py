@@ -49,14 +49,16 @@ class QuantizedWeight:
             cg = grouped(self.codes, self.fmt.granularity)
             return fp8_decode(cg, self.scale.unsqueeze(-1)).reshape(self.shape)
         zero = self.zero if self.zero is not None else _implicit_zero(self.scale, self.fmt)
-        return decode(grouped(self.codes, self.fmt.granularity), self.scale, zero).reshape(self.shape)
+        return decode(grouped(self.codes, self.fmt.granularity), self.scale, zero, self.fmt).reshape(self.shape)
 
     def packed(self) -> dict[str, torch.Tensor]:
         """The tensors that are stored: what a checkpoint holds and the runtime module keeps."""
         if isinstance(self.fmt, FP8Format):
             return {"weight": self.codes, "weight_scale": self.scale}
         out = {"qweight": pack(self.codes, self.fmt.bits), "scales": self.scale}
-        if self.zero is not None:
+        if self.fmt.float_zero:
+            out["zeros"] = self.zero
+        elif self.zero is not None:
             out["qzeros"] = pack(self.zero.reshape(-1), self.fmt.bits)
         return out
 
@@ -66,7 +68,7 @@ class QuantizedWeight:
             return cls(fmt, tensors["weight"], tensors["weight_scale"])
         scale = tensors["scales"]
         codes = unpack(tensors["qweight"], fmt.bits, shape[1])
-        zero = None
+        zero = tensors.get("zeros")
         if "qzeros" in tensors:
             zero = unpack(tensors["qzeros"], fmt.bits, scale.numel()).reshape(scale.shape)
         return cls(fmt, codes, scale, zero)
@@ -86,7 +88,9 @@ def packed_shapes(fmt: WeightFormat, shape: tuple[int, int]) -> dict[str, tuple[
         return {"weight": (shape, FP8_DTYPE), "weight_scale": ((rows, groups), FP8_SCALE)}
     out = {"qweight": ((shape[0], packed_length(shape[1], fmt.bits)), torch.int32),
            "scales": ((rows, groups), INT_SCALE)}
-    if not fmt.symmetric:
+    if fmt.float_zero:
+        out["zeros"] = ((rows, groups), INT_SCALE)
+    elif not fmt.symmetric:
         out["qzeros"] = ((packed_length(rows * groups, fmt.bits),), torch.int32)
     return out
 

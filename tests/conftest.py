@@ -1,0 +1,42 @@
+"""Shared fixtures: the real tiny model stories260K from ../shared, and helpers."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowbit
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+STORIES = SHARED / "models" / "stories260K"
+STORY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her dog."
+
+
+@pytest.fixture(scope="session")
+def stories_path() -> Path:
+    assert (STORIES / "config.json").is_file(), f"the test model is missing: expected {STORIES} (../shared beside the checkout)"
+    return STORIES
+
+
+@pytest.fixture(scope="session")
+def _stories(stories_path):
+    return lowbit.load(stories_path)
+
+
+@pytest.fixture()
+def stories(_stories):
+    """A fresh float copy of stories260K (tests may quantize it in place)."""
+    return copy.deepcopy(_stories)
+
+
+@pytest.fixture(scope="session")
+def stories_tokenizer(stories_path):
+    return lowbit.load_tokenizer(stories_path)
+
+
+@pytest.fixture(scope="session")
+def story_ids(stories_tokenizer) -> torch.Tensor:
+    return stories_tokenizer(STORY, return_tensors="pt").input_ids
