@@ -107,6 +107,9 @@ def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, c
     start = time.perf_counter()
     source = str(model) if not isinstance(model, nn.Module) else getattr(model, "name_or_path", "")
     if not isinstance(model, nn.Module):
+        if resolve(model).kind == "lowbit":
+            raise LowbitError(f"{source!r} is already a lowbit checkpoint; quantize the original float model instead "
+                              f"(its lowbit.json names it under source_model).")
         if tokenizer is None and (calib is not None or get_method(recipe.method).module.NEEDS_CALIBRATION):
             tokenizer = load_tokenizer(model)
         model = load(model)
@@ -121,6 +124,8 @@ def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, c
             raise LowbitError(f"layer {name} has NaN or Inf weights; a quantized grid cannot represent them. Check "
                               f"the checkpoint, or skip the layer with --ignore '{name}'.")
     store_dtype = storage_dtype(model, dtype)
+    # What the checkpoint will hold, from the start: calibration then sees exactly the model that is stored.
+    round_unquantized(model, store_dtype, set(plan))
     dev = resolve_device(device)
     inputs = None
     if calib is None and method.module.NEEDS_CALIBRATION:
@@ -133,7 +138,6 @@ def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, c
     result = quantize_model(model, family, plan, method, inputs, dev, progress=progress)
     if "lm_head" in plan and getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False
-    round_unquantized(model, store_dtype, set(plan))
     out = QuantizeResult(model, recipe, plan, store_dtype, time.perf_counter() - start, result, calib, source)
     out.sizes = size_report(model, store_dtype)
     return out
@@ -187,14 +191,14 @@ def fake_quantize_model(model: nn.Module, plan: dict[str, LayerSpec], dtype: tor
     reference that a saved-and-loaded checkpoint must reproduce.
     """
     fake = copy.deepcopy(model)
+    if dtype is not None:
+        round_unquantized(fake, dtype, set(plan))
     linears = linear_layers(fake)
     with torch.no_grad():
         for name, spec in plan.items():
             linears[name].weight = nn.Parameter(fake_quantize(linears[name].weight, spec.weight), requires_grad=False)
             if spec.act is not None:
                 linears[name].register_forward_pre_hook(_act_hook(spec.act))
-    if dtype is not None:
-        round_unquantized(fake, dtype, set(plan))
     return fake
 
 

@@ -34,7 +34,8 @@ def _calib_from_args(args: argparse.Namespace):
 def _describe(spec) -> str:
     w = spec.weight
     gran = w.granularity.to_dict()
-    where = {"per_tensor": "per tensor", "per_channel": "per channel"}.get(gran["type"], f"groups of {gran.get('size')}")
+    names = {"per_tensor": "per tensor", "per_channel": "per channel"}
+    where = names.get(gran["type"], f"groups of {gran.get('size')}")
     sym = "sym" if w.symmetric else ("asym, float zero" if w.kind == "int" and w.float_zero else "asym")
     kind = "fp8 e4m3" if w.kind == "fp8" else f"int{w.bits} {sym}"
     clip = ", clipped" if w.clip else ""
@@ -42,24 +43,26 @@ def _describe(spec) -> str:
     return f"{kind}, {where}{clip}{act}"
 
 
-def print_summary(result, header: dict, out: Path, file=sys.stdout) -> None:
+def print_summary(result, header: dict, out: Path) -> None:
     s = result.sizes
     by_type = ", ".join(f"{k} {v:.3f}" for k, v in s["bits_per_weight_by_type"].items())
     weights = (out / "model.safetensors").stat().st_size
     errors = [b.output_error for b in result.pipeline.blocks if b.output_error is not None]
+    recipe, dtype = result.recipe, str(result.dtype).removeprefix("torch.")
     lines = [
-        f"quantized {result.source} with {result.recipe.method} {result.recipe.scheme} ({_describe(result.recipe.default_spec)})",
+        f"quantized {result.source} with {recipe.method} {recipe.scheme} ({_describe(recipe.default_spec)})",
         f"  layers       {s['quantized_layers']} linear layers in {len(result.pipeline.blocks)} blocks"
-        f" ({s['quantized_weights'] / 1e6:.1f}M weights; other tensors kept in {str(result.dtype).removeprefix('torch.')})",
+        f" ({s['quantized_weights'] / 1e6:.1f}M weights; other tensors kept in {dtype})",
         f"  bits/weight  {s['bits_per_weight']:.3f} including scales and zeros ({by_type})",
         f"  size         {s['bytes_16bit'] / 1e6:.1f} MB at 16 bits -> {weights / 1e6:.1f} MB of weights"
-        f" (predicted {s['bytes_predicted'] / 1e6:.1f} MB; {header['bytes_on_disk'] / 1e6:.1f} MB with config and tokenizer)",
+        f" (predicted {s['bytes_predicted'] / 1e6:.1f} MB;"
+        f" {header['bytes_on_disk'] / 1e6:.1f} MB with config and tokenizer)",
     ]
     if errors:
         lines.append(f"  block error  relative output MSE on calibration data: first {errors[0]:.2e}, "
                      f"max {max(errors):.2e}, last {errors[-1]:.2e}")
     lines += [f"  time         {result.seconds:.1f} s", f"  output       {out}"]
-    print("\n".join(lines), file=file)
+    print("\n".join(lines))
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -106,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, help="input columns per scale; 0 or -1 = per output channel")
     q.add_argument("--asym", action="store_true", help="asymmetric grid with a zero point (default symmetric)")
     q.add_argument("--zero-point", choices=("int", "float"),
-                   help="asymmetric zero point: int (GPTQ/vLLM, default) or float (llama.cpp Q4_1-style min); implies --asym")
+                   help="asymmetric zero point: int (GPTQ/vLLM, default) or float (llama.cpp Q4_1-style "
+                        "minimum); implies --asym")
     q.add_argument("--clip", action="store_true", help="choose each group's range by an error-minimizing search")
     q.add_argument("--recipe", help="YAML recipe; command-line options override its fields")
     q.add_argument("--targets", action="append", metavar="REGEX", help="quantize linear layers whose name matches")

@@ -27,7 +27,8 @@ def compare_on_text(reference, candidate, ids: torch.Tensor) -> dict:
     p = torch.log_softmax(reference(ids).logits.float(), -1)
     q = torch.log_softmax(candidate(ids).logits.float(), -1)
     kl = (p.exp() * (p - q)).sum(-1)
-    return {"tokens": ids.numel(), "kl": kl.mean().item(), "same_top": (p.argmax(-1) == q.argmax(-1)).float().mean().item()}
+    same_top = (p.argmax(-1) == q.argmax(-1)).float().mean().item()
+    return {"tokens": ids.numel(), "kl": kl.mean().item(), "same_top": same_top}
 
 
 @torch.no_grad()

@@ -43,7 +43,8 @@ def install(module: nn.Module, qweights: dict, specs: dict[str, LayerSpec]) -> N
 
 
 def _relative_error(quantized: BlockInputs, reference: BlockInputs) -> float:
-    num = sum((q.float() - r.float()).pow(2).sum().item() for q, r in zip(quantized.hidden, reference.hidden))
+    pairs = zip(quantized.hidden, reference.hidden, strict=True)
+    num = sum((q.float() - r.float()).pow(2).sum().item() for q, r in pairs)
     den = sum(r.float().pow(2).sum().item() for r in reference.hidden)
     return num / max(den, 1e-30)
 

@@ -17,7 +17,7 @@ STORY = "Once upon a time, there was a little girl named Lily. She loved to play
 
 @pytest.fixture(scope="session")
 def stories_path() -> Path:
-    assert (STORIES / "config.json").is_file(), f"the test model is missing: expected {STORIES} (../shared beside the checkout)"
+    assert (STORIES / "config.json").is_file(), f"test model missing: {STORIES} (../shared beside the checkout)"
     return STORIES
 
 

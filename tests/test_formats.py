@@ -32,7 +32,8 @@ def _granularity(kind: str, group: int):
        groups=st.integers(1, 6), group=st.sampled_from([1, 4, 8, 32]), out_f=st.integers(1, 12),
        magnitude=st.sampled_from([1e-4, 0.02, 1.0, 300.0]), seed=st.integers(0, 2**16))
 def test_int_error_bounded_by_half_step(bits, symmetric, float_zero, kind, groups, group, out_f, magnitude, seed):
-    fmt = IntFormat(bits, symmetric, _granularity(kind, group), zero_point="float" if float_zero and not symmetric else "int")
+    zero_point = "float" if float_zero and not symmetric else "int"
+    fmt = IntFormat(bits, symmetric, _granularity(kind, group), zero_point=zero_point)
     w = _weights(seed, out_f, groups * group, magnitude)
     q = quantize(w, fmt)
     assert q.codes.dtype == torch.uint8 and int(q.codes.max()) <= 2**bits - 1

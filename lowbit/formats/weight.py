@@ -63,7 +63,8 @@ class QuantizedWeight:
         return out
 
     @classmethod
-    def from_packed(cls, fmt: WeightFormat, shape: tuple[int, int], tensors: dict[str, torch.Tensor]) -> QuantizedWeight:
+    def from_packed(cls, fmt: WeightFormat, shape: tuple[int, int],
+                    tensors: dict[str, torch.Tensor]) -> QuantizedWeight:
         if isinstance(fmt, FP8Format):
             return cls(fmt, tensors["weight"], tensors["weight_scale"])
         scale = tensors["scales"]

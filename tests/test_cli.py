@@ -1,0 +1,142 @@
+"""The command line: a real quantize run, and every bad input giving a one-paragraph error, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from lowbit import cli
+from lowbit.io import checkpoint
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_quantize_prints_summary_and_writes_header(capsys, stories_path, tmp_path):
+    code, out, _ = run(capsys, "quantize", str(stories_path), "--method", "rtn", "--scheme", "w4a16",
+                       "--group-size", "4", "--asym", "--out", str(tmp_path / "q"), "--quiet")
+    assert code == 0
+    assert "35 linear layers in 5 blocks" in out and "bits/weight" in out and "MB at 16 bits" in out
+    header = json.loads((tmp_path / "q" / "lowbit.json").read_text())
+    assert {"method", "scheme", "bits_per_weight", "seconds"} <= set(header)
+    assert header["recipe"]["symmetric"] is False and header["recipe"]["group_size"] == 4
+    code, out, _ = run(capsys, "info", str(tmp_path / "q"))
+    assert code == 0 and json.loads(out)["scheme"] == "w4a16"
+
+
+def test_recipe_file_with_command_line_override(capsys, stories_path, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("scheme: w8a16\ngroup_size: 0\noverrides:\n  - pattern: down_proj\n    scheme: w4a16\n"
+                      "    group_size: 4\n")
+    code, _, _ = run(capsys, "quantize", str(stories_path), "--recipe", str(recipe), "--scheme", "w6a16",
+                     "--out", str(tmp_path / "q"), "--quiet")
+    assert code == 0
+    layers = json.loads((tmp_path / "q" / "lowbit.json").read_text())["layers"]
+    assert layers["model.layers.0.mlp.down_proj"]["spec"]["weight"]["bits"] == 4
+    assert layers["model.layers.0.mlp.up_proj"]["spec"]["weight"]["bits"] == 6
+
+
+def test_rtn_with_calibration_reports_block_errors(capsys, stories_path, tmp_path):
+    code, out, _ = run(capsys, "quantize", str(stories_path), "--scheme", "w4a16", "--group-size", "0",
+                       "--calib-samples", "4", "--calib-seqlen", "64", "--out", str(tmp_path / "q"), "--quiet")
+    assert code == 0 and "relative output MSE on calibration data" in out
+
+
+@pytest.fixture()
+def nan_model(stories_path, tmp_path):
+    target = tmp_path / "nan-model"
+    shutil.copytree(stories_path, target)
+    (target / "model.safetensors").chmod(0o644)
+    tensors = load_file(target / "model.safetensors")
+    tensors["model.layers.2.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, target / "model.safetensors")
+    return target
+
+
+def _bad_inputs(stories_path, tmp_path, nan_model):
+    out = str(tmp_path / "out")
+    m = str(stories_path)
+    return {
+        "unknown model": (["quantize", "no-such-model", "--out", out], "no model 'no-such-model'"),
+        "unknown scheme": (["quantize", m, "--scheme", "int4", "--out", out], "unknown scheme 'int4'"),
+        "unknown method": (["quantize", m, "--method", "magic", "--out", out], "unknown method 'magic'"),
+        "planned method": (["quantize", m, "--method", "gptq", "--out", out], "not available in this version"),
+        "bits above 8": (["quantize", m, "--scheme", "w9a16", "--out", out], "2 to 8"),
+        "bits below 2": (["quantize", m, "--scheme", "w1a16", "--out", out], "2 to 8"),
+        "group size": (["quantize", m, "--scheme", "w4a16", "--group-size", "128", "--out", out],
+                       "Group sizes that divide every targeted layer: 1, 2, 4"),
+        "nan weight": (["quantize", str(nan_model), "--scheme", "w4a16", "--group-size", "0", "--out", out],
+                       "model.layers.2.mlp.up_proj has NaN or Inf"),
+        "calibration too small": (["quantize", m, "--group-size", "0", "--calib-samples", "100000", "--out", out],
+                                  "calibration set smaller than requested"),
+        "missing recipe": (["quantize", m, "--recipe", str(tmp_path / "nope.yaml"), "--out", out], "does not exist"),
+        "fp8 with groups": (["quantize", m, "--scheme", "fp8", "--group-size", "4", "--out", out], "per-channel"),
+    }
+
+
+@pytest.mark.parametrize("case", ["unknown model", "unknown scheme", "unknown method", "planned method", "bits above 8",
+                                  "bits below 2", "group size", "nan weight", "calibration too small",
+                                  "missing recipe", "fp8 with groups"])
+def test_bad_input_gives_an_error_not_a_traceback(case, capsys, stories_path, tmp_path, nan_model):
+    argv, message = _bad_inputs(stories_path, tmp_path, nan_model)[case]
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert " ".join(err.split()).count(message) == 1, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_directory(capsys, stories_path, tmp_path):
+    (tmp_path / "out").mkdir()
+    code, _, err = run(capsys, "quantize", str(stories_path), "--group-size", "0", "--out", str(tmp_path / "out"))
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    code, _, _ = run(capsys, "quantize", str(stories_path), "--group-size", "0", "--out", str(tmp_path / "out"),
+                     "--overwrite", "--quiet")
+    assert code == 0
+
+
+def test_unsupported_architecture(capsys, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    code, _, err = run(capsys, "quantize", str(tmp_path / "gpt2"), "--out", str(tmp_path / "out"))
+    assert code == 2 and "'gpt2' is not supported" in err and "llama" in err
+
+
+def test_checkpoint_failing_its_hash(capsys, stories_path, tmp_path):
+    assert run(capsys, "quantize", str(stories_path), "--group-size", "0", "--out", str(tmp_path / "q"),
+               "--quiet")[0] == 0
+    with open(tmp_path / "q" / "model.safetensors", "r+b") as f:
+        f.seek(-3, 2)
+        f.write(b"\x00\x01\x02")
+    code, _, err = run(capsys, "info", str(tmp_path / "q"))
+    assert code == 2 and "fails its sha256 check" in " ".join(err.split())
+
+
+def test_interrupt_during_write_leaves_nothing(capsys, stories_path, tmp_path, monkeypatch):
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_file", interrupted)
+    code, _, err = run(capsys, "quantize", str(stories_path), "--group-size", "0", "--out", str(tmp_path / "q"),
+                       "--quiet")
+    assert code == 130 and "nothing was written" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_real_process_exit_codes(stories_path, tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "lowbit", "quantize", str(stories_path), "--scheme", "w8a16",
+                         "--out", str(tmp_path / "q")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "quantized" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "lowbit", "quantize", str(stories_path), "--scheme", "w4a16",
+                          "--group-size", "100", "--out", str(tmp_path / "r")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "lowbit: error:" in bad.stderr

@@ -1,0 +1,121 @@
+"""The block-by-block driver: hand-off between blocks, equivalence with whole-model RTN, calibration, families."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, OPTConfig
+
+import lowbit
+from lowbit import api
+from lowbit.data.calibration import CalibConfig, calibration_ids
+from lowbit.errors import LowbitError
+from lowbit.formats import fake_quantize
+from lowbit.model.architectures import decoder_blocks
+from lowbit.model.loading import family_of
+from lowbit.recipe import Recipe
+from lowbit.runtime import QuantLinear
+
+CALIB = CalibConfig(dataset="c4", samples=6, seqlen=96, seed=3)
+
+
+def test_block_by_block_equals_whole_model_rtn(stories, _stories):
+    recipe = Recipe(scheme="w3a16", group_size=4, symmetric=False)
+    result = api.quantize(stories, recipe, progress=False)
+    reference = dict(_stories.named_modules())
+    for name, module in result.model.named_modules():
+        if isinstance(module, QuantLinear):
+            expected = fake_quantize(reference[name].weight, result.plan[name].weight)
+            assert torch.equal(module.dequantized_weight(), expected), name
+    assert len(result.plan) == 35
+
+
+def test_block_hand_off_matches_the_fake_quantized_model(stories, _stories, stories_tokenizer):
+    """The inputs handed from block to block equal what the whole fake-quantized model computes."""
+    result = api.quantize(stories, Recipe(scheme="w4a16", group_size=0), tokenizer=stories_tokenizer, calib=CALIB,
+                          progress=False)
+    fake = api.fake_quantize_model(_stories, result.plan, result.dtype)
+    ids = calibration_ids(stories_tokenizer, CALIB)
+    seen = []
+    handle = decoder_blocks(fake, family_of(fake))[-1].register_forward_hook(
+        lambda _m, _a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        for batch in ids.split(8):
+            fake(batch)
+    handle.remove()
+    handed = torch.cat(result.pipeline.final_inputs.hidden)
+    assert handed.shape == (CALIB.samples, CALIB.seqlen, 64)
+    torch.testing.assert_close(handed, torch.cat(seen), rtol=1e-6, atol=1e-6)
+    errors = [b.output_error for b in result.pipeline.blocks]
+    assert all(0 < e < 1 for e in errors)
+
+
+def test_block_errors_shrink_with_more_bits(stories, _stories, stories_tokenizer):
+    import copy
+
+    e8 = api.quantize(stories, Recipe(scheme="w8a16", group_size=0), tokenizer=stories_tokenizer, calib=CALIB,
+                      progress=False).pipeline.blocks
+    e3 = api.quantize(copy.deepcopy(_stories), Recipe(scheme="w3a16", group_size=0), tokenizer=stories_tokenizer,
+                      calib=CALIB, progress=False).pipeline.blocks
+    assert all(a.output_error < b.output_error / 10 for a, b in zip(e8, e3, strict=True))
+
+
+def test_calibration_windows_are_deterministic_and_distinct(stories_tokenizer):
+    a, b = calibration_ids(stories_tokenizer, CALIB), calibration_ids(stories_tokenizer, CALIB)
+    assert torch.equal(a, b) and a.shape == (6, 96)
+    assert len({tuple(r) for r in a.tolist()}) == 6
+    other = calibration_ids(stories_tokenizer, CalibConfig("c4", 6, 96, seed=4))
+    assert not torch.equal(a, other)
+
+
+def test_calibration_smaller_than_requested(stories_tokenizer):
+    with pytest.raises(LowbitError, match="calibration set smaller than requested"):
+        calibration_ids(stories_tokenizer, CalibConfig("c4", samples=100_000, seqlen=512))
+
+
+def test_calibration_seqlen_capped_at_context(stories_tokenizer):
+    ids = calibration_ids(stories_tokenizer, CalibConfig("c4", samples=2, seqlen=4096), max_seqlen=512)
+    assert ids.shape == (2, 512)
+
+
+def test_calibration_from_a_text_file(tmp_path, stories_tokenizer):
+    path = tmp_path / "calib.txt"
+    path.write_text("Once upon a time there was a cat. " * 200)
+    assert calibration_ids(stories_tokenizer, CalibConfig(str(path), samples=3, seqlen=64)).shape == (3, 64)
+    with pytest.raises(LowbitError, match="unknown calibration set"):
+        calibration_ids(stories_tokenizer, CalibConfig("no-such-set", samples=3, seqlen=64))
+
+
+def _tiny_opt():
+    config = OPTConfig(vocab_size=512, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+                       max_position_embeddings=128, word_embed_proj_dim=32)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_opt_family_is_a_table_entry(stories_tokenizer):
+    """OPT differs in paths only (decoder.layers, fc1/fc2, learned positions); the same driver handles it."""
+    model = _tiny_opt()
+    reference = __import__("copy").deepcopy(model)
+    result = api.quantize(model, Recipe(scheme="w4a16", group_size=16), tokenizer=stories_tokenizer,
+                          calib=CalibConfig("c4", 4, 64), progress=False)
+    kinds = {n.rsplit(".", 1)[-1] for n in result.plan}
+    assert kinds == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"} and len(result.plan) == 12
+    fake = api.fake_quantize_model(reference, result.plan, result.dtype)
+    ids = torch.randint(0, 512, (2, 20))
+    torch.testing.assert_close(result.model(ids).logits, fake(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path):
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(LowbitError, match=r"architecture 'gpt2' is not supported.*llama.*mistral.*opt.*qwen2"):
+        lowbit.load(tmp_path / "gpt2")
+
+
+def test_device_resolution():
+    assert api.resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(LowbitError, match="unknown device"):
+        api.resolve_device("tpu9")
+    if not torch.cuda.is_available():
+        with pytest.raises(LowbitError, match="no CUDA GPU"):
+            api.resolve_device("cuda")

@@ -1,0 +1,102 @@
+"""Recipes: schemes, YAML round trip, targets/ignore/overrides resolved against a real model, errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from lowbit.errors import LowbitError
+from lowbit.formats import FP8Format, IntFormat, PerChannel, PerGroup
+from lowbit.model.loading import family_of
+from lowbit.model.targets import select_layers
+from lowbit.recipe import Override, Recipe, scheme_spec
+
+LINEAR_KINDS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_named_schemes():
+    assert scheme_spec("w4a16", 64, True, False).weight == IntFormat(4, True, PerGroup(64))
+    assert scheme_spec("w8a16", None, True, False).weight == IntFormat(8, True, PerChannel())
+    assert scheme_spec("w3a16", None, False, False).weight.granularity == PerGroup(128)
+    w8a8 = scheme_spec("w8a8", None, True, False)
+    assert w8a8.weight.bits == 8 and w8a8.act.kind == "int8"
+    fp8 = scheme_spec("fp8", None, True, False)
+    assert isinstance(fp8.weight, FP8Format) and fp8.act.kind == "fp8"
+    assert scheme_spec("W6A16", 0, True, False).weight.bits == 6
+
+
+@pytest.mark.parametrize("scheme,message", [("w9a16", "2 to 8"), ("w1a16", "2 to 8"), ("int4", "unknown scheme"),
+                                            ("w4a4", "unknown scheme")])
+def test_bad_schemes(scheme, message):
+    with pytest.raises(LowbitError, match=message):
+        Recipe(scheme=scheme)
+
+
+def test_yaml_round_trip(tmp_path):
+    recipe = Recipe(method="rtn", scheme="w4a16", group_size=32, symmetric=False, clip=True, zero_point="float",
+                    ignore=(r"layers\.0\.",),
+                    overrides=(Override(pattern="down_proj", scheme="w8a16"),
+                               Override(pattern=r"layers\.4\.", skip=True)))
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe.to_yaml())
+    assert Recipe.from_yaml(path) == recipe
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+
+
+def test_yaml_errors(tmp_path):
+    with pytest.raises(LowbitError, match="does not exist"):
+        Recipe.from_yaml(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("scheme: w4a16\ngroupsize: 64\n")
+    with pytest.raises(LowbitError, match=r"unknown key.*groupsize"):
+        Recipe.from_yaml(bad)
+    bad.write_text("scheme: [unclosed\n")
+    with pytest.raises(LowbitError, match="not valid YAML"):
+        Recipe.from_yaml(bad)
+    bad.write_text("overrides:\n  - scheme: w8a16\n")
+    with pytest.raises(LowbitError, match="'pattern'"):
+        Recipe.from_yaml(bad)
+    with pytest.raises(LowbitError, match="not a valid regular expression"):
+        Recipe(ignore=("layers.(",))
+
+
+def test_default_targets_are_block_linears(stories):
+    plan = select_layers(stories, family_of(stories), Recipe(scheme="w4a16", group_size=0))
+    assert len(plan) == 5 * 7
+    assert {n.rsplit(".", 1)[-1] for n in plan} == LINEAR_KINDS
+    assert all(n.startswith("model.layers.") for n in plan)
+
+
+def test_targets_ignore_and_overrides(stories):
+    family = family_of(stories)
+    recipe = Recipe(scheme="w4a16", group_size=0, targets=(r"mlp\.", "lm_head"), ignore=(r"layers\.0\.",),
+                    overrides=(Override(pattern="down_proj", scheme="w8a16"),
+                               Override(pattern=r"layers\.4\.", skip=True),
+                               Override(pattern="lm_head", group_size=4)))
+    plan = select_layers(stories, family, recipe)
+    mlp = {f"model.layers.{i}.mlp.{k}" for i in (1, 2, 3) for k in ("gate_proj", "up_proj", "down_proj")}
+    assert set(plan) == mlp | {"lm_head"}
+    assert plan["model.layers.2.mlp.down_proj"].weight == IntFormat(8, True, PerChannel())
+    assert plan["model.layers.2.mlp.up_proj"].weight == IntFormat(4, True, PerChannel())
+    assert plan["lm_head"].weight.granularity == PerGroup(4)
+
+
+def test_selection_errors(stories):
+    family = family_of(stories)
+    with pytest.raises(LowbitError, match="no linear layer matched"):
+        select_layers(stories, family, Recipe(group_size=0, targets=("nothing_like_this",)))
+    with pytest.raises(LowbitError, match="matches none"):
+        select_layers(stories, family, Recipe(group_size=0, overrides=(Override(pattern="attn_typo", skip=True),)))
+    with pytest.raises(LowbitError, match="skip every"):
+        select_layers(stories, family, Recipe(group_size=0, overrides=(Override(pattern="proj", skip=True),)))
+
+
+@pytest.mark.parametrize("group", [128, 64, 8, 3])
+def test_group_sizes_that_do_not_divide_are_refused_with_alternatives(stories, group):
+    # hidden 64 and intermediate 172: only 1, 2 and 4 divide both
+    with pytest.raises(LowbitError, match=r"Group sizes that divide every targeted layer: 1, 2, 4\."):
+        select_layers(stories, family_of(stories), Recipe(scheme="w4a16", group_size=group))
+
+
+def test_per_channel_and_dividing_groups_work(stories):
+    for group in (0, -1, 4):
+        assert len(select_layers(stories, family_of(stories), Recipe(scheme="w4a16", group_size=group))) == 35

