@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 import lowbit
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(os.environ.get("LOWBIT_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 STORIES = SHARED / "models" / "stories260K"
 STORY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her dog."
 

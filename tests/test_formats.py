@@ -155,3 +155,11 @@ def test_zero_and_tiny_groups_do_not_divide_by_zero():
     for fmt in (IntFormat(4), IntFormat(4, False), IntFormat(4, False, zero_point="float"), FP8Format()):
         out = fake_quantize(w, fmt)
         assert torch.isfinite(out).all() and (out - w).abs().max() < 1e-7
+
+
+def test_exact_div_is_correctly_rounded():
+    from lowbit.formats.intgrid import exact_div
+
+    x = torch.rand(10000) * 10
+    assert torch.equal(exact_div(x, 7), (x.double() / 7).float())
+    assert torch.equal(exact_div(x, 448.0), (x.double() / 448).float())

@@ -12,6 +12,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats.fp8 import fp8_decode, fp8_encode, fp8_scale
+from lowbit.formats.intgrid import exact_div
 
 ACT_KINDS = ("int8", "fp8")
 
@@ -38,7 +39,7 @@ def fake_quantize_activation(x: torch.Tensor, fmt: ActFormat) -> torch.Tensor:
     """Quantize-dequantize x per token (last dimension), in x's dtype."""
     amax = x.detach().abs().amax(dim=-1, keepdim=True).float()
     if fmt.kind == "int8":
-        scale = (amax / 127).clamp(min=torch.finfo(torch.float32).tiny)
+        scale = exact_div(amax, 127).clamp(min=torch.finfo(torch.float32).tiny)
         return (torch.round(x.float() / scale).clamp(-128, 127) * scale).to(x.dtype)
     scale = fp8_scale(amax)
     return fp8_decode(fp8_encode(x, scale), scale).to(x.dtype)

@@ -12,6 +12,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats.granularity import Granularity, PerChannel, PerGroup, granularity_from_dict
+from lowbit.formats.intgrid import exact_div
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -43,7 +44,7 @@ class FP8Format:
 
 
 def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
-    return (amax.float() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    return exact_div(amax.float(), FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
 
 
 def fp8_encode(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

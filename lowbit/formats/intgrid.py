@@ -69,6 +69,16 @@ class IntFormat:
                    zero_point=d.get("zero_point", "int"))
 
 
+def exact_div(x: torch.Tensor, d: float) -> torch.Tensor:
+    """x / d, correctly rounded on every device.
+
+    PyTorch's CUDA kernel turns division by a Python number into multiplication by its reciprocal, which can
+    differ from the CPU's result in the last bit; dividing by a 0-dim tensor on x's device does not. Scales must
+    not depend on the device, or CPU and GPU quantization would disagree.
+    """
+    return x / torch.full((), d, dtype=x.dtype, device=x.device)
+
+
 def round_scale_up(scale: torch.Tensor) -> torch.Tensor:
     """Float16 scale ≥ the float32 one (so absmax ranges stay inside the grid), at least the smallest float16."""
     scale = scale.float().clamp(min=_SMALLEST_SCALE)
@@ -94,7 +104,7 @@ def grid_params(lo: torch.Tensor, hi: torch.Tensor, fmt: IntFormat) -> tuple[tor
     if fmt.float_zero:
         m = lo.to(SCALE_DTYPE)
         m = torch.where(m.float() > lo, torch.nextafter(m, torch.full_like(m, float("-inf"))), m)
-        needed = (hi - m.float()) / fmt.qmax
+        needed = exact_div(hi - m.float(), fmt.qmax)
         nearest = needed.clamp(min=_SMALLEST_SCALE).to(SCALE_DTYPE)
         _check_finite_scale(nearest)
         # Nearest rounding can leave hi uncovered only where float16 steps are coarse (|m| ≫ s, subnormal s).
@@ -102,11 +112,11 @@ def grid_params(lo: torch.Tensor, hi: torch.Tensor, fmt: IntFormat) -> tuple[tor
         return torch.where(covered, nearest, round_scale_up(needed)), m
     if fmt.symmetric:
         amax = torch.maximum(lo.abs(), hi.abs())
-        scale = round_scale_up(amax / (2 ** (fmt.bits - 1) - 1))
+        scale = round_scale_up(exact_div(amax, 2 ** (fmt.bits - 1) - 1))
         zero = torch.full_like(scale, 2 ** (fmt.bits - 1), dtype=torch.uint8)
     else:
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-        scale = round_scale_up((hi - lo) / fmt.qmax)
+        scale = round_scale_up(exact_div(hi - lo, fmt.qmax))
         zero = torch.round(-lo / scale.float()).clamp(0, fmt.qmax).to(torch.uint8)
     return scale, zero
 
