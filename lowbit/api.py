@@ -14,7 +14,7 @@ from torch import nn
 from lowbit.data.calibration import CalibConfig, calibration_ids
 from lowbit.errors import LowbitError
 from lowbit.formats import fake_quantize, fake_quantize_activation
-from lowbit.io.checkpoint import quantized_layers, save_checkpoint, storage_state_dict
+from lowbit.io.checkpoint import is_packed, quantized_layers, save_checkpoint, unique_state_dict
 from lowbit.methods.registry import get_method
 from lowbit.model.capture import capture_block_inputs
 from lowbit.model.loading import family_of, load_float, tokenizer_dir_or_gguf
@@ -149,13 +149,13 @@ def size_report(model: nn.Module, dtype: torch.dtype) -> dict:
     bits, numel = defaultdict(int), defaultdict(int)
     for name, m in qlayers.items():
         kind = name.rsplit(".", 1)[-1]
-        bits[kind] += m.quantized_weight().stored_bits()
+        bits[kind] += m.stored_bits()
         numel[kind] += m.in_features * m.out_features
-    tensors, _ = storage_state_dict(model, dtype)
+    tensors, _ = unique_state_dict(model)
     qprefixes = tuple(n + "." for n in qlayers)
-    other_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items()
-                      if not k.startswith(qprefixes) or k.endswith(".bias"))
-    other_params = sum(t.numel() for k, t in tensors.items() if not k.startswith(qprefixes) or k.endswith(".bias"))
+    others = [t for k, t in tensors.items() if not is_packed(k, qprefixes)]
+    other_params = sum(t.numel() for t in others)
+    other_bytes = sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size()) for t in others)
     qbits, qnumel = sum(bits.values()), sum(numel.values())
     return {
         "quantized_layers": len(qlayers),
@@ -179,7 +179,7 @@ def save(result: QuantizeResult, out_dir: str | Path, *, tokenizer=None, overwri
         "blocks": [vars(b) for b in result.pipeline.blocks],
     }
     return save_checkpoint(result.model, out_dir, dtype=result.dtype, tokenizer=tokenizer, overwrite=overwrite,
-                           info=info)
+                           info=info, texts={"recipe.yaml": result.recipe.to_yaml()})
 
 
 def fake_quantize_model(model: nn.Module, plan: dict[str, LayerSpec], dtype: torch.dtype | None = None) -> nn.Module:

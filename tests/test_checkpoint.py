@@ -40,6 +40,7 @@ def test_round_trip_equals_fake_quantized_model(recipe, stories, _stories, story
     assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == len(result.plan)
     assert header["method"] == "rtn" and header["scheme"] == recipe.scheme
     assert Recipe.from_dict(header["recipe"]) == recipe
+    assert Recipe.from_yaml(tmp_path / "ckpt" / "recipe.yaml") == recipe
 
 
 def test_header_contract_and_sizes(stories, stories_tokenizer, tmp_path):

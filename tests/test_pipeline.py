@@ -93,7 +93,7 @@ def _tiny_opt():
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def test_opt_family_is_a_table_entry(stories_tokenizer):
+def test_opt_family_is_a_table_entry(stories_tokenizer, tmp_path):
     """OPT differs in paths only (decoder.layers, fc1/fc2, learned positions); the same driver handles it."""
     model = _tiny_opt()
     reference = __import__("copy").deepcopy(model)
@@ -104,6 +104,10 @@ def test_opt_family_is_a_table_entry(stories_tokenizer):
     fake = api.fake_quantize_model(reference, result.plan, result.dtype)
     ids = torch.randint(0, 512, (2, 20))
     torch.testing.assert_close(result.model(ids).logits, fake(ids).logits, rtol=1e-5, atol=1e-5)
+    api.save(result, tmp_path / "opt")  # OPT's linear layers have biases: they round-trip in 16 bits
+    loaded = lowbit.load(tmp_path / "opt")
+    assert loaded.model.decoder.layers[0].fc1.bias is not None
+    assert torch.equal(loaded(ids).logits, result.model(ids).logits)
 
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):

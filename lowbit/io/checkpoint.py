@@ -47,9 +47,8 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def storage_state_dict(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors to store (floats outside quantized layers cast to `dtype`) and the tied keys {dropped: kept}."""
-    qprefixes = tuple(n + "." for n in quantized_layers(model))
+def unique_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict with tied tensors once, and the tied keys {dropped: kept}."""
     tensors: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
     seen: dict[tuple, str] = {}
@@ -57,22 +56,39 @@ def storage_state_dict(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, 
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if ident in seen:
             tied[key] = seen[ident]
-            continue
-        seen[ident] = key
-        if t.is_floating_point() and not key.startswith(qprefixes):
+        else:
+            seen[ident] = key
+            tensors[key] = t
+    return tensors, tied
+
+
+def is_packed(key: str, qprefixes: tuple[str, ...]) -> bool:
+    """Whether a state-dict key is a quantized layer's packed buffer (kept as is), not a float to store in 16 bits."""
+    return key.startswith(qprefixes) and not key.endswith(".bias")
+
+
+def storage_state_dict(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors to store (floats outside packed buffers cast to `dtype`) and the tied keys {dropped: kept}."""
+    qprefixes = tuple(n + "." for n in quantized_layers(model))
+    tensors, tied = unique_state_dict(model)
+    for key, t in tensors.items():
+        if t.is_floating_point() and not is_packed(key, qprefixes):
             t = t.to(dtype)
         tensors[key] = t.detach().contiguous().cpu()
     return tensors, tied
 
 
 def save_checkpoint(model: nn.Module, out_dir: str | Path, *, dtype: torch.dtype, tokenizer=None,
-                    overwrite: bool = False, info: dict | None = None) -> dict:
-    """Write model (with QuantLinear layers) to out_dir atomically; returns the header written."""
+                    overwrite: bool = False, info: dict | None = None, texts: dict[str, str] | None = None) -> dict:
+    """Write model (with QuantLinear layers) to out_dir atomically; returns the header written.
+
+    `texts` are extra text files to include (e.g. recipe.yaml); they are hashed like the others.
+    """
     from lowbit import __version__
 
     tensors, tied = storage_state_dict(model, dtype)
     layers = {name: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
-                     "spec": m.spec.to_dict(), "bits_per_weight": m.quantized_weight().bits_per_weight()}
+                     "spec": m.spec.to_dict(), "bits_per_weight": m.stored_bits() / (m.in_features * m.out_features)}
               for name, m in quantized_layers(model).items()}
     with atomic_directory(out_dir, overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "lowbit_format": str(FORMAT_VERSION)})
@@ -81,6 +97,8 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path, *, dtype: torch.dtype
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, text in (texts or {}).items():
+            (tmp / name).write_text(text)
         files = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         header = {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "lowbit_version": __version__,
@@ -147,7 +165,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, verify
                           f"{unexpected[:3]}. It may come from another lowbit or transformers version.")
     qprefixes = tuple(n + "." for n in header["layers"])
     for key, t in tensors.items():
-        if t.is_floating_point() and not key.startswith(qprefixes):
+        if t.is_floating_point() and not is_packed(key, qprefixes):
             tensors[key] = t.to(dtype)
     model.load_state_dict(tensors, strict=False, assign=True)
     for dropped, kept in tied.items():

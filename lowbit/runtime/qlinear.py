@@ -44,6 +44,11 @@ class QuantLinear(nn.Module):
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
 
+    def stored_bits(self) -> int:
+        """Bits of the packed weight buffers (codes, scales, zeros), as stored; the bias is not counted."""
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() * 8
+                   for n in packed_shapes(self.spec.weight, self.shape))
+
     def dequantized_weight(self) -> torch.Tensor:
         return self.quantized_weight().dequantize()
 
