@@ -15,8 +15,9 @@ def _recipe_from_args(args: argparse.Namespace):
     from lowbit.recipe import Recipe
 
     recipe = Recipe.from_yaml(args.recipe) if args.recipe else Recipe()
+    scheme = args.scheme or ("fp8" if args.method == "fp8" else None)
     return recipe.with_options(
-        method=args.method, scheme=args.scheme, group_size=args.group_size,
+        method=args.method, scheme=scheme, group_size=args.group_size,
         symmetric=False if (args.asym or args.zero_point) else None, clip=True if args.clip else None,
         zero_point=args.zero_point,
         targets=tuple(args.targets) if args.targets else None, ignore=tuple(args.ignore) if args.ignore else None,
