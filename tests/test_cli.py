@@ -45,7 +45,8 @@ def test_recipe_file_with_command_line_override(capsys, stories_path, tmp_path):
 
 
 def test_method_fp8_implies_scheme_fp8(capsys, stories_path, tmp_path):
-    code, out, _ = run(capsys, "quantize", str(stories_path), "--method", "fp8", "--out", str(tmp_path / "q"), "--quiet")
+    code, out, _ = run(capsys, "quantize", str(stories_path), "--method", "fp8", "--out", str(tmp_path / "q"),
+                       "--quiet")
     assert code == 0 and "fp8 e4m3, per channel, fp8 per-token activations" in out
 
 
