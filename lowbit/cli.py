@@ -81,6 +81,33 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _names(text: str | None) -> tuple[str, ...]:
+    return tuple(x.strip() for x in (text or "").split(",") if x.strip())
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lowbit.eval.report import html_report, text_report, write_text
+    from lowbit.eval.runner import EvalConfig, evaluate, write_json
+
+    cfg = EvalConfig(
+        reference=args.reference, candidate=args.candidate, kl=args.kl, ppl=_names(args.ppl), tasks=_names(args.tasks),
+        prompts=args.prompts, max_prompts=args.max_prompts, max_new_tokens=args.max_new_tokens, top_n=args.top_n,
+        save_reference=args.save_reference, reference_record=args.reference_record, record_dtype=args.record_dtype,
+        seqlen=args.seqlen, max_windows=args.max_windows, limit=args.limit, batch_tokens=args.batch_tokens,
+        seed=args.seed, progress=not args.quiet)
+    result = evaluate(cfg)
+    print(text_report(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"\nwrote {args.json}")
+    if args.report:
+        write_text(html_report(result), args.report)
+        print(f"wrote {args.report}")
+    if args.save_reference:
+        print(f"saved the reference record to {args.save_reference}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lowbit.demo import run_demo
 
@@ -127,6 +154,34 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_quantize)
 
+    e = sub.add_parser("eval", help="compare a candidate with its reference: KL, perplexity, tasks")
+    e.add_argument("--reference", help="reference model (built-in name, Hugging Face directory, .gguf)")
+    e.add_argument("--candidate", help="candidate: lowbit checkpoint, Hugging Face directory, .gguf, built-in name")
+    e.add_argument("--kl", action="store_true", help="divergence on reference generations (Fireworks method)")
+    e.add_argument("--ppl", help="comma-separated perplexity sets: wikitext2, ptb, c4, or text files")
+    e.add_argument("--tasks", help="comma-separated tasks: piqa, arc_easy, arc_challenge, winogrande, hellaswag, "
+                                   "lambada_openai, boolq, mmlu, mmlu_5shot, openbook_qa, copa, siqa, "
+                                   "commonsense_qa")
+    e.add_argument("--prompts", help="prompt set: mt_bench, vicuna_bench, builtin, a .jsonl (MT-bench format) or a .txt "
+                                     "file (default: MT-bench and Vicuna-bench first turns)")
+    e.add_argument("--max-prompts", type=int, help="use the first N prompts")
+    e.add_argument("--max-new-tokens", type=int, default=256, help="reference generation length limit (default 256)")
+    e.add_argument("--top-n", type=int, default=16, help="reference log-probs recorded per position (default 16)")
+    e.add_argument("--save-reference", metavar="FILE",
+                   help="save the reference record (reuse it with --reference-record)")
+    e.add_argument("--reference-record", metavar="FILE", help="a record saved earlier; the reference is not re-run")
+    e.add_argument("--record-dtype", choices=("float32", "float16"), default="float32",
+                   help="log-prob precision in a saved record (float16 halves its size)")
+    e.add_argument("--seqlen", type=int, default=2048, help="perplexity window (capped at the model's context)")
+    e.add_argument("--max-windows", type=int, help="perplexity: first N windows only")
+    e.add_argument("--limit", type=int, help="tasks: an evenly spaced subset of N items")
+    e.add_argument("--batch-tokens", type=int, default=2048, help="tokens per forward batch")
+    e.add_argument("--seed", type=int, default=0, help="seed of the bootstrap confidence intervals")
+    e.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    e.add_argument("--report", metavar="FILE.html", help="write a self-contained HTML report with plots")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=cmd_eval)
+
     d = sub.add_parser("demo", help="quantize the built-in model and show what it did")
     d.add_argument("--out", help="where to write the demo checkpoint (default: in the lowbit cache)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -149,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lowbit: interrupted; nothing was written.", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a command that stopped reading (head, less)
+        sys.stderr.close()
+        return 0
 
 
 def _quiet_libraries() -> None:

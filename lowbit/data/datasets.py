@@ -72,3 +72,24 @@ def wikitext2_test_text() -> str:
     """WikiText-2 raw test split as the GPTQ protocol joins it: the file's lines joined by blank lines."""
     rows = _read(data_root() / "wikitext-2-raw" / "wiki.test.raw").split("\n")
     return "\n\n".join(rows)
+
+
+C4_EVAL_DOCS = range(512, 1025)
+EVAL_SETS = ("wikitext2", "ptb", "c4")
+
+
+def evaluation_text(name: str) -> str:
+    """A perplexity corpus joined as the GPTQ paper does: WikiText-2 test ("\\n\\n"), PTB test (" "),
+    C4 evaluation documents 512–1024 of the sample (" "), or any text file."""
+    key = name.lower()
+    if key == "wikitext2":
+        return wikitext2_test_text()
+    if key == "ptb":
+        return " ".join(_read(data_root() / "ptb" / "ptb.test.txt").split("\n"))
+    if key == "c4":
+        docs = records_text(data_root() / "c4" / "c4-validation-sample.json")
+        return " ".join(docs[i] for i in C4_EVAL_DOCS if i < len(docs))
+    path = Path(name).expanduser()
+    if path.is_file():
+        return "\n\n".join(records_text(path))
+    raise LowbitError(f"unknown perplexity set {name!r}: use one of {', '.join(EVAL_SETS)} or a path to a text file.")

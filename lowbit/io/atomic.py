@@ -49,10 +49,32 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
         os.rename(tmp, target)
 
 
-def _default_permissions(directory: Path) -> None:
-    """mkdtemp (and some writers) create private files; give the result the user's usual permissions."""
+@contextmanager
+def atomic_file(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target` that replaces it when the block completes without an exception."""
+    target = Path(target).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
+    return umask
+
+
+def _default_permissions(directory: Path) -> None:
+    """mkdtemp (and some writers) create private files; give the result the user's usual permissions."""
+    umask = _umask()
     os.chmod(directory, 0o777 & ~umask)
     for p in directory.rglob("*"):
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)

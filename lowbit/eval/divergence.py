@@ -1,0 +1,172 @@
+"""Divergence, the Fireworks way: the reference generates, the candidate is teacher-forced on the same tokens.
+
+1. The reference generates to completion (greedy, KV cache, left-padded batches) from every prompt.
+2. The reference is teacher-forced on the finished sequences; at every position (prompt = prefill, and generated)
+   its top-N ids and log-probs are recorded, with its log-prob of the token that comes next (the record).
+3. The candidate is teacher-forced on the same sequences, batched the same way, and compared position by
+   position (lowbit.eval.stats). When the reference model is at hand, the exact full-vocabulary KL comes too.
+
+Position t predicts token t+1. Positions before the last prompt token predict prompt tokens (prefill); from
+the last prompt token on they predict generated tokens (generation).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.errors import LowbitError
+from lowbit.eval.forward import DEFAULT_BATCH_TOKENS, length_batches, logprobs, pad_right
+from lowbit.eval.prompts import encode_prompts
+from lowbit.eval.record import ReferenceRecord, model_fingerprint, tokenizer_fingerprint
+from lowbit.eval.stats import TokenStats, by_position, summarize, token_stats
+
+DEFAULT_TOP_N = 16
+DEFAULT_MAX_NEW_TOKENS = 256
+POSITION_BUCKET = 32
+
+
+def eos_ids(model: nn.Module, tokenizer) -> list[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
+             batch_size: int = 16, progress: bool = True) -> list[torch.Tensor]:
+    """Greedy continuations; returns prompt + generated tokens per prompt (up to and including EOS)."""
+    device = next(model.parameters()).device
+    stop = eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else 0)
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    out: list[torch.Tensor | None] = [None] * len(prompt_ids)
+    bar = tqdm(total=len(prompt_ids), desc="reference generates", unit="prompt", disable=not progress,
+               dynamic_ncols=True)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        longest = max(len(prompt_ids[i]) for i in rows)
+        ids = torch.full((len(rows), longest), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(rows):
+            ids[r, longest - len(prompt_ids[i]):] = torch.tensor(prompt_ids[i])
+            mask[r, longest - len(prompt_ids[i]):] = 1
+        result = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                max_new_tokens=max_new_tokens, eos_token_id=stop or None, pad_token_id=pad,
+                                top_p=None, top_k=None, temperature=None)
+        for r, i in enumerate(rows):
+            new = result[r, longest:].cpu()
+            ends = [k for k, t in enumerate(new.tolist()) if t in stop]
+            new = new[: ends[0] + 1] if ends else new
+            out[i] = torch.cat([torch.tensor(prompt_ids[i]), new])
+        bar.update(len(rows))
+    bar.close()
+    return out
+
+
+def make_record(model: nn.Module, tokenizer, prompts: list[str], *, source: str, model_name: str,
+                max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, top_n: int = DEFAULT_TOP_N,
+                progress: bool = True) -> ReferenceRecord:
+    """Generate with the reference; the top-N part is filled by `compare` (it runs the reference anyway)."""
+    start = time.perf_counter()
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    seqs = generate(model, tokenizer, prompt_ids, max_new_tokens, progress=progress)
+    lengths = torch.tensor([len(s) for s in seqs])
+    meta = {"model": model_name, "model_fingerprint": model_fingerprint(model),
+            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": int(model.config.vocab_size),
+            "top_n": top_n, "max_new_tokens": max_new_tokens, "prompts": source, "num_prompts": len(prompts),
+            "generation_seconds": round(time.perf_counter() - start, 2)}
+    from lowbit import __version__
+
+    meta["lowbit_version"] = __version__
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    return ReferenceRecord(meta, torch.cat(seqs).int(), offsets,
+                           torch.tensor([len(p) for p in prompt_ids], dtype=torch.int32))
+
+
+@dataclass
+class Divergence:
+    stats: TokenStats
+    prompt: np.ndarray  # prompt index of each position
+    position: np.ndarray  # position index t within its sequence
+    prefill: np.ndarray  # bool: the position predicts a prompt token
+    generation_offset: np.ndarray  # t − (prompt_len − 1), for generation positions
+
+
+def compare(record: ReferenceRecord, candidate: nn.Module | None, reference: nn.Module | None = None,
+            batch_tokens: int = DEFAULT_BATCH_TOKENS, progress: bool = True) -> Divergence | None:
+    """Teacher-force the candidate (and the reference, when given) on the record's sequences.
+
+    A record without top-N data is completed from the reference's pass. Returns None when there is no candidate.
+    """
+    n_seq = record.num_sequences
+    lengths = [int(record.offsets[i + 1] - record.offsets[i]) for i in range(n_seq)]
+    pos_off = record.position_offsets()
+    fill = record.top_ids is None
+    if fill and reference is None:
+        raise LowbitError("the reference record holds no predictions and no reference model was given.")
+    top_n = record.meta["top_n"]
+    if fill:
+        total = int(pos_off[-1])
+        record.top_ids = torch.zeros(total, top_n, dtype=torch.int32)
+        record.top_logprobs = torch.zeros(total, top_n)
+        record.next_logprob = torch.zeros(total)
+    parts: dict[int, TokenStats] = {}
+    bar = tqdm(total=sum(lengths), desc="teacher forcing", unit="tok", disable=not progress, dynamic_ncols=True,
+               unit_scale=True)
+    for rows in length_batches(lengths, batch_tokens):
+        seqs = [record.sequence(i).long() for i in rows]
+        ids, mask = pad_right(seqs)
+        ref_lp = logprobs(reference, ids, mask) if reference is not None else None
+        cand_lp = logprobs(candidate, ids, mask) if candidate is not None else None
+        for r, i in enumerate(rows):
+            n = lengths[i] - 1
+            sl = slice(int(pos_off[i]), int(pos_off[i]) + n)
+            nxt = seqs[r][1:]
+            full_ref = ref_lp[r, :n] if ref_lp is not None else None
+            if fill:
+                vals, top = full_ref.topk(top_n, dim=-1)
+                record.top_ids[sl], record.top_logprobs[sl] = top.int(), vals
+                record.next_logprob[sl] = full_ref.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+            if cand_lp is not None:
+                parts[i] = token_stats(record.top_ids[sl], record.top_logprobs[sl], record.next_logprob[sl],
+                                       cand_lp[r, :n], nxt, full_ref)
+        bar.update(sum(lengths[i] for i in rows))
+    bar.close()
+    if candidate is None:
+        return None
+    stats = TokenStats.concat([parts[i] for i in range(n_seq)])
+    prompt = np.concatenate([np.full(lengths[i] - 1, i) for i in range(n_seq)])
+    position = np.concatenate([np.arange(lengths[i] - 1) for i in range(n_seq)])
+    plen = record.prompt_lens.numpy()[prompt]
+    prefill = position < plen - 1
+    return Divergence(stats, prompt, position, prefill, position - (plen - 1))
+
+
+def summarize_divergence(d: Divergence, top_n: int, seed: int = 0) -> dict:
+    gen = ~d.prefill
+    per_prompt = [float(d.stats.kl[d.prompt == i].mean()) if (d.prompt == i).any() else None
+                  for i in range(int(d.prompt.max()) + 1)]
+    return {
+        "top_n": top_n,
+        "prompts": int(d.prompt.max()) + 1,
+        "all": summarize(d.stats, d.prompt, seed),
+        "prefill": summarize(d.stats.select(d.prefill), d.prompt[d.prefill], seed),
+        "generation": summarize(d.stats.select(gen), d.prompt[gen], seed),
+        "by_position": by_position(d.stats.kl[gen], d.generation_offset[gen], POSITION_BUCKET),
+        "by_position_prefill": by_position(d.stats.kl[d.prefill], d.position[d.prefill], POSITION_BUCKET),
+        "per_prompt": per_prompt,
+        "histogram": histogram(d.stats.kl),
+    }
+
+
+def histogram(kl: np.ndarray, lo: float = -8.0, hi: float = 2.0, step: float = 0.25) -> dict:
+    """Counts of per-token KL in log10 bins (values under 10^lo fall in the first bin)."""
+    edges = np.arange(lo, hi + step / 2, step)
+    counts, _ = np.histogram(np.clip(np.log10(np.maximum(kl, 1e-30)), lo, hi - 1e-9), bins=edges)
+    return {"log10_edges": [round(float(e), 4) for e in edges], "counts": counts.tolist()}
