@@ -162,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", help="comma-separated tasks: piqa, arc_easy, arc_challenge, winogrande, hellaswag, "
                                    "lambada_openai, boolq, mmlu, mmlu_5shot, openbook_qa, copa, siqa, "
                                    "commonsense_qa")
-    e.add_argument("--prompts", help="prompt set: mt_bench, vicuna_bench, builtin, a .jsonl (MT-bench format) or a .txt "
-                                     "file (default: MT-bench and Vicuna-bench first turns)")
+    e.add_argument("--prompts", help="prompt set: mt_bench, vicuna_bench, builtin, a .jsonl (MT-bench format) or "
+                                     "a .txt file (default: MT-bench and Vicuna-bench first turns)")
     e.add_argument("--max-prompts", type=int, help="use the first N prompts")
     e.add_argument("--max-new-tokens", type=int, default=256, help="reference generation length limit (default 256)")
     e.add_argument("--top-n", type=int, default=16, help="reference log-probs recorded per position (default 16)")
