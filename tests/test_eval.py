@@ -1,0 +1,235 @@
+"""The evaluation on stories260K: divergence, records, perplexity, tasks, CLI contract and bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lowbit import api, cli
+from lowbit.errors import LowbitError
+from lowbit.eval import tasks as tasks_mod
+from lowbit.eval.divergence import compare, make_record, summarize_divergence
+from lowbit.eval.perplexity import compare_ppl, ppl, token_nll, windows
+from lowbit.eval.prompts import load_prompts
+from lowbit.eval.record import ReferenceRecord
+from lowbit.recipe import Recipe
+
+PROMPTS = ["Once upon a time, there was a little dog.", "Tom and Sue went to the park.",
+           "The sun was hot and the bird", "Lily had a red ball. One day"]
+
+
+@pytest.fixture(scope="module")
+def record(_stories, stories_tokenizer):
+    return make_record(_stories, stories_tokenizer, PROMPTS, source="test", model_name="stories",
+                       max_new_tokens=24, progress=False)
+
+
+@pytest.fixture(scope="module")
+def w3_model(_stories):
+    return api.quantize(copy.deepcopy(_stories), Recipe(scheme="w3a16", group_size=0), progress=False).model
+
+
+def test_identical_candidate_gives_zero(record, _stories):
+    d = compare(copy.deepcopy(record), copy.deepcopy(_stories), _stories, progress=False)
+    s = summarize_divergence(d, 16)
+    for split in ("all", "prefill", "generation"):
+        assert s[split]["mean"] == pytest.approx(0, abs=1e-7)
+        assert s[split]["mean_full"] == pytest.approx(0, abs=1e-7)
+        assert s[split]["token_rejection_rate"] == 0 and s[split]["same_top"] == 1
+        assert s[split]["rms_dp"] == pytest.approx(0, abs=1e-7)
+
+
+def test_generation_and_split(record, _stories, stories_tokenizer, w3_model):
+    lengths = (record.offsets[1:] - record.offsets[:-1]).tolist()
+    assert all(p < n <= p + 24 for p, n in zip(record.prompt_lens.tolist(), lengths, strict=True))
+    rec = copy.deepcopy(record)
+    d = compare(rec, w3_model, _stories, progress=False)
+    s = summarize_divergence(d, 16)
+    assert s["prefill"]["tokens"] == int((record.prompt_lens - 1).sum())
+    assert s["generation"]["tokens"] == sum(n - p for p, n in zip(record.prompt_lens.tolist(), lengths, strict=True))
+    assert s["all"]["tokens"] == s["prefill"]["tokens"] + s["generation"]["tokens"]
+    assert 0 < s["all"]["mean"] < s["all"]["mean_full"] * 2
+    assert sum(b["tokens"] for b in s["by_position"]) == s["generation"]["tokens"]
+    # greedy generation picked the reference's top token: teacher forcing agrees at (almost) every generated token
+    agree = []
+    for i in range(rec.num_sequences):
+        seq, start = rec.sequence(i).long(), int(rec.position_offsets()[i])
+        p = int(rec.prompt_lens[i])
+        agree += (rec.top_ids[start + p - 1:start + len(seq) - 1, 0].long() == seq[p:]).tolist()
+    assert len(agree) == s["generation"]["tokens"] and np.mean(agree) > 0.95
+
+
+def test_batching_does_not_change_results(record, _stories, w3_model):
+    small = compare(copy.deepcopy(record), w3_model, _stories, batch_tokens=40, progress=False)
+    large = compare(copy.deepcopy(record), w3_model, _stories, batch_tokens=100_000, progress=False)
+    np.testing.assert_allclose(small.stats.kl, large.stats.kl, rtol=1e-4, atol=1e-6)
+
+
+def test_record_round_trip(record, _stories, w3_model, tmp_path, stories_tokenizer):
+    rec = copy.deepcopy(record)
+    in_memory = compare(rec, w3_model, _stories, progress=False)
+    rec.save(tmp_path / "r.safetensors")
+    loaded = ReferenceRecord.load(tmp_path / "r.safetensors")
+    loaded.check_tokenizer(stories_tokenizer, "reference")
+    again = compare(loaded, w3_model, None, progress=False)
+    np.testing.assert_array_equal(in_memory.stats.kl, again.stats.kl)
+    assert again.stats.kl_full is None
+    rec.save(tmp_path / "r16.safetensors", torch.float16)
+    half = compare(ReferenceRecord.load(tmp_path / "r16.safetensors"), w3_model, None, progress=False)
+    np.testing.assert_allclose(half.stats.kl.mean(), in_memory.stats.kl.mean(), rtol=1e-2)
+    assert (tmp_path / "r16.safetensors").stat().st_size < (tmp_path / "r.safetensors").stat().st_size
+
+
+def test_record_from_another_tokenizer_is_refused(record, stories_tokenizer):
+    other = copy.deepcopy(stories_tokenizer)
+    other.add_tokens(["<an-extra-token>"])
+    with pytest.raises(LowbitError, match="another tokenizer"):
+        record.check_tokenizer(other, "candidate")
+
+
+def test_prompt_sets(tmp_path):
+    prompts, source = load_prompts()
+    assert len(prompts) == 160 and "MT-bench" in source
+    assert load_prompts("mt_bench", 5)[0][0].startswith("Compose an engaging travel blog post")
+    (tmp_path / "p.txt").write_text("first\n\nsecond\n")
+    assert load_prompts(str(tmp_path / "p.txt"))[0] == ["first", "second"]
+    with pytest.raises(LowbitError, match="does not exist"):
+        load_prompts(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(LowbitError, match="empty"):
+        load_prompts(str(tmp_path / "empty.jsonl"))
+    (tmp_path / "bad.jsonl").write_text('{"question": 1}\n')
+    with pytest.raises(LowbitError, match="no 'turns'"):
+        load_prompts(str(tmp_path / "bad.jsonl"))
+
+
+def test_perplexity_matches_a_plain_transformers_loop(_stories, stories_tokenizer):
+    wins = windows(stories_tokenizer, "wikitext2", 512, 3)
+    ours = ppl(token_nll(_stories, wins, progress=False))
+    with torch.no_grad():
+        losses = [_stories(w.unsqueeze(0), labels=w.unsqueeze(0)).loss.item() for w in wins]
+    assert ours == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-4)
+
+
+def test_perplexity_ratio(_stories, stories_tokenizer, w3_model):
+    wins = windows(stories_tokenizer, "ptb", 256, 2)
+    ref = token_nll(_stories, wins, progress=False)
+    assert compare_ppl(ref, ref)["ln_ratio"] == 0
+    r = compare_ppl(ref, token_nll(w3_model, wins, progress=False))
+    assert r["ln_ratio"] > 0 and 0 < r["ln_ratio_stderr"] < r["ln_ratio"]
+    assert windows(stories_tokenizer, "c4", 256, 1).shape == (1, 256)
+
+
+@torch.no_grad()
+def _direct_loglik(model, tokenizer, context: str, continuation: str) -> float:
+    whole = tokenizer(context + continuation)["input_ids"]
+    n_ctx = len(tokenizer(context)["input_ids"])
+    lp = torch.log_softmax(model(torch.tensor([whole])).logits[0].float(), -1)
+    return sum(lp[i - 1, whole[i]].item() for i in range(n_ctx, len(whole)))
+
+
+@pytest.mark.parametrize("task", ["piqa", "winogrande", "mmlu", "hellaswag"])
+def test_task_scores_equal_direct_computation(task, _stories, stories_tokenizer):
+    items = tasks_mod.load_task(task, 3)
+    for item in items:
+        reqs = tasks_mod.encode_item(stories_tokenizer, item, 512)
+        got = np.concatenate([r[0] for r in tasks_mod.score(_stories, reqs, progress=False)])
+        want = [_direct_loglik(_stories, stories_tokenizer, c, t) for c, t in
+                zip(item.contexts, item.continuations, strict=True)]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_single_token_choices_share_one_pass(_stories, stories_tokenizer):
+    context = "Once upon a time, there was a little girl. She went to"
+    item = tasks_mod.Item((context,) * 3, (" the", " a", " and"), 0)
+    reqs = tasks_mod.encode_item(stories_tokenizer, item, 512)
+    assert len(reqs) == 1 and len(reqs[0].targets) == 3
+    got = tasks_mod.score(_stories, reqs, progress=False)[0][0]
+    want = [_direct_loglik(_stories, stories_tokenizer, context, c) for c in item.continuations]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_task_limits_and_formats():
+    items = tasks_mod.load_task("mmlu", 57)
+    assert len(items) == 57 and len({it.contexts[0].split(" about ")[1].split(".")[0] for it in items}) > 40
+    assert tasks_mod.load_task("piqa", 5) == tasks_mod.load_task("piqa", 5)
+    piqa = tasks_mod.load_task("piqa")[0]
+    assert piqa.contexts[0].endswith("\nAnswer:") and piqa.continuations[0].startswith(" ")
+    lam = tasks_mod.load_task("lambada_openai", 2)[0]
+    assert lam.greedy and len(lam.continuations) == 1
+    five = tasks_mod.load_task("mmlu_5shot", 1)[0]
+    assert five.contexts[0].count("Answer:") == 6
+    with pytest.raises(LowbitError, match="unknown task"):
+        tasks_mod.load_task("trivia")
+
+
+DESIGN_KL_FIELDS = {"tokens", "mean", "ci95", "mean_full", "median", "p99", "max", "token_rejection_rate",
+                    "spec_rejection", "same_top", "rms_dp"}
+
+
+def test_cli_json_has_every_design_key(capsys, stories_path, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    assert cli.main(["quantize", str(stories_path), "--scheme", "w4a16", "--group-size", "0", "--out", str(ckpt),
+                     "--quiet"]) == 0
+    out, report, rec = tmp_path / "out.json", tmp_path / "r.html", tmp_path / "ref.safetensors"
+    args = ["eval", "--reference", str(stories_path), "--candidate", str(ckpt), "--kl", "--ppl", "wikitext2",
+            "--tasks", "piqa", "--max-prompts", "3", "--max-new-tokens", "16", "--max-windows", "2", "--limit", "10",
+            "--json", str(out), "--report", str(report), "--save-reference", str(rec), "--quiet"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "prefill" in printed and "generation" in printed and "piqa" in printed
+    result = json.loads(out.read_text())
+    assert {"reference", "candidate", "kl", "ppl", "tasks", "size"} <= set(result)
+    assert {"top_n", "prompts", "all", "prefill", "generation", "by_position"} <= set(result["kl"])
+    for split in ("all", "prefill", "generation"):
+        assert DESIGN_KL_FIELDS <= set(result["kl"][split])
+    assert {"start", "end", "mean", "tokens"} <= set(result["kl"]["by_position"][0])
+    assert {"reference", "candidate", "seqlen", "windows", "tokens"} <= set(result["ppl"]["wikitext2"])
+    assert result["ppl"]["wikitext2"]["seqlen"] == 512  # capped at the model's context
+    assert {"n", "reference", "candidate", "flips"} <= set(result["tasks"]["piqa"])
+    assert {"bits_per_weight", "bytes"} <= set(result["size"])
+    assert result["kl"]["prompts"] == 3 and report.read_text().count("<img") == 3
+
+    # the record is reused: the same numbers without the reference model (no full KL then)
+    again = tmp_path / "again.json"
+    assert cli.main(["eval", "--reference-record", str(rec), "--candidate", str(ckpt), "--kl", "--ppl", "wikitext2",
+                     "--tasks", "piqa", "--max-windows", "2", "--limit", "10", "--json", str(again), "--quiet"]) == 0
+    second = json.loads(again.read_text())
+    assert second["kl"]["all"]["mean"] == pytest.approx(result["kl"]["all"]["mean"], rel=1e-6)
+    assert second["kl"]["all"]["mean_full"] is None
+    assert second["ppl"]["wikitext2"]["reference"] == pytest.approx(result["ppl"]["wikitext2"]["reference"])
+    assert second["tasks"]["piqa"]["reference"] == result["tasks"]["piqa"]["reference"]
+
+
+def _tiny_llama_with_vocab(path, vocab: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+                     ).save_pretrained(path)
+
+
+def test_eval_bad_inputs(capsys, stories_path, tmp_path):
+    m = str(stories_path)
+    _tiny_llama_with_vocab(tmp_path / "other-vocab", 600)
+    (tmp_path / "empty.txt").write_text("\n")
+    cases = [
+        (["--reference", m, "--candidate", m, "--kl", "--prompts", str(tmp_path / "nope.jsonl")], "does not exist"),
+        (["--reference", m, "--candidate", m, "--kl", "--prompts", str(tmp_path / "empty.txt")], "is empty"),
+        (["--reference", m, "--candidate", str(tmp_path / "other-vocab"), "--ppl", "wikitext2"],
+         "vocabulary has 600 tokens and the reference's 512"),
+        (["--reference", m, "--candidate", m], "nothing to evaluate"),
+        (["--candidate", m, "--kl"], "give a reference"),
+        (["--reference", m, "--candidate", m, "--tasks", "trivia"], "unknown task 'trivia'"),
+        (["--reference-record", str(tmp_path / "none.safetensors"), "--candidate", m, "--kl"], "does not exist"),
+        (["--reference", m, "--candidate", m, "--ppl", "nosuchset"], "unknown perplexity set"),
+    ]
+    for argv, message in cases:
+        code = cli.main(["eval", *argv, "--quiet"])
+        err = " ".join(capsys.readouterr().err.split())
+        assert code == 2 and message in err and "Traceback" not in err, (argv, err)
