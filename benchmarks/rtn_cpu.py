@@ -22,7 +22,6 @@ import torch
 import lowbit
 from lowbit import api
 from lowbit.data.datasets import wikitext2_test_text
-from lowbit.demo import compare_on_text
 from lowbit.recipe import Recipe
 
 SCHEMES = [
@@ -35,6 +34,16 @@ SCHEMES = [
     ("w3a16 g64 sym", Recipe(scheme="w3a16", group_size=64)),
     ("w2a16 g32 asym", Recipe(scheme="w2a16", group_size=32, symmetric=False)),
 ]
+
+
+@torch.no_grad()
+def compare_on_text(reference, candidate, ids: torch.Tensor) -> dict:
+    """Mean full-vocabulary KL(ref ‖ cand) and top-1 agreement over one window of tokens."""
+    p = torch.log_softmax(reference(ids).logits.float(), -1)
+    q = torch.log_softmax(candidate(ids).logits.float(), -1)
+    kl = (p.exp() * (p - q)).sum(-1)
+    same_top = (p.argmax(-1) == q.argmax(-1)).float().mean().item()
+    return {"tokens": ids.numel(), "kl": kl.mean().item(), "same_top": same_top}
 
 
 def latency(model, ids: torch.Tensor, repeats: int) -> float:

@@ -1,4 +1,4 @@
-"""`lowbit demo`: quantize the built-in model (RTN w4a16, groups of 64), save, reload, and compare."""
+"""`lowbit demo`: quantize the built-in model (RTN w4a16, groups of 64), save, reload, evaluate, show a sample."""
 
 from __future__ import annotations
 
@@ -10,25 +10,16 @@ from pathlib import Path
 import torch
 
 from lowbit import api
-from lowbit.data.datasets import wikitext2_test_text
+from lowbit.data.datasets import data_root
 from lowbit.errors import LowbitError
+from lowbit.eval.report import text_report
+from lowbit.eval.runner import EvalConfig, evaluate
 from lowbit.model.builtin import cache_dir
 from lowbit.recipe import Recipe
 
 MODEL = "smollm2-135m"
 PROMPT = "What is the capital of France, and why is it famous?"
 WINDOW = 512
-FALLBACK_TEXT = ("The quick brown fox jumps over the lazy dog. " * 64).strip()
-
-
-@torch.no_grad()
-def compare_on_text(reference, candidate, ids: torch.Tensor) -> dict:
-    """Mean full-vocabulary KL(ref ‖ cand) and top-1 agreement over one window of tokens."""
-    p = torch.log_softmax(reference(ids).logits.float(), -1)
-    q = torch.log_softmax(candidate(ids).logits.float(), -1)
-    kl = (p.exp() * (p - q)).sum(-1)
-    same_top = (p.argmax(-1) == q.argmax(-1)).float().mean().item()
-    return {"tokens": ids.numel(), "kl": kl.mean().item(), "same_top": same_top}
 
 
 @torch.no_grad()
@@ -37,6 +28,14 @@ def greedy(model, tokenizer, prompt: str, tokens: int = 24) -> str:
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def _has_data() -> bool:
+    try:
+        data_root()
+        return True
+    except LowbitError:
+        return False
 
 
 def run_demo(out: str | None = None, quiet: bool = False) -> int:
@@ -55,14 +54,13 @@ def run_demo(out: str | None = None, quiet: bool = False) -> int:
     t = time.perf_counter()
     quantized = api.load(out_dir)
     print(f"\nreloaded the checkpoint in {time.perf_counter() - t:.1f} s (packed weights, dequantized on the fly)")
-    try:
-        text, source = wikitext2_test_text(), "WikiText-2 test"
-    except LowbitError:
-        text, source = FALLBACK_TEXT, "a built-in text (no data folder found)"
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[:, :WINDOW]
-    stats = compare_on_text(reference, quantized, ids)
-    print(f"against the 16-bit reference on the first {stats['tokens']} tokens of {source}: mean KL "
-          f"{stats['kl']:.4f} nats, same top token at {100 * stats['same_top']:.1f}% of positions")
+    print("\nquick evaluation against the 16-bit reference (8 prompts x 64 new tokens, 4 WikiText-2 windows of 512, "
+          "100 PIQA items; `lowbit eval` runs the full sets):\n")
+    has_data = _has_data()
+    cfg = EvalConfig(reference=MODEL, candidate=str(out_dir), kl=True, prompts=None if has_data else "builtin",
+                     max_prompts=8, max_new_tokens=64, ppl=("wikitext2",) if has_data else (),
+                     tasks=("piqa",) if has_data else (), seqlen=WINDOW, max_windows=4, limit=100, progress=not quiet)
+    print(text_report(evaluate(cfg)))
     print(f"\nprompt:    {PROMPT}")
     print(f"reference: {greedy(reference, tokenizer, PROMPT)}")
     print(f"quantized: {greedy(quantized, tokenizer, PROMPT)}")
