@@ -85,6 +85,16 @@ def test_record_round_trip(record, _stories, w3_model, tmp_path, stories_tokeniz
     assert (tmp_path / "r16.safetensors").stat().st_size < (tmp_path / "r.safetensors").stat().st_size
 
 
+def test_long_prompts_are_truncated_to_the_context(_stories, stories_tokenizer):
+    rec = make_record(_stories, stories_tokenizer, ["Once upon a time " * 200, "Tom ran."], source="test",
+                      model_name="stories", max_new_tokens=32, progress=False)
+    assert rec.meta["truncated_prompts"] == 1
+    assert max(len(rec.sequence(i)) for i in range(2)) <= 512
+    with pytest.raises(LowbitError, match="no room for a prompt"):
+        make_record(_stories, stories_tokenizer, ["x"], source="t", model_name="s", max_new_tokens=510,
+                    progress=False)
+
+
 def test_record_from_another_tokenizer_is_refused(record, stories_tokenizer):
     other = copy.deepcopy(stories_tokenizer)
     other.add_tokens(["<an-extra-token>"])

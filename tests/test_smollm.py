@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import subprocess
 import sys
 
@@ -87,3 +88,51 @@ def test_demo_runs(tmp_path, capsys):
     assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "mean KL" in out and "reference:" in out and "quantized:" in out
+
+
+def _design_keys(result: dict) -> None:
+    assert {"reference", "candidate", "kl", "ppl", "tasks", "size"} <= set(result)
+    for split in ("all", "prefill", "generation"):
+        assert {"tokens", "mean", "ci95", "mean_full", "median", "p99", "max", "token_rejection_rate",
+                "spec_rejection", "same_top", "rms_dp"} <= set(result["kl"][split])
+    assert {"reference", "candidate", "seqlen", "windows", "tokens"} <= set(result["ppl"]["wikitext2"])
+    assert {"n", "reference", "candidate", "flips"} <= set(result["tasks"]["piqa"])
+
+
+EVAL_SMALL = ["--max-prompts", "4", "--max-new-tokens", "32", "--max-windows", "1", "--limit", "20", "--quiet"]
+
+
+def test_eval_acceptance_on_a_checkpoint_and_a_gguf(tmp_path, capsys):
+    ckpt = tmp_path / "w4g64"
+    assert cli.main(["quantize", "smollm2-135m", "--scheme", "w4a16", "--group-size", "64", "--out", str(ckpt),
+                     "--quiet"]) == 0
+    record = tmp_path / "ref.safetensors"
+    out = tmp_path / "ckpt.json"
+    assert cli.main(["eval", "--reference", "smollm2-135m", "--candidate", str(ckpt), "--kl", "--ppl", "wikitext2",
+                     "--tasks", "piqa", "--json", str(out), "--save-reference", str(record), *EVAL_SMALL]) == 0
+    result = json.loads(out.read_text())
+    _design_keys(result)
+    assert result["kl"]["all"]["mean"] > 0.01 and result["size"]["bits_per_weight"] == pytest.approx(4.25)
+    assert result["ppl"]["wikitext2"]["seqlen"] == 2048
+
+    # the GGUF holds the very weights the built-in reference was converted from: no divergence at all
+    out = tmp_path / "gguf.json"
+    assert cli.main(["eval", "--reference", "smollm2-135m", "--reference-record", str(record), "--candidate",
+                     str(builtin_gguf("smollm2-135m")), "--kl", "--ppl", "wikitext2", "--tasks", "piqa",
+                     "--json", str(out), *EVAL_SMALL]) == 0
+    result = json.loads(out.read_text())
+    _design_keys(result)
+    assert result["kl"]["all"]["mean"] == pytest.approx(0, abs=1e-6)
+    assert result["kl"]["all"]["token_rejection_rate"] == 0
+    assert result["tasks"]["piqa"]["flips"] == 0
+    assert result["ppl"]["wikitext2"]["candidate"] == pytest.approx(result["ppl"]["wikitext2"]["reference"])
+
+
+def test_perplexity_equals_a_plain_transformers_loop(smollm):
+    from lowbit.eval.perplexity import ppl, token_nll, windows
+
+    wins = windows(lowbit.load_tokenizer("smollm2-135m"), "wikitext2", 2048, 2)
+    with torch.no_grad():
+        losses = [smollm(w.unsqueeze(0), labels=w.unsqueeze(0)).loss.item() for w in wins]
+    plain = math.exp(sum(losses) / len(losses))
+    assert ppl(token_nll(smollm, wins, progress=False)) == pytest.approx(plain, rel=1e-4)

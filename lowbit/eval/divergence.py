@@ -69,17 +69,30 @@ def generate(model: nn.Module, tokenizer, prompt_ids: list[list[int]], max_new_t
     return out
 
 
+def fit_context(prompt_ids: list[list[int]], model: nn.Module, max_new_tokens: int) -> tuple[list[list[int]], int]:
+    """Left-truncate prompts so that prompt + generation fits the model's context; returns them and how many."""
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    if not context:
+        return prompt_ids, 0
+    room = context - max_new_tokens
+    if room < 8:
+        raise LowbitError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in this model's context of "
+                          f"{context} tokens; lower it.")
+    return [p[-room:] for p in prompt_ids], sum(len(p) > room for p in prompt_ids)
+
+
 def make_record(model: nn.Module, tokenizer, prompts: list[str], *, source: str, model_name: str,
                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, top_n: int = DEFAULT_TOP_N,
                 progress: bool = True) -> ReferenceRecord:
     """Generate with the reference; the top-N part is filled by `compare` (it runs the reference anyway)."""
     start = time.perf_counter()
-    prompt_ids = encode_prompts(tokenizer, prompts)
+    prompt_ids, truncated = fit_context(encode_prompts(tokenizer, prompts), model, max_new_tokens)
     seqs = generate(model, tokenizer, prompt_ids, max_new_tokens, progress=progress)
     lengths = torch.tensor([len(s) for s in seqs])
     meta = {"model": model_name, "model_fingerprint": model_fingerprint(model),
             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": int(model.config.vocab_size),
             "top_n": top_n, "max_new_tokens": max_new_tokens, "prompts": source, "num_prompts": len(prompts),
+            "truncated_prompts": truncated,
             "generation_seconds": round(time.perf_counter() - start, 2)}
     from lowbit import __version__
 

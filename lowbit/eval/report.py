@@ -27,7 +27,10 @@ def text_report(result: dict) -> str:
                      f"{(size.get('bytes') or 0) / 1e6:.1f} MB on disk")
     kl = result.get("kl")
     if kl:
-        lines.append(f"\ndivergence over {kl['prompts']} prompts (top-{kl['top_n']} KL, Fireworks), 95% CI by prompt:")
+        cut = (kl.get("record") or {}).get("truncated_prompts")
+        note = f"; {cut} prompts left-truncated to fit the context" if cut else ""
+        lines.append(f"\ndivergence over {kl['prompts']} prompts (top-{kl['top_n']} KL, Fireworks), 95% CI by prompt"
+                     f"{note}:")
         lines.append(f"  {'split':11} {'tokens':>7} {'KL':>8} {'95% CI':>19} {'KL full':>8} {'p99':>7} "
                      f"{'reject':>7} {'spec rej':>8} {'RMS Δp':>7}")
         for split in ("prefill", "generation", "all"):

@@ -142,7 +142,8 @@ def _divergence(cfg, record, reference, candidate, tokenizer, prompts) -> dict |
     if d is None:
         return None
     summary = summarize_divergence(d, int(record.meta["top_n"]), cfg.seed)
-    summary["record"] = {k: record.meta.get(k) for k in ("model", "prompts", "max_new_tokens", "num_prompts")}
+    summary["record"] = {k: record.meta.get(k) for k in ("model", "prompts", "max_new_tokens", "num_prompts",
+                                                         "truncated_prompts")}
     return summary
 
 
