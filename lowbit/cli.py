@@ -90,7 +90,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lowbit.eval.runner import EvalConfig, evaluate, write_json
 
     cfg = EvalConfig(
-        reference=args.reference, candidate=args.candidate, kl=args.kl, ppl=_names(args.ppl), tasks=_names(args.tasks),
+        reference=args.reference, candidate=args.candidate, kl=args.kl, kl_text=_names(args.kl_text),
+        ppl=_names(args.ppl), tasks=_names(args.tasks),
         prompts=args.prompts, max_prompts=args.max_prompts, max_new_tokens=args.max_new_tokens, top_n=args.top_n,
         save_reference=args.save_reference, reference_record=args.reference_record, record_dtype=args.record_dtype,
         seqlen=args.seqlen, max_windows=args.max_windows, limit=args.limit, batch_tokens=args.batch_tokens,
@@ -158,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", help="reference model (built-in name, Hugging Face directory, .gguf)")
     e.add_argument("--candidate", help="candidate: lowbit checkpoint, Hugging Face directory, .gguf, built-in name")
     e.add_argument("--kl", action="store_true", help="divergence on reference generations (Fireworks method)")
+    e.add_argument("--kl-text", help="divergence over the perplexity windows of these texts (every position is "
+                                     "prefill; what llama-perplexity --kl-divergence measures)")
     e.add_argument("--ppl", help="comma-separated perplexity sets: wikitext2, ptb, c4, or text files")
     e.add_argument("--tasks", help="comma-separated tasks: piqa, arc_easy, arc_challenge, winogrande, hellaswag, "
                                    "lambada_openai, boolq, mmlu, mmlu_5shot, openbook_qa, copa, siqa, "

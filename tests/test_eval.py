@@ -243,3 +243,25 @@ def test_eval_bad_inputs(capsys, stories_path, tmp_path):
         code = cli.main(["eval", *argv, "--quiet"])
         err = " ".join(capsys.readouterr().err.split())
         assert code == 2 and message in err and "Traceback" not in err, (argv, err)
+
+
+def test_kl_on_a_fixed_text(capsys, stories_path, tmp_path):
+    """--kl-text: every position is prefill; an identical candidate gives exactly zero."""
+    out = tmp_path / "t.json"
+    m = str(stories_path)
+    assert cli.main(["eval", "--reference", m, "--candidate", m, "--kl-text", "wikitext2", "--max-windows", "2",
+                     "--json", str(out), "--quiet"]) == 0
+    k = json.loads(out.read_text())["kl_text"]["wikitext2"]
+    assert k["windows"] == 2 and k["generation"]["tokens"] == 0 and k["prefill"]["tokens"] == 2 * 511
+    assert k["all"]["mean"] == 0 and k["all"]["same_top"] == 1
+
+
+def test_a_record_without_generations_round_trips(capsys, stories_path, tmp_path):
+    rec = tmp_path / "ppl-only.safetensors"
+    m = str(stories_path)
+    assert cli.main(["eval", "--reference", m, "--save-reference", str(rec), "--ppl", "ptb", "--max-windows", "1",
+                     "--quiet"]) == 0
+    assert cli.main(["eval", "--reference-record", str(rec), "--candidate", m, "--ppl", "ptb", "--max-windows", "1",
+                     "--quiet"]) == 0
+    code = cli.main(["eval", "--reference-record", str(rec), "--candidate", m, "--kl", "--quiet"])
+    assert code == 2 and "holds no generations" in capsys.readouterr().err

@@ -102,6 +102,13 @@ def make_record(model: nn.Module, tokenizer, prompts: list[str], *, source: str,
                            torch.tensor([len(p) for p in prompt_ids], dtype=torch.int32))
 
 
+def text_record(wins: torch.Tensor, meta: dict) -> ReferenceRecord:
+    """A record over fixed text windows [n, seqlen]: every position is prefill (llama.cpp's --kl-divergence)."""
+    n, seqlen = wins.shape
+    return ReferenceRecord(dict(meta), wins.flatten().int(), torch.arange(n + 1, dtype=torch.long) * seqlen,
+                           torch.full((n,), seqlen, dtype=torch.int32))
+
+
 @dataclass
 class Divergence:
     stats: TokenStats

@@ -42,6 +42,11 @@ def text_report(result: dict) -> str:
         if kl["by_position"]:
             buckets = ", ".join(f"{b['start']}-{b['end']}: {b['mean']:.3f}" for b in kl["by_position"])
             lines.append(f"  generation KL by position: {buckets}")
+    for name, k in (result.get("kl_text") or {}).items():
+        s = k["all"]
+        lines.append(f"\ndivergence on {name} ({k['windows']} windows of {k['seqlen']}, all prefill): KL "
+                     f"{_f(s['mean'])} {_ci(s['ci95'])}, full KL {_f(s['mean_full'])}, "
+                     f"same top {_f(s['same_top'], 3)}, RMS Δp {_f(s['rms_dp'], 3)}")
     for name, p in (result.get("ppl") or {}).items():
         ratio = "" if p.get("ln_ratio") is None else (f", ln(PPL(Q)/PPL(ref)) = {p['ln_ratio']:.5f} "
                                                       f"± {p['ln_ratio_stderr']:.5f}")

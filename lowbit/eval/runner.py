@@ -25,6 +25,7 @@ from lowbit.eval.divergence import (
     compare,
     make_record,
     summarize_divergence,
+    text_record,
 )
 from lowbit.eval.forward import DEFAULT_BATCH_TOKENS
 from lowbit.eval.prompts import load_prompts
@@ -37,6 +38,7 @@ class EvalConfig:
     reference: str | None = None
     candidate: str | None = None
     kl: bool = False
+    kl_text: tuple[str, ...] = ()
     ppl: tuple[str, ...] = ()
     tasks: tuple[str, ...] = ()
     prompts: str | None = None
@@ -82,8 +84,11 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Run the requested evaluations; returns the DESIGN.md JSON object."""
     if cfg.reference is None and cfg.reference_record is None:
         raise LowbitError("give a reference: --reference MODEL, --reference-record FILE, or both.")
-    if not (cfg.kl or cfg.ppl or cfg.tasks):
-        raise LowbitError("nothing to evaluate: ask for at least one of --kl, --ppl DATASETS, --tasks TASKS.")
+    if not (cfg.kl or cfg.kl_text or cfg.ppl or cfg.tasks):
+        raise LowbitError("nothing to evaluate: ask for at least one of --kl, --kl-text DATASETS, --ppl DATASETS, "
+                          "--tasks TASKS.")
+    if cfg.kl_text and (cfg.reference is None or cfg.candidate is None):
+        raise LowbitError("--kl-text compares two models on a text: give both --reference MODEL and --candidate.")
     if cfg.candidate is None and cfg.save_reference is None:
         raise LowbitError("give a --candidate to compare with the reference (or --save-reference FILE to only "
                           "record the reference).")
@@ -111,6 +116,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     out: dict = {"reference": cfg.reference or cfg.reference_record, "candidate": cfg.candidate}
     if cfg.kl:
         out["kl"] = _divergence(cfg, record, reference, candidate, tokenizer, prompts)
+    if cfg.kl_text:
+        out["kl_text"] = {name: _divergence_on_text(cfg, reference, candidate, tokenizer, name) for name in cfg.kl_text}
     if cfg.ppl:
         out["ppl"] = {name: _perplexity(cfg, record, reference, candidate, tokenizer, name) for name in cfg.ppl}
     if cfg.tasks:
@@ -144,6 +151,18 @@ def _divergence(cfg, record, reference, candidate, tokenizer, prompts) -> dict |
     summary = summarize_divergence(d, int(record.meta["top_n"]), cfg.seed)
     summary["record"] = {k: record.meta.get(k) for k in ("model", "prompts", "max_new_tokens", "num_prompts",
                                                          "truncated_prompts")}
+    return summary
+
+
+def _divergence_on_text(cfg, reference, candidate, tokenizer, name: str) -> dict:
+    t = time.perf_counter()
+    seqlen = min(cfg.seqlen, _context_length(reference))
+    wins = ppl_mod.windows(tokenizer, name, seqlen, cfg.max_windows)
+    record = text_record(wins, {"top_n": cfg.top_n, "model": cfg.reference, "text": name})
+    summary = summarize_divergence(compare(record, candidate, reference, cfg.batch_tokens, cfg.progress), cfg.top_n,
+                                   cfg.seed)
+    summary.update(dataset=name, seqlen=seqlen, windows=int(wins.shape[0]))
+    cfg.timings[f"kl_text_{name}"] = time.perf_counter() - t
     return summary
 
 
