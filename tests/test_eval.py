@@ -265,3 +265,14 @@ def test_a_record_without_generations_round_trips(capsys, stories_path, tmp_path
                      "--quiet"]) == 0
     code = cli.main(["eval", "--reference-record", str(rec), "--candidate", m, "--kl", "--quiet"])
     assert code == 2 and "holds no generations" in capsys.readouterr().err
+
+
+def test_a_record_from_another_reference_model_is_refused(capsys, stories_path, tmp_path):
+    rec, m = tmp_path / "r.safetensors", str(stories_path)
+    assert cli.main(["eval", "--reference", m, "--save-reference", str(rec), "--kl", "--max-prompts", "2",
+                     "--max-new-tokens", "8", "--quiet"]) == 0
+    other = tmp_path / "w8"
+    assert cli.main(["quantize", m, "--scheme", "w8a16", "--out", str(other), "--quiet"]) == 0
+    code = cli.main(["eval", "--reference", str(other), "--reference-record", str(rec), "--candidate", m, "--kl",
+                     "--quiet"])
+    assert code == 2 and "made by another model" in " ".join(capsys.readouterr().err.split())

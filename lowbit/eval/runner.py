@@ -29,7 +29,7 @@ from lowbit.eval.divergence import (
 )
 from lowbit.eval.forward import DEFAULT_BATCH_TOKENS
 from lowbit.eval.prompts import load_prompts
-from lowbit.eval.record import ReferenceRecord, tokenizer_fingerprint
+from lowbit.eval.record import ReferenceRecord, model_fingerprint, tokenizer_fingerprint
 from lowbit.model.sources import resolve
 
 
@@ -62,14 +62,19 @@ def _context_length(model) -> int:
 
 
 def _size(name: str) -> dict | None:
+    """What the candidate takes on disk; bits per weight where the format says (lowbit checkpoints)."""
     source = resolve(name)
-    if source.kind != "lowbit":
-        return None
-    from lowbit.io.checkpoint import read_header
+    if source.kind == "lowbit":
+        from lowbit.io.checkpoint import read_header
 
-    header = read_header(source.path)
-    return {"bits_per_weight": header.get("bits_per_weight"), "bytes": header.get("bytes_on_disk"),
-            "method": header.get("method"), "scheme": header.get("scheme")}
+        header = read_header(source.path)
+        return {"bits_per_weight": header.get("bits_per_weight"), "bytes": header.get("bytes_on_disk"),
+                "method": header.get("method"), "scheme": header.get("scheme")}
+    if source.kind == "gguf":
+        return {"bits_per_weight": None, "bytes": source.path.stat().st_size}
+    if source.kind == "hf":
+        return {"bits_per_weight": None, "bytes": sum(p.stat().st_size for p in source.path.glob("*.safetensors"))}
+    return None
 
 
 def _check_vocab(reference_vocab: int, candidate) -> None:
@@ -105,6 +110,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     cfg.timings["load"] = time.perf_counter() - t
     if record is not None:
         record.check_tokenizer(tokenizer, "reference" if cfg.reference else "candidate")
+        made_by = record.meta.get("model_fingerprint")
+        if reference is not None and made_by and made_by != model_fingerprint(reference):
+            raise LowbitError(f"the reference record was made by another model ({record.meta.get('model')!r}) than "
+                              f"--reference {cfg.reference!r}; drop one of them, or record again.")
     ref_vocab = int(reference.config.vocab_size) if reference is not None else int(record.meta["vocab_size"])
     if candidate is not None:
         _check_vocab(ref_vocab, candidate)
