@@ -87,7 +87,8 @@ def test_gguf_file_loads_like_the_builtin(smollm):
 def test_demo_runs(tmp_path, capsys):
     assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "mean KL" in out and "reference:" in out and "quantized:" in out
+    assert "divergence over 8 prompts" in out and "perplexity wikitext2 (4 windows of 512)" in out
+    assert "piqa" in out and "reference:" in out and "quantized:" in out
 
 
 def _design_keys(result: dict) -> None:
