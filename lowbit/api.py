@@ -135,7 +135,8 @@ def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, c
             raise LowbitError("calibration needs the model's tokenizer: pass tokenizer= or a model name or path.")
         ids = calibration_ids(tokenizer, calib, getattr(model.config, "max_position_embeddings", None))
         inputs = capture_block_inputs(model, family, ids, dev)
-    result = quantize_model(model, family, plan, method, inputs, dev, progress=progress)
+    result = quantize_model(model, family, plan, method, inputs, dev, progress=progress,
+                            cfg=method.module.configure(recipe))
     if "lm_head" in plan and getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False
     out = QuantizeResult(model, recipe, plan, store_dtype, time.perf_counter() - start, result, calib, source)

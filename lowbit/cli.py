@@ -21,6 +21,7 @@ def _recipe_from_args(args: argparse.Namespace):
         symmetric=False if (args.asym or args.zero_point) else None, clip=True if args.clip else None,
         zero_point=args.zero_point,
         targets=tuple(args.targets) if args.targets else None, ignore=tuple(args.ignore) if args.ignore else None,
+        act_order=True if args.act_order else None, damp=args.damp, block_size=args.block_size,
     )
 
 
@@ -133,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and write a lowbit checkpoint")
     q.add_argument("model", help="built-in name (smollm2-135m), Hugging Face directory or .gguf file")
-    q.add_argument("--method", help="rtn or fp8 (default: the recipe's, else rtn)")
+    q.add_argument("--method", help="rtn, gptq or fp8 (default: the recipe's, else rtn)")
     q.add_argument("--scheme", help="w8a16, w4a16, w3a16, w2a16 (any w{b}a16, b in 2..8), w8a8, fp8")
     q.add_argument("--group-size", type=int, help="input columns per scale; 0 or -1 = per output channel")
     q.add_argument("--asym", action="store_true", help="asymmetric grid with a zero point (default symmetric)")
@@ -141,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="asymmetric zero point: int (GPTQ/vLLM, default) or float (llama.cpp Q4_1-style "
                         "minimum); implies --asym")
     q.add_argument("--clip", action="store_true", help="choose each group's range by an error-minimizing search")
+    q.add_argument("--act-order", action="store_true", help="GPTQ: columns by descending Hessian diagonal "
+                                                            "(static groups)")
+    q.add_argument("--damp", type=float, help="GPTQ: dampening, a fraction of the mean Hessian diagonal (0.01)")
+    q.add_argument("--block-size", type=int, help="GPTQ: columns per lazy batch (128)")
     q.add_argument("--recipe", help="YAML recipe; command-line options override its fields")
     q.add_argument("--targets", action="append", metavar="REGEX", help="quantize linear layers whose name matches")
     q.add_argument("--ignore", action="append", metavar="REGEX", help="leave matching layers in 16 bits")

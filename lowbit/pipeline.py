@@ -49,20 +49,65 @@ def _relative_error(quantized: BlockInputs, reference: BlockInputs) -> float:
     return num / max(den, 1e-30)
 
 
+def sequential_groups(order: tuple[tuple[str, ...], ...], names: list[str]) -> list[list[str]]:
+    """The block's planned layers in data-flow order (q/k/v, then o, …); unlisted ones come last, together."""
+    groups = [[n for n in group if n in names] for group in order]
+    listed = {n for group in order for n in group}
+    groups.append([n for n in names if n not in listed])
+    return [g for g in groups if g]
+
+
+def _collect_stats(block: nn.Module, names: list[str], method, inputs: BlockInputs, device, offload) -> dict:
+    """Run the block on the calibration inputs with hooks that fold each named layer's inputs into its stats."""
+    stats = {n: method.init_stats(block.get_submodule(n).in_features, device) for n in names}
+
+    def hook_for(name):
+        def hook(_module, args):
+            stats[name] = method.accumulate(stats[name], args[0].detach())
+        return hook
+
+    handles = [block.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    try:
+        run_block(block, inputs, device, offload)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def quantize_block(block: nn.Module, specs: dict[str, LayerSpec], method, cfg, order, inputs: BlockInputs | None,
+                   device, offload) -> dict:
+    """Quantize the block's planned layers; with statistics, group by group so later layers see quantized inputs."""
+    module = method.module
+    if inputs is None or not hasattr(module, "accumulate"):
+        return {n: module.quantize_layer(block.get_submodule(n).weight, None, s, cfg) for n, s in specs.items()}
+    qweights = {}
+    for group in sequential_groups(order, list(specs)):
+        stats = _collect_stats(block, group, module, inputs, device, offload)
+        for name in group:
+            linear = block.get_submodule(name)
+            qw = module.quantize_layer(linear.weight, stats[name], specs[name], cfg)
+            qweights[name] = qw
+            linear.weight.data = qw.dequantize().to(linear.weight.device, linear.weight.dtype)
+    return qweights
+
+
 def quantize_model(model: nn.Module, family: Family, plan: dict[str, LayerSpec], method: MethodEntry,
                    inputs: BlockInputs | None = None, device: torch.device | str = "cpu",
-                   offload: torch.device | str = "cpu", progress: bool = True) -> PipelineResult:
+                   offload: torch.device | str = "cpu", progress: bool = True, cfg=None) -> PipelineResult:
     """Quantize every layer in `plan` block by block, in place."""
     blocks = decoder_blocks(model, family)
     result = PipelineResult()
-    bar = tqdm(blocks, desc="quantizing", unit="block", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(blocks, desc=f"quantizing ({method.description.split(':')[0].split(',')[0]})", unit="block",
+               disable=not progress, dynamic_ncols=True)
     for i, block in enumerate(bar):
         start = time.perf_counter()
         prefix = f"{family.blocks}.{i}."
         specs = {n[len(prefix):]: s for n, s in plan.items() if n.startswith(prefix)}
         block.to(device)
         reference = run_block(block, inputs, device, offload) if inputs is not None else None
-        install(block, method.module.quantize_block(block, specs, inputs, device), specs)
+        qweights = quantize_block(block, specs, method, cfg, family.sequential, inputs, device, offload)
+        install(block, qweights, specs)
         report = BlockReport(i, len(specs), 0.0)
         if inputs is not None:
             inputs = run_block(block, inputs, device, offload)
@@ -73,6 +118,6 @@ def quantize_model(model: nn.Module, family: Family, plan: dict[str, LayerSpec],
         result.blocks.append(report)
     outside = {n: s for n, s in plan.items() if not n.startswith(family.blocks + ".")}
     if outside:
-        install(model, method.module.quantize_block(model, outside, None, offload), outside)
+        install(model, quantize_block(model, outside, method, cfg, (), None, offload, offload), outside)
     result.final_inputs = inputs
     return result

@@ -112,6 +112,9 @@ class Recipe:
     symmetric: bool = True
     clip: bool = False
     zero_point: str = "int"
+    act_order: bool = False
+    damp: float = 0.01
+    block_size: int = 128
     targets: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
     overrides: tuple[Override, ...] = field(default_factory=tuple)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from lowbit.errors import LowbitError
-from lowbit.methods import rtn
+from lowbit.methods import gptq, rtn
 
 
 @dataclass(frozen=True)
@@ -19,8 +19,9 @@ class MethodEntry:
 METHODS: dict[str, MethodEntry] = {
     "rtn": MethodEntry(rtn, "round-to-nearest, data-free"),
     "fp8": MethodEntry(rtn, "round-to-nearest onto FP8 E4M3 (scheme fp8)", required_scheme="fp8"),
+    "gptq": MethodEntry(gptq, "GPTQ: second-order error compensation from calibration Hessians"),
 }
-PLANNED = ("gptq", "awq", "smoothquant", "spqr")
+PLANNED = ("awq", "smoothquant", "spqr")
 
 
 def get_method(name: str) -> MethodEntry:

@@ -6,16 +6,19 @@ with s and z from the group's range (absmax) or from the clipping search. It see
 
 from __future__ import annotations
 
-from torch import nn
+import torch
 
 from lowbit.formats import QuantizedWeight, quantize
-from lowbit.model.capture import BlockInputs
-from lowbit.recipe import LayerSpec
+from lowbit.recipe import LayerSpec, Recipe
 
 NEEDS_CALIBRATION = False
 
 
-def quantize_block(block: nn.Module, specs: dict[str, LayerSpec], inputs: BlockInputs | None = None,
-                   device: str = "cpu") -> dict[str, QuantizedWeight]:
-    """Quantize each named linear layer of the block on its own; `inputs` are not used."""
-    return {name: quantize(block.get_submodule(name).weight, spec.weight) for name, spec in specs.items()}
+def configure(recipe: Recipe) -> None:
+    """RTN has no options beyond the format."""
+    return None
+
+
+def quantize_layer(weight: torch.Tensor, stats: None, spec: LayerSpec, cfg: None = None) -> QuantizedWeight:
+    """Quantize one weight on its own; RTN uses no statistics."""
+    return quantize(weight, spec.weight)

@@ -1,0 +1,144 @@
+"""GPTQ (Frantar et al., arXiv 2210.17323): quantize a layer's weight column by column, compensating the error.
+
+For a linear layer with inputs X, the layer-wise objective is min ‖WX − ŴX‖², whose Hessian is H = 2XXᵀ
+(accumulated here as a running mean over calibration tokens, float32). With H⁻¹ = (H + λI)⁻¹, λ = damp · mean
+diag(H), column i is quantized and the error it leaves is spread over the columns not yet quantized:
+
+    δ = (w_i − q(w_i)) / [H⁻¹]_ii,        W_{:, j>i} −= δ · [H⁻¹]_{i, j>i}          (paper, eq. 3 / Alg. 1)
+
+using the upper Cholesky factor of H⁻¹ (the paper's numerically stable form) and lazy batches of `block_size`
+columns, whose updates to the remaining columns are applied once per batch. With groups, a group's scale and
+zero are fixed from the (already error-updated) weights when its first column comes up. Act-order processes
+columns by descending diag(H); combined with groups it uses static groups (scales from the original weights, in
+the original column order), so inference needs no per-column group index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.formats import IntFormat, PerGroup, QuantizedWeight, WeightFormat
+from lowbit.formats.grouping import grouped
+from lowbit.formats.intgrid import decode, encode, grid_params
+from lowbit.formats.search import search_range
+
+NEEDS_CALIBRATION = True
+DEFAULT_BLOCK_SIZE = 128
+DEFAULT_DAMP = 0.01
+
+
+@dataclass
+class HessianStats:
+    """H = 2/n Σ x xᵀ over the n calibration tokens seen so far (float32, [in, in])."""
+
+    H: torch.Tensor
+    n: int = 0
+
+
+def init_stats(in_features: int, device: torch.device | str = "cpu") -> HessianStats:
+    return HessianStats(torch.zeros(in_features, in_features, dtype=torch.float32, device=device))
+
+
+def accumulate(stats: HessianStats, x: torch.Tensor) -> HessianStats:
+    """Fold a batch of layer inputs x [..., in] into the running Hessian (streamed; never all activations)."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    m = x.shape[0]
+    total = stats.n + m
+    H = stats.H * (stats.n / total)
+    x = x * (2 / total) ** 0.5
+    return HessianStats(H + x.T @ x, total)
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    block_size: int = DEFAULT_BLOCK_SIZE
+    damp: float = DEFAULT_DAMP
+    act_order: bool = False
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or not 0 <= self.damp < 1:
+            raise LowbitError(f"GPTQ needs a block size ≥ 1 and 0 ≤ damp < 1; got {self.block_size}, {self.damp}.")
+
+
+def _params(w: torch.Tensor, fmt: IntFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero [rows, groups] for weights w [rows, groups, size], by absmax or the clipping search."""
+    return search_range(w, fmt) if fmt.clip else grid_params(w.amin(-1), w.amax(-1), fmt)
+
+
+def _quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: IntFormat):
+    """Codes and dequantized values of one column w [rows] with per-row scale/zero [rows]."""
+    s, z = scale.reshape(-1, 1), zero.reshape(-1, 1)
+    codes = encode(w.reshape(-1, 1, 1), s, z, fmt)
+    return codes.reshape(-1), decode(codes, s, z, fmt).reshape(-1)
+
+
+def gptq_quantize(weight: torch.Tensor, stats: HessianStats, fmt: WeightFormat,
+                  cfg: GPTQConfig = GPTQConfig()) -> QuantizedWeight:
+    """Quantize weight [out, in] given the Hessian of its inputs; codes come back in the original column order."""
+    if not isinstance(fmt, IntFormat):
+        raise LowbitError("GPTQ quantizes onto integer grids; use --method rtn (or fp8) for fp8 weights.")
+    W = weight.detach().float().clone()
+    rows, cols = W.shape
+    H = stats.H.to(W.device, torch.float32).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    group = fmt.granularity.size if isinstance(fmt.granularity, PerGroup) else None
+    scale = zero = None
+    if group is None or cfg.act_order:
+        # Known before the pass: per tensor/channel (from the original weights, as the paper), or static groups.
+        scale, zero = _params(grouped(W, fmt.granularity), fmt)
+    else:
+        if cols % group:
+            raise LowbitError(f"group size {group} does not divide the input dimension {cols}.")
+        scale = torch.zeros(rows, cols // group, dtype=torch.float16, device=W.device)
+        zero = torch.zeros(rows, cols // group, dtype=torch.float16 if fmt.float_zero else torch.uint8,
+                           device=W.device)
+    # A block holds whole groups, so a group's scale is set from fully updated weights when it starts.
+    block = max(cfg.block_size // group, 1) * group if group else cfg.block_size
+
+    perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else torch.arange(cols, device=W.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += cfg.damp * torch.mean(torch.diag(H)) * torch.eye(cols, device=W.device)
+    try:
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError:
+        raise LowbitError("GPTQ's Hessian is not positive definite even after dampening; raise --damp (e.g. 0.1) or "
+                          "use more calibration samples.") from None
+
+    codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])  # this column's index in the original order
+            if group is not None and not cfg.act_order and col % group == 0:
+                s, z = _params(W1[:, i:i + group].unsqueeze(1), fmt)
+                scale[:, col // group], zero[:, col // group] = s[:, 0], z[:, 0]
+            k = col // group if group else 0
+            s_col = scale[:, k] if scale.shape[0] == rows else scale[0, k].expand(rows)
+            z_col = zero[:, k] if zero.shape[0] == rows else zero[0, k].expand(rows)
+            c, q = _quantize_column(W1[:, i], s_col, z_col, fmt)
+            codes[:, col] = c
+            err = (W1[:, i] - q) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return QuantizedWeight(fmt, codes.cpu(), scale.cpu(), None if fmt.symmetric else zero.cpu())
+
+
+def configure(recipe) -> GPTQConfig:
+    return GPTQConfig(block_size=recipe.block_size, damp=recipe.damp, act_order=recipe.act_order)
+
+
+def quantize_layer(weight: torch.Tensor, stats: HessianStats | None, spec, cfg: GPTQConfig) -> QuantizedWeight:
+    if stats is None or stats.n == 0:
+        raise LowbitError("GPTQ needs calibration statistics for every layer it quantizes; layers outside the "
+                          "decoder blocks (lm_head) are not supported yet: --ignore them or use --method rtn.")
+    return gptq_quantize(weight, stats, spec.weight, cfg)
