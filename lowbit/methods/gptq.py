@@ -111,12 +111,13 @@ def gptq_quantize(weight: torch.Tensor, stats: HessianStats, fmt: WeightFormat,
                           "use more calibration samples.") from None
 
     codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
+    order = perm.tolist()  # host copy: no device sync per column
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])  # this column's index in the original order
+            col = order[i1 + i]  # this column's index in the original order
             if group is not None and not cfg.act_order and col % group == 0:
                 s, z = _params(W1[:, i:i + group].unsqueeze(1), fmt)
                 scale[:, col // group], zero[:, col // group] = s[:, 0], z[:, 0]
