@@ -73,7 +73,9 @@ def main() -> None:
     per_block = [round(b.seconds, 1) for b in result.blocks]
     print(f"GPTQ over {args.blocks} blocks ({len(plan)} layers): {t2 - t1:.0f} s; per block {per_block}")
     peak = torch.cuda.max_memory_allocated() / 2**30
-    print(f"total (capture + GPTQ): {t2 - t0:.0f} s; peak GPU memory {peak:.1f} GiB; block output errors first {result.blocks[0].output_error:.3e} last {result.blocks[-1].output_error:.3e}")
+    errors = (result.blocks[0].output_error, result.blocks[-1].output_error)
+    print(f"total (capture + GPTQ): {t2 - t0:.0f} s; peak GPU memory {peak:.1f} GiB; "
+          f"block output errors first {errors[0]:.3e} last {errors[1]:.3e}")
 
 
 if __name__ == "__main__":
