@@ -131,7 +131,7 @@ def gptq_quantize(weight: torch.Tensor, stats: HessianStats, fmt: WeightFormat,
             Err1[:, i] = err
         W[:, i1:i2] = W1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return QuantizedWeight(fmt, codes.cpu(), scale.cpu(), None if fmt.symmetric else zero.cpu())
+    return QuantizedWeight(fmt, codes, scale, None if fmt.symmetric else zero)
 
 
 def configure(recipe) -> GPTQConfig:
