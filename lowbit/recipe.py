@@ -22,7 +22,6 @@ from lowbit.formats import (
     ActFormat,
     FP8Format,
     IntFormat,
-    PerGroup,
     WeightFormat,
     format_from_dict,
     granularity_from_group_size,
@@ -211,7 +210,3 @@ def _check_keys(d: dict, allowed: list[str], source: str) -> None:
     if unknown:
         raise LowbitError(f"{source}: unknown key(s) {', '.join(unknown)}; allowed keys: {', '.join(allowed)}.")
 
-
-def group_size_of(spec: LayerSpec) -> int | None:
-    g = spec.weight.granularity
-    return g.size if isinstance(g, PerGroup) else None

@@ -64,14 +64,19 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def working_group_sizes(n: int) -> str:
+    """The group sizes that divide n, for error messages: those of at least 8 when there are any."""
+    return ", ".join(map(str, [d for d in divisors(n) if d >= 8] or divisors(n)))
+
+
 def num_groups(granularity: Granularity, in_features: int) -> int:
     """Groups per row; raises a LowbitError naming working group sizes when the size does not divide."""
     if isinstance(granularity, PerGroup):
         if in_features % granularity.size:
-            ok = [d for d in divisors(in_features) if d >= 8] or divisors(in_features)
             raise LowbitError(
                 f"group size {granularity.size} does not divide the input dimension {in_features}. "
-                f"Group sizes that divide it: {', '.join(map(str, ok))}; or use --group-size 0 for per-channel."
+                f"Group sizes that divide it: {working_group_sizes(in_features)}; or use --group-size 0 for "
+                f"per-channel."
             )
         return in_features // granularity.size
     return 1

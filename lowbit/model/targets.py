@@ -10,7 +10,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.formats import PerGroup
-from lowbit.formats.granularity import divisors
+from lowbit.formats.granularity import working_group_sizes
 from lowbit.model.architectures import Family
 from lowbit.recipe import LayerSpec, Recipe
 
@@ -54,11 +54,10 @@ def _check_group_sizes(plan: dict[str, LayerSpec], linears: dict[str, nn.Linear]
         return
     size, names = next(iter(bad.items()))
     common = reduce(math.gcd, (linears[n].in_features for n in plan))
-    ok = [d for d in divisors(common) if d >= 8] or divisors(common)
     dims = sorted({linears[n].in_features for n in names})
     raise LowbitError(
         f"group size {size} does not divide the input dimension of {len(names)} of the {len(plan)} targeted layers "
         f"(input dimensions {', '.join(map(str, dims))}; e.g. {names[0]}). Group sizes that divide every targeted "
-        f"layer: {', '.join(map(str, ok))}. Or use --group-size 0 for per-channel scales, or a recipe override for "
+        f"layer: {working_group_sizes(common)}. Or use --group-size 0 for per-channel scales, or a recipe override for "
         f"the layers concerned."
     )
