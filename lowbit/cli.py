@@ -14,7 +14,9 @@ from lowbit.errors import LowbitError
 def _recipe_from_args(args: argparse.Namespace):
     from lowbit.recipe import Recipe
 
-    recipe = Recipe.from_yaml(args.recipe) if args.recipe else Recipe()
+    if args.recipe and args.preset:
+        raise LowbitError("give either --recipe or --preset, not both (a preset is a recipe).")
+    recipe = Recipe.from_yaml(args.recipe) if args.recipe else Recipe.preset(args.preset) if args.preset else Recipe()
     scheme = args.scheme or ("fp8" if args.method == "fp8" else None)
     return recipe.with_options(
         method=args.method, scheme=scheme, group_size=args.group_size,
@@ -22,6 +24,8 @@ def _recipe_from_args(args: argparse.Namespace):
         zero_point=args.zero_point,
         targets=tuple(args.targets) if args.targets else None, ignore=tuple(args.ignore) if args.ignore else None,
         act_order=True if args.act_order else None, damp=args.damp, block_size=args.block_size,
+        stat_bits=args.stat_bits, stat_group=args.stat_group, outlier_threshold=args.outlier_threshold,
+        outlier_rate=args.outlier_rate,
     )
 
 
@@ -35,6 +39,9 @@ def _calib_from_args(args: argparse.Namespace):
 
 def _describe(spec) -> str:
     w = spec.weight
+    if w.kind == "spqr":
+        stats = "float16 statistics" if w.stat_bits == 16 else f"{w.stat_bits}-bit statistics in groups of {w.beta2}"
+        return f"int{w.bits} asym, groups of {w.beta1}, {stats}, sparse 16-bit outliers"
     gran = w.granularity.to_dict()
     names = {"per_tensor": "per tensor", "per_channel": "per channel"}
     where = names.get(gran["type"], f"groups of {gran.get('size')}")
@@ -134,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and write a lowbit checkpoint")
     q.add_argument("model", help="built-in name (smollm2-135m), Hugging Face directory or .gguf file")
-    q.add_argument("--method", help="rtn, gptq or fp8 (default: the recipe's, else rtn)")
+    q.add_argument("--method", help="rtn, gptq, spqr or fp8 (default: the recipe's, else rtn)")
+    q.add_argument("--preset", help="a named recipe: spqr-near-lossless, spqr-3bit (options override its fields)")
     q.add_argument("--scheme", help="w8a16, w4a16, w3a16, w2a16 (any w{b}a16, b in 2..8), w8a8, fp8")
     q.add_argument("--group-size", type=int, help="input columns per scale; 0 or -1 = per output channel")
     q.add_argument("--asym", action="store_true", help="asymmetric grid with a zero point (default symmetric)")
@@ -146,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "(static groups)")
     q.add_argument("--damp", type=float, help="GPTQ: dampening, a fraction of the mean Hessian diagonal (0.01)")
     q.add_argument("--block-size", type=int, help="GPTQ: columns per lazy batch (128)")
+    q.add_argument("--stat-bits", type=int, help="SpQR: bits of the quantized scales and zeros (3; 16 = float16)")
+    q.add_argument("--stat-group", type=int, help="SpQR: β2, output rows per second-level statistics grid (16)")
+    q.add_argument("--outlier-threshold", type=float,
+                   help="SpQR: τ, relative outlier threshold (0.2; inf = no outliers)")
+    q.add_argument("--outlier-rate", type=float, help="SpQR: target outlier fraction, e.g. 0.01 (τ found per layer)")
     q.add_argument("--recipe", help="YAML recipe; command-line options override its fields")
     q.add_argument("--targets", action="append", metavar="REGEX", help="quantize linear layers whose name matches")
     q.add_argument("--ignore", action="append", metavar="REGEX", help="leave matching layers in 16 bits")

@@ -22,10 +22,12 @@ from lowbit.formats import (
     ActFormat,
     FP8Format,
     IntFormat,
+    PerGroup,
     WeightFormat,
     format_from_dict,
     granularity_from_group_size,
 )
+from lowbit.formats.spqr import SpQRFormat
 
 RECIPE_VERSION = 1
 NAMED_SCHEMES = ("w8a16", "w4a16", "w3a16", "w2a16", "w8a8", "fp8")
@@ -33,6 +35,16 @@ NAMED_SCHEMES = ("w8a16", "w4a16", "w3a16", "w2a16", "w8a8", "fp8")
 DEFAULT_GROUP_SIZE = {"w8a16": 0, "w8a8": 0, "fp8": 0, "w2a16": 64}
 DEFAULT_WEIGHT_ONLY_GROUP = 128
 _WEIGHT_ONLY = re.compile(r"^w(\d+)a16$")
+SPQR_DEFAULT_BETA1 = 16
+
+# Named starting points (`--preset`); options given with them still override their fields.
+PRESETS: dict[str, dict] = {
+    # SpQR paper (Dettmers et al.), §5: 4-bit weights, 3-bit statistics, β1 = β2 = 16, about 1% outliers.
+    "spqr-near-lossless": {"method": "spqr", "scheme": "w4a16", "group_size": 16, "symmetric": False,
+                           "stat_bits": 3, "stat_group": 16, "outlier_rate": 0.01},
+    "spqr-3bit": {"method": "spqr", "scheme": "w3a16", "group_size": 16, "symmetric": False,
+                  "stat_bits": 3, "stat_group": 16, "outlier_rate": 0.01},
+}
 
 
 @dataclass(frozen=True)
@@ -114,6 +126,10 @@ class Recipe:
     act_order: bool = False
     damp: float = 0.01
     block_size: int = 128
+    stat_bits: int = 3  # SpQR: bits of the quantized scales and zeros (16 = keep them in float16)
+    stat_group: int = 16  # SpQR: β2, rows sharing one second-level grid
+    outlier_threshold: float | None = None  # SpQR: τ, relative (default 0.2; inf = no outliers)
+    outlier_rate: float | None = None  # SpQR: target fraction of outliers (τ searched per layer)
     targets: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
     overrides: tuple[Override, ...] = field(default_factory=tuple)
@@ -144,7 +160,21 @@ class Recipe:
             symmetric = o.symmetric if o.symmetric is not None else symmetric
             clip = o.clip if o.clip is not None else clip
             zero_point = o.zero_point if o.zero_point is not None else zero_point
-        return scheme_spec(scheme, group_size, symmetric, clip, zero_point)
+        if group_size is None and self.method == "spqr":
+            group_size = SPQR_DEFAULT_BETA1
+        return self._method_spec(scheme_spec(scheme, group_size, symmetric, clip, zero_point))
+
+    def _method_spec(self, spec: LayerSpec) -> LayerSpec:
+        """SpQR stores its own format: the scheme's bits in groups of β1 (= the group size, default 16)."""
+        if self.method != "spqr":
+            return spec
+        w = spec.weight
+        if not isinstance(w, IntFormat) or spec.act is not None:
+            raise LowbitError("SpQR quantizes weights only, onto integer grids: use a w{b}a16 scheme (e.g. w4a16).")
+        if not isinstance(w.granularity, PerGroup):
+            raise LowbitError("SpQR works in small groups of input columns (β1, default 16); it has no "
+                              "per-channel form. Use --group-size 16 (or another small group).")
+        return LayerSpec(SpQRFormat(w.bits, w.granularity.size, self.stat_group, self.stat_bits))
 
     def with_options(self, **changes) -> Recipe:
         """A copy with the given fields replaced (None values are ignored)."""
@@ -152,7 +182,16 @@ class Recipe:
 
     @property
     def default_spec(self) -> LayerSpec:
-        return scheme_spec(self.scheme, self.group_size, self.symmetric, self.clip, self.zero_point)
+        group_size = self.group_size
+        if group_size is None and self.method == "spqr":
+            group_size = SPQR_DEFAULT_BETA1
+        return self._method_spec(scheme_spec(self.scheme, group_size, self.symmetric, self.clip, self.zero_point))
+
+    @classmethod
+    def preset(cls, name: str) -> Recipe:
+        if name not in PRESETS:
+            raise LowbitError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}.")
+        return cls(**PRESETS[name])
 
     def to_dict(self) -> dict:
         d = asdict(self)

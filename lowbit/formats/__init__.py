@@ -12,17 +12,20 @@ from lowbit.formats.granularity import (
 )
 from lowbit.formats.intgrid import IntFormat
 from lowbit.formats.packing import pack, unpack
+from lowbit.formats.spqr import SpQRFormat, SpQRWeight
 from lowbit.formats.weight import (
     QuantizedWeight,
     WeightFormat,
     fake_quantize,
     format_from_dict,
+    from_packed,
     packed_shapes,
     quantize,
 )
 
 __all__ = [
     "ActFormat", "FP8Format", "Granularity", "IntFormat", "PerChannel", "PerGroup", "PerTensor",
-    "QuantizedWeight", "WeightFormat", "fake_quantize", "fake_quantize_activation", "format_from_dict",
-    "granularity_from_group_size", "num_groups", "pack", "packed_shapes", "quantize", "unpack",
+    "QuantizedWeight", "SpQRFormat", "SpQRWeight", "WeightFormat", "fake_quantize", "fake_quantize_activation",
+    "format_from_dict",
+    "from_packed", "granularity_from_group_size", "num_groups", "pack", "packed_shapes", "quantize", "unpack",
 ]

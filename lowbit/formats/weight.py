@@ -14,8 +14,9 @@ from lowbit.formats.intgrid import SCALE_DTYPE as INT_SCALE
 from lowbit.formats.intgrid import IntFormat, decode, encode, grid_params
 from lowbit.formats.packing import pack, packed_length, unpack
 from lowbit.formats.search import search_range
+from lowbit.formats.spqr import SpQRFormat, SpQRWeight, spqr_packed_shapes
 
-WeightFormat = IntFormat | FP8Format
+WeightFormat = IntFormat | FP8Format | SpQRFormat
 
 
 def format_from_dict(d: dict) -> WeightFormat:
@@ -24,7 +25,9 @@ def format_from_dict(d: dict) -> WeightFormat:
         return IntFormat.from_dict(d)
     if kind == "fp8":
         return FP8Format.from_dict(d)
-    raise LowbitError(f"unknown weight format {d!r}: expected kind 'int' or 'fp8'.")
+    if kind == "spqr":
+        return SpQRFormat.from_dict(d)
+    raise LowbitError(f"unknown weight format {d!r}: expected kind 'int', 'fp8' or 'spqr'.")
 
 
 @dataclass
@@ -82,8 +85,12 @@ class QuantizedWeight:
         return self.stored_bits() / self.codes.numel()
 
 
-def packed_shapes(fmt: WeightFormat, shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Shapes and dtypes of `QuantizedWeight.packed()` without quantizing anything (for building on meta)."""
+def packed_shapes(fmt: WeightFormat, shape: tuple[int, int],
+                  outliers: int = 0) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shapes and dtypes of the packed tensors without quantizing anything (for building on meta); SpQR layers
+    also need their number of stored outliers."""
+    if isinstance(fmt, SpQRFormat):
+        return spqr_packed_shapes(fmt, shape, outliers)
     rows, groups = stats_shape(shape, fmt.granularity)
     if isinstance(fmt, FP8Format):
         return {"weight": (shape, FP8_DTYPE), "weight_scale": ((rows, groups), FP8_SCALE)}
@@ -96,6 +103,14 @@ def packed_shapes(fmt: WeightFormat, shape: tuple[int, int]) -> dict[str, tuple[
     return out
 
 
+def from_packed(fmt: WeightFormat, shape: tuple[int, int],
+                tensors: dict[str, torch.Tensor]) -> QuantizedWeight | SpQRWeight:
+    """The quantized weight held by a layer's packed tensors, whatever its format."""
+    if isinstance(fmt, SpQRFormat):
+        return SpQRWeight.from_packed(fmt, shape, tensors)
+    return QuantizedWeight.from_packed(fmt, shape, tensors)
+
+
 def quantize(weight: torch.Tensor, fmt: WeightFormat) -> QuantizedWeight:
     """Round-to-nearest quantization of a 2-D weight [out, in] to `fmt` (scales by absmax or clip search)."""
     if weight.dim() != 2:
@@ -103,6 +118,8 @@ def quantize(weight: torch.Tensor, fmt: WeightFormat) -> QuantizedWeight:
     if not torch.isfinite(weight).all():
         raise LowbitError("the weight contains NaN or Inf values; a quantized grid cannot represent them. "
                           "Check the checkpoint (a failed conversion or a diverged fine-tune).")
+    if isinstance(fmt, SpQRFormat):
+        raise LowbitError("SpQR needs calibration data: use --method spqr, not round-to-nearest.")
     w = weight.detach().float()
     wg = grouped(w, fmt.granularity)
     if isinstance(fmt, FP8Format):

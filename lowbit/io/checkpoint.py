@@ -88,7 +88,8 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path, *, dtype: torch.dtype
 
     tensors, tied = storage_state_dict(model, dtype)
     layers = {name: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
-                     "spec": m.spec.to_dict(), "bits_per_weight": m.stored_bits() / (m.in_features * m.out_features)}
+                     "spec": m.spec.to_dict(), "bits_per_weight": m.stored_bits() / (m.in_features * m.out_features),
+                     **({"outliers": m.outliers} if m.outliers else {})}
               for name, m in quantized_layers(model).items()}
     with atomic_directory(out_dir, overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "lowbit_format": str(FORMAT_VERSION)})
@@ -152,7 +153,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, verify
     for name, layer in header["layers"].items():
         spec = LayerSpec.from_dict(layer["spec"])
         set_module(model, name, QuantLinear(layer["in_features"], layer["out_features"], spec, layer["bias"],
-                                            device="meta", bias_dtype=dtype))
+                                            device="meta", bias_dtype=dtype, outliers=layer.get("outliers", 0)))
     try:
         tensors = load_file(str(path / WEIGHTS))
     except (SafetensorError, OSError) as e:

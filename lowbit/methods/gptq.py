@@ -75,40 +75,47 @@ def _quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, f
     return codes.reshape(-1), decode(codes, s, z, fmt).reshape(-1)
 
 
-def gptq_quantize(weight: torch.Tensor, stats: HessianStats, fmt: WeightFormat,
-                  cfg: GPTQConfig = GPTQConfig()) -> QuantizedWeight:
-    """Quantize weight [out, in] given the Hessian of its inputs; codes come back in the original column order."""
-    if not isinstance(fmt, IntFormat):
-        raise LowbitError("GPTQ quantizes onto integer grids; use --method rtn (or fp8) for fp8 weights.")
+def prepare(weight: torch.Tensor, stats: HessianStats, damp: float,
+            act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W (float32 copy, dead columns zeroed, permuted), the upper Cholesky factor of (H + λI)⁻¹ and the column
+    permutation (descending diag(H) with act-order, else the identity); λ = damp · mean diag(H)."""
     W = weight.detach().float().clone()
-    rows, cols = W.shape
+    cols = W.shape[1]
     H = stats.H.to(W.device, torch.float32).clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-
-    group = fmt.granularity.size if isinstance(fmt.granularity, PerGroup) else None
-    scale = zero = None
-    if group is None or cfg.act_order:
-        # Known before the pass: per tensor/channel (from the original weights, as the paper), or static groups.
-        scale, zero = _params(grouped(W, fmt.granularity), fmt)
-    else:
-        if cols % group:
-            raise LowbitError(f"group size {group} does not divide the input dimension {cols}.")
-        scale = torch.zeros(rows, cols // group, dtype=torch.float16, device=W.device)
-        zero = torch.zeros(rows, cols // group, dtype=torch.float16 if fmt.float_zero else torch.uint8,
-                           device=W.device)
-    # A block holds whole groups, so a group's scale is set from fully updated weights when it starts.
-    block = max(cfg.block_size // group, 1) * group if group else cfg.block_size
-
-    perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else torch.arange(cols, device=W.device)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
-    H += cfg.damp * torch.mean(torch.diag(H)) * torch.eye(cols, device=W.device)
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, device=W.device)
     try:
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     except torch.linalg.LinAlgError:
         raise LowbitError("GPTQ's Hessian is not positive definite even after dampening; raise --damp (e.g. 0.1) or "
                           "use more calibration samples.") from None
+    return W, Hinv, perm
+
+
+def gptq_quantize(weight: torch.Tensor, stats: HessianStats, fmt: WeightFormat,
+                  cfg: GPTQConfig = GPTQConfig()) -> QuantizedWeight:
+    """Quantize weight [out, in] given the Hessian of its inputs; codes come back in the original column order."""
+    if not isinstance(fmt, IntFormat):
+        raise LowbitError("GPTQ quantizes onto integer grids; use --method rtn (or fp8) for fp8 weights.")
+    group = fmt.granularity.size if isinstance(fmt.granularity, PerGroup) else None
+    if group is not None and weight.shape[1] % group:
+        raise LowbitError(f"group size {group} does not divide the input dimension {weight.shape[1]}.")
+    W, Hinv, perm = prepare(weight, stats, cfg.damp, cfg.act_order)
+    rows, cols = W.shape
+    scale = zero = None
+    if group is None or cfg.act_order:
+        # Known before the pass: per tensor/channel (from the original weights, as the paper), or static groups.
+        scale, zero = _params(grouped(W[:, torch.argsort(perm)], fmt.granularity), fmt)
+    else:
+        scale = torch.zeros(rows, cols // group, dtype=torch.float16, device=W.device)
+        zero = torch.zeros(rows, cols // group, dtype=torch.float16 if fmt.float_zero else torch.uint8,
+                           device=W.device)
+    # A block holds whole groups, so a group's scale is set from fully updated weights when it starts.
+    block = max(cfg.block_size // group, 1) * group if group else cfg.block_size
 
     codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
     order = perm.tolist()  # host copy: no device sync per column

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from lowbit.errors import LowbitError
-from lowbit.methods import gptq, rtn
+from lowbit.methods import gptq, rtn, spqr
 
 
 @dataclass(frozen=True)
@@ -20,8 +20,9 @@ METHODS: dict[str, MethodEntry] = {
     "rtn": MethodEntry(rtn, "round-to-nearest, data-free"),
     "fp8": MethodEntry(rtn, "round-to-nearest onto FP8 E4M3 (scheme fp8)", required_scheme="fp8"),
     "gptq": MethodEntry(gptq, "GPTQ: second-order error compensation from calibration Hessians"),
+    "spqr": MethodEntry(spqr, "SpQR: GPTQ in small groups with quantized statistics and sparse 16-bit outliers"),
 }
-PLANNED = ("awq", "smoothquant", "spqr")
+PLANNED = ("awq", "smoothquant")
 
 
 def get_method(name: str) -> MethodEntry:

@@ -11,6 +11,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.formats import PerGroup
 from lowbit.formats.granularity import working_group_sizes
+from lowbit.formats.spqr import SpQRFormat
 from lowbit.model.architectures import Family
 from lowbit.recipe import LayerSpec, Recipe
 
@@ -41,6 +42,12 @@ def select_layers(model: nn.Module, family: Family, recipe: Recipe) -> dict[str,
     if not plan:
         raise LowbitError("the recipe's overrides skip every targeted layer: nothing would be quantized.")
     _check_group_sizes(plan, linears)
+    for name, spec in plan.items():
+        if isinstance(spec.weight, SpQRFormat):
+            try:
+                spec.weight.check_shape((linears[name].out_features, linears[name].in_features))
+            except LowbitError as e:
+                raise LowbitError(f"layer {name}: {e} Set --stat-group (β2) or --group-size (β1) to fit.") from None
     return plan
 
 

@@ -11,34 +11,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.formats import QuantizedWeight, fake_quantize_activation, packed_shapes
+from lowbit.formats import QuantizedWeight, SpQRWeight, fake_quantize_activation, from_packed, packed_shapes
 from lowbit.recipe import LayerSpec
 
 
 class QuantLinear(nn.Module):
-    """Packed weight buffers (qweight/scales/qzeros, or fp8 weight/weight_scale) plus an optional bias."""
+    """Packed weight buffers (qweight/scales/qzeros, fp8 weight/weight_scale, or SpQR's grid, statistics and
+    sparse outliers) plus an optional bias. `outliers` is the number of stored outliers (SpQR only)."""
 
     def __init__(self, in_features: int, out_features: int, spec: LayerSpec, bias: bool = False,
-                 device: torch.device | str | None = None, bias_dtype: torch.dtype = torch.float32) -> None:
+                 device: torch.device | str | None = None, bias_dtype: torch.dtype = torch.float32,
+                 outliers: int = 0) -> None:
         super().__init__()
-        self.in_features, self.out_features, self.spec = in_features, out_features, spec
-        for name, (shape, dtype) in packed_shapes(spec.weight, (out_features, in_features)).items():
+        self.in_features, self.out_features, self.spec, self.outliers = in_features, out_features, spec, outliers
+        for name, (shape, dtype) in self._buffers_spec().items():
             self.register_buffer(name, torch.empty(shape, dtype=dtype, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None)
 
     @classmethod
-    def from_quantized(cls, qw: QuantizedWeight, spec: LayerSpec, bias: torch.Tensor | None = None) -> QuantLinear:
+    def from_quantized(cls, qw: QuantizedWeight | SpQRWeight, spec: LayerSpec,
+                       bias: torch.Tensor | None = None) -> QuantLinear:
         out_f, in_f = qw.shape
-        module = cls(in_f, out_f, spec, bias=bias is not None, device="meta")
+        module = cls(in_f, out_f, spec, bias=bias is not None, device="meta",
+                     outliers=qw.outliers if isinstance(qw, SpQRWeight) else 0)
         for name, tensor in qw.packed().items():
             setattr(module, name, tensor)
         if bias is not None:
             module.bias = bias.detach().clone()
         return module
 
-    def quantized_weight(self) -> QuantizedWeight:
-        tensors = {name: getattr(self, name) for name in packed_shapes(self.spec.weight, self.shape)}
-        return QuantizedWeight.from_packed(self.spec.weight, self.shape, tensors)
+    def _buffers_spec(self) -> dict:
+        return packed_shapes(self.spec.weight, (self.out_features, self.in_features), self.outliers)
+
+    def quantized_weight(self) -> QuantizedWeight | SpQRWeight:
+        tensors = {name: getattr(self, name) for name in self._buffers_spec()}
+        return from_packed(self.spec.weight, self.shape, tensors)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -46,8 +53,7 @@ class QuantLinear(nn.Module):
 
     def stored_bits(self) -> int:
         """Bits of the packed weight buffers (codes, scales, zeros), as stored; the bias is not counted."""
-        return sum(getattr(self, n).numel() * getattr(self, n).element_size() * 8
-                   for n in packed_shapes(self.spec.weight, self.shape))
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() * 8 for n in self._buffers_spec())
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.quantized_weight().dequantize()
