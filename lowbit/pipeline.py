@@ -14,9 +14,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.errors import LowbitError
 from lowbit.methods.registry import MethodEntry
 from lowbit.model.architectures import Family, decoder_blocks
-from lowbit.model.capture import BlockInputs, run_block
+from lowbit.model.capture import BlockInputs, StopForward, run_block
 from lowbit.recipe import LayerSpec
 from lowbit.runtime.qlinear import QuantLinear, set_module
 
@@ -57,39 +58,87 @@ def sequential_groups(order: tuple[tuple[str, ...], ...], names: list[str]) -> l
     return [g for g in groups if g]
 
 
-def _collect_stats(block: nn.Module, names: list[str], method, inputs: BlockInputs, device, offload) -> dict:
-    """Run the block on the calibration inputs with hooks that fold each named layer's inputs into its stats."""
-    stats = {n: method.init_stats(block.get_submodule(n).in_features, device) for n in names}
+@dataclass
+class GroupStats:
+    """Statistics of one sequential group: one per distinct input (layers fed the same tensor share it)."""
+
+    stats: dict = field(default_factory=dict)  # owner layer -> the method's statistics
+    owner: dict[str, str] = field(default_factory=dict)  # layer -> the first layer that saw the same input
+    outputs: BlockInputs | None = None  # the block's outputs, when the pass ran to the end
+
+    def shared(self) -> dict[str, list[str]]:
+        members: dict[str, list[str]] = {}
+        for name, first in self.owner.items():
+            members.setdefault(first, []).append(name)
+        return members
+
+
+def _collect_stats(block: nn.Module, names: list[str], method, inputs: BlockInputs, device, offload,
+                   keep_outputs: bool = False) -> GroupStats:
+    """Run the block on the calibration inputs with hooks that fold each named layer's inputs into its stats.
+
+    Layers that receive the very same tensor (q/k/v, gate/up) share one statistics object, accumulated once.
+    Unless `keep_outputs`, each batch stops as soon as every named layer has seen its input: the rest of the block
+    is not needed for this group.
+    """
+    result = GroupStats()
+    pending: set[str] = set()
+    seen: dict[tuple, str] = {}
+
+    def before_batch():
+        pending.update(names)
+        seen.clear()
 
     def hook_for(name):
-        def hook(_module, args):
-            stats[name] = method.accumulate(stats[name], args[0].detach())
+        def hook(module, args):
+            x = args[0].detach()
+            first = seen.setdefault((x.data_ptr(), tuple(x.shape), x.dtype), name)
+            if result.owner.setdefault(name, first) != first:
+                raise LowbitError(f"layer {name} shared its input with {result.owner[name]} in one calibration batch "
+                                  f"and with {first} in another; the model's forward pass is not deterministic.")
+            if first == name:
+                current = result.stats.get(name) or method.init_stats(module.in_features, device)
+                result.stats[name] = method.accumulate(current, x)
+            pending.discard(name)
+            if not pending and not keep_outputs:
+                raise StopForward
         return hook
 
     handles = [block.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
     try:
-        run_block(block, inputs, device, offload)
+        outputs = run_block(block, inputs, device, offload, before_batch)
     finally:
         for h in handles:
             h.remove()
-    return stats
+    result.outputs = outputs if keep_outputs else None
+    return result
 
 
 def quantize_block(block: nn.Module, specs: dict[str, LayerSpec], method, cfg, order, inputs: BlockInputs | None,
-                   device, offload) -> dict:
-    """Quantize the block's planned layers; with statistics, group by group so later layers see quantized inputs."""
+                   device, offload) -> tuple[dict, BlockInputs | None]:
+    """Quantize the block's planned layers; with statistics, group by group so later layers see quantized inputs.
+
+    Returns the quantized weights and, when statistics were collected, the float block's outputs (from the first
+    group's pass, which runs the unquantized block to the end).
+    """
     module = method.module
     if inputs is None or not hasattr(module, "accumulate"):
-        return {n: module.quantize_layer(block.get_submodule(n).weight, None, s, cfg) for n, s in specs.items()}
-    qweights = {}
-    for group in sequential_groups(order, list(specs)):
-        stats = _collect_stats(block, group, module, inputs, device, offload)
-        for name in group:
-            linear = block.get_submodule(name)
-            qw = module.quantize_layer(linear.weight, stats[name], specs[name], cfg)
-            qweights[name] = qw
-            linear.weight.data = qw.dequantize().to(linear.weight.device, linear.weight.dtype)
-    return qweights
+        return {n: module.quantize_layer(block.get_submodule(n).weight, None, s, cfg) for n, s in specs.items()}, None
+    qweights, reference = {}, None
+    for k, group in enumerate(sequential_groups(order, list(specs))):
+        gs = _collect_stats(block, group, module, inputs, device, offload, keep_outputs=k == 0)
+        reference = gs.outputs if k == 0 else reference
+        for owner, members in gs.shared().items():
+            weights = [block.get_submodule(n).weight for n in members]
+            if len(members) > 1 and hasattr(module, "quantize_shared") and len({specs[n] for n in members}) == 1:
+                quantized = module.quantize_shared(weights, gs.stats[owner], specs[owner], cfg)
+            else:
+                quantized = [module.quantize_layer(block.get_submodule(n).weight, gs.stats[owner], specs[n], cfg)
+                             for n in members]
+            for name, weight, qw in zip(members, weights, quantized, strict=True):
+                qweights[name] = qw
+                weight.data = qw.dequantize().to(weight.device, weight.dtype)
+    return qweights, reference
 
 
 def quantize_model(model: nn.Module, family: Family, plan: dict[str, LayerSpec], method: MethodEntry,
@@ -105,8 +154,9 @@ def quantize_model(model: nn.Module, family: Family, plan: dict[str, LayerSpec],
         prefix = f"{family.blocks}.{i}."
         specs = {n[len(prefix):]: s for n, s in plan.items() if n.startswith(prefix)}
         block.to(device)
-        reference = run_block(block, inputs, device, offload) if inputs is not None else None
-        qweights = quantize_block(block, specs, method, cfg, family.sequential, inputs, device, offload)
+        qweights, reference = quantize_block(block, specs, method, cfg, family.sequential, inputs, device, offload)
+        if inputs is not None and reference is None:  # no statistics pass (RTN): the block is still unquantized
+            reference = run_block(block, inputs, device, offload)
         install(block, qweights, specs)
         report = BlockReport(i, len(specs), 0.0)
         if inputs is not None:
@@ -118,6 +168,6 @@ def quantize_model(model: nn.Module, family: Family, plan: dict[str, LayerSpec],
         result.blocks.append(report)
     outside = {n: s for n, s in plan.items() if not n.startswith(family.blocks + ".")}
     if outside:
-        install(model, quantize_block(model, outside, method, cfg, (), None, offload, offload), outside)
+        install(model, quantize_block(model, outside, method, cfg, (), None, offload, offload)[0], outside)
     result.final_inputs = inputs
     return result

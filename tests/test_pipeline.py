@@ -171,3 +171,37 @@ def test_sequential_groups_follow_the_data_flow():
     names = ["mlp.down_proj", "self_attn.k_proj", "self_attn.o_proj", "extra.proj"]
     assert sequential_groups(order, names) == [["self_attn.k_proj"], ["self_attn.o_proj"], ["mlp.down_proj"],
                                                ["extra.proj"]]
+
+
+def test_shared_statistics_and_early_exit_change_no_result(_stories, stories_tokenizer, monkeypatch):
+    """q/k/v (and gate/up) share one Hessian and are quantized stacked; statistics passes stop once the group's
+    layers have their inputs. Both are speed-ups only: the result equals one layer at a time with full passes."""
+    import copy
+
+    from lowbit import pipeline
+    from lowbit.methods import gptq
+    from lowbit.model.capture import capture_block_inputs
+
+    block = decoder_blocks(_stories, family_of(_stories))[0]
+    ids = calibration_ids(stories_tokenizer, CALIB)
+    inputs = capture_block_inputs(_stories, family_of(_stories), ids, "cpu")
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    gs = pipeline._collect_stats(block, names, gptq, inputs, "cpu", "cpu")
+    assert gs.shared() == {"self_attn.q_proj": names} and gs.outputs is None
+    assert gs.stats["self_attn.q_proj"].n == inputs.tokens
+
+    recipe = Recipe(method="gptq", scheme="w4a16", group_size=4, symmetric=False)
+    fast = api.quantize(copy.deepcopy(_stories), recipe, tokenizer=stories_tokenizer, calib=CALIB, device="cpu",
+                        progress=False)
+    collect = pipeline._collect_stats
+    monkeypatch.setattr(pipeline, "_collect_stats", lambda *a, **k: collect(*a[:6], keep_outputs=True))
+    monkeypatch.delattr(gptq, "quantize_shared")
+    slow = api.quantize(copy.deepcopy(_stories), recipe, tokenizer=stories_tokenizer, calib=CALIB, device="cpu",
+                        progress=False)
+    for name, layer in fast.model.named_modules():
+        if isinstance(layer, QuantLinear):
+            a = layer.dequantized_weight()
+            b = slow.model.get_submodule(name).dequantized_weight()
+            assert (a != b).float().mean() < 1e-3, name  # stacked rows: float sums may round a tie differently
+    for a, b in zip(fast.pipeline.blocks, slow.pipeline.blocks, strict=True):
+        assert a.output_error == pytest.approx(b.output_error, rel=1e-3)

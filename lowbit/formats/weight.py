@@ -77,6 +77,14 @@ class QuantizedWeight:
             zero = unpack(tensors["qzeros"], fmt.bits, scale.numel()).reshape(scale.shape)
         return cls(fmt, codes, scale, zero)
 
+    def split_rows(self, sizes: list[int]) -> list[QuantizedWeight]:
+        """The weights of layers whose rows were stacked into this one (per-row statistics only)."""
+        if self.scale.shape[0] != self.codes.shape[0]:
+            raise LowbitError("only per-channel or per-group weights can be split by rows.")
+        zeros = self.zero.split(sizes) if self.zero is not None else [None] * len(sizes)
+        return [QuantizedWeight(self.fmt, c, s, z)
+                for c, s, z in zip(self.codes.split(sizes), self.scale.split(sizes), zeros, strict=True)]
+
     def stored_bits(self) -> int:
         """Every stored bit: packed codes (with padding), scales and zeros."""
         return sum(t.numel() * t.element_size() * 8 for t in self.packed().values())

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.formats import IntFormat, PerGroup, QuantizedWeight, WeightFormat
+from lowbit.formats import IntFormat, PerGroup, PerTensor, QuantizedWeight, WeightFormat
 from lowbit.formats.grouping import grouped
 from lowbit.formats.intgrid import decode, encode, grid_params
 from lowbit.formats.search import search_range
@@ -145,8 +145,23 @@ def configure(recipe) -> GPTQConfig:
     return GPTQConfig(block_size=recipe.block_size, damp=recipe.damp, act_order=recipe.act_order)
 
 
-def quantize_layer(weight: torch.Tensor, stats: HessianStats | None, spec, cfg: GPTQConfig) -> QuantizedWeight:
+def quantize_shared(weights: list[torch.Tensor], stats: HessianStats, spec, cfg: GPTQConfig) -> list[QuantizedWeight]:
+    """Layers fed the same input (q/k/v, gate/up) share H; GPTQ treats rows independently, so their weights are
+    stacked and quantized in one pass (fewer, larger column updates) and split again. Per-tensor scales would
+    couple the layers, so those go one by one."""
+    if isinstance(spec.weight, IntFormat) and isinstance(spec.weight.granularity, PerTensor):
+        return [quantize_layer(w, stats, spec, cfg) for w in weights]
+    _check_stats(stats)
+    stacked = gptq_quantize(torch.cat([w.detach() for w in weights]), stats, spec.weight, cfg)
+    return stacked.split_rows([w.shape[0] for w in weights])
+
+
+def _check_stats(stats: HessianStats | None) -> None:
     if stats is None or stats.n == 0:
         raise LowbitError("GPTQ needs calibration statistics for every layer it quantizes; layers outside the "
                           "decoder blocks (lm_head) are not supported yet: --ignore them or use --method rtn.")
+
+
+def quantize_layer(weight: torch.Tensor, stats: HessianStats | None, spec, cfg: GPTQConfig) -> QuantizedWeight:
+    _check_stats(stats)
     return gptq_quantize(weight, stats, spec.weight, cfg)

@@ -14,8 +14,8 @@ from torch import nn
 from lowbit.model.architectures import Family, decoder_blocks, optional_submodule
 
 
-class _StopForward(Exception):
-    """Raised by the capture hook: nothing after block 0's input is needed."""
+class StopForward(Exception):
+    """Raised by a hook when nothing later in the forward pass is needed (the rest of the pass is skipped)."""
 
 
 @dataclass
@@ -54,7 +54,7 @@ def capture_block_inputs(model: nn.Module, family: Family, ids: torch.Tensor, de
         hidden = args[0] if args else kwargs.pop("hidden_states")
         store.hidden.append(hidden.detach().to(offload))
         store.kwargs.append(to_device(kwargs, offload))
-        raise _StopForward
+        raise StopForward
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -63,7 +63,7 @@ def capture_block_inputs(model: nn.Module, family: Family, ids: torch.Tensor, de
         for batch in ids.split(batch_size):
             try:
                 model(input_ids=batch.to(device), use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
     finally:
         handle.remove()
@@ -74,11 +74,20 @@ def capture_block_inputs(model: nn.Module, family: Family, ids: torch.Tensor, de
 
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device | str,
-              offload: torch.device | str = "cpu") -> BlockInputs:
-    """The block's outputs on every stored batch, with the same keyword arguments (the next block's inputs)."""
+              offload: torch.device | str = "cpu", before_batch=None) -> BlockInputs:
+    """The block's outputs on every stored batch, with the same keyword arguments (the next block's inputs).
+
+    `before_batch()` is called before each batch; a hook that raises StopForward ends that batch early (its output
+    is then left out, so a caller that stops early must not use the outputs).
+    """
     out = BlockInputs(kwargs=inputs.kwargs)
     for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
-        y = block(hidden.to(device), **to_device(kwargs, device))
+        if before_batch is not None:
+            before_batch()
+        try:
+            y = block(hidden.to(device), **to_device(kwargs, device))
+        except StopForward:
+            continue
         y = y[0] if isinstance(y, tuple) else y
         out.hidden.append(y.to(offload))
     return out
