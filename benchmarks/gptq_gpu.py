@@ -23,7 +23,7 @@ from lowbit.methods.registry import get_method
 from lowbit.model.capture import capture_block_inputs
 from lowbit.model.loading import family_of
 from lowbit.model.targets import select_layers
-from lowbit.pipeline import quantize_model
+from lowbit.pipeline import activation_device, quantize_model
 from lowbit.recipe import Recipe
 
 
@@ -63,10 +63,12 @@ def main() -> None:
     ids = torch.randint(0, 128256, (args.samples, args.seqlen))
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    inputs = capture_block_inputs(model, family, ids, "cuda", batch_size=8)
+    offload = activation_device(model, ids.numel(), torch.device("cuda"))
+    inputs = capture_block_inputs(model, family, ids, "cuda", batch_size=8, offload=offload)
     t1 = time.perf_counter()
-    print(f"captured block-0 inputs of {args.samples}x{args.seqlen} tokens in {t1 - t0:.1f} s", flush=True)
-    result = quantize_model(model, family, plan, get_method("gptq"), inputs, "cuda", progress=True,
+    print(f"captured block-0 inputs of {args.samples}x{args.seqlen} tokens in {t1 - t0:.1f} s; activations kept "
+          f"on {offload}", flush=True)
+    result = quantize_model(model, family, plan, get_method("gptq"), inputs, "cuda", offload, progress=True,
                             cfg=GPTQConfig(act_order=True))
     torch.cuda.synchronize()
     t2 = time.perf_counter()

@@ -20,7 +20,7 @@ from lowbit.model.capture import capture_block_inputs
 from lowbit.model.loading import family_of, load_float, tokenizer_dir_or_gguf
 from lowbit.model.sources import resolve
 from lowbit.model.targets import linear_layers, select_layers
-from lowbit.pipeline import PipelineResult, quantize_model
+from lowbit.pipeline import PipelineResult, activation_device, quantize_model
 from lowbit.recipe import LayerSpec, Recipe
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -134,8 +134,11 @@ def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, c
         if tokenizer is None:
             raise LowbitError("calibration needs the model's tokenizer: pass tokenizer= or a model name or path.")
         ids = calibration_ids(tokenizer, calib, getattr(model.config, "max_position_embeddings", None))
-        inputs = capture_block_inputs(model, family, ids, dev)
-    result = quantize_model(model, family, plan, method, inputs, dev, progress=progress,
+        offload = activation_device(model, ids.numel(), dev)
+        inputs = capture_block_inputs(model, family, ids, dev, offload=offload)
+    else:
+        offload = torch.device("cpu")
+    result = quantize_model(model, family, plan, method, inputs, dev, offload, progress=progress,
                             cfg=method.module.configure(recipe))
     if "lm_head" in plan and getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False

@@ -22,6 +22,17 @@ from lowbit.recipe import LayerSpec
 from lowbit.runtime.qlinear import QuantLinear, set_module
 
 
+def activation_device(model: nn.Module, tokens: int, device: torch.device) -> torch.device:
+    """Where calibration activations live between blocks: on the GPU when the three copies the pipeline holds
+    (inputs, float reference, outputs) take at most half its free memory — no host round trips — else the CPU."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    itemsize = next(model.parameters()).element_size()
+    need = 3 * tokens * model.config.hidden_size * itemsize
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if need <= free / 2 else torch.device("cpu")
+
+
 @dataclass
 class BlockReport:
     index: int
@@ -153,6 +164,7 @@ def quantize_model(model: nn.Module, family: Family, plan: dict[str, LayerSpec],
         start = time.perf_counter()
         prefix = f"{family.blocks}.{i}."
         specs = {n[len(prefix):]: s for n, s in plan.items() if n.startswith(prefix)}
+        home = next(block.parameters()).device  # where the block's weights go back to (the CPU, usually)
         block.to(device)
         qweights, reference = quantize_block(block, specs, method, cfg, family.sequential, inputs, device, offload)
         if inputs is not None and reference is None:  # no statistics pass (RTN): the block is still unquantized
@@ -163,11 +175,11 @@ def quantize_model(model: nn.Module, family: Family, plan: dict[str, LayerSpec],
             inputs = run_block(block, inputs, device, offload)
             report.output_error = _relative_error(inputs, reference)
             bar.set_postfix(error=f"{report.output_error:.2e}")
-        block.to(offload)
+        block.to(home)
         report.seconds = time.perf_counter() - start
         result.blocks.append(report)
     outside = {n: s for n, s in plan.items() if not n.startswith(family.blocks + ".")}
     if outside:
-        install(model, quantize_block(model, outside, method, cfg, (), None, offload, offload)[0], outside)
+        install(model, quantize_block(model, outside, method, cfg, (), None, "cpu", "cpu")[0], outside)
     result.final_inputs = inputs
     return result

@@ -22,7 +22,7 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.formats import IntFormat, PerGroup, PerTensor, QuantizedWeight, WeightFormat
 from lowbit.formats.grouping import grouped
-from lowbit.formats.intgrid import decode, encode, grid_params
+from lowbit.formats.intgrid import grid_params
 from lowbit.formats.search import search_range
 
 NEEDS_CALIBRATION = True
@@ -66,13 +66,6 @@ class GPTQConfig:
 def _params(w: torch.Tensor, fmt: IntFormat) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero [rows, groups] for weights w [rows, groups, size], by absmax or the clipping search."""
     return search_range(w, fmt) if fmt.clip else grid_params(w.amin(-1), w.amax(-1), fmt)
-
-
-def _quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: IntFormat):
-    """Codes and dequantized values of one column w [rows] with per-row scale/zero [rows]."""
-    s, z = scale.reshape(-1, 1), zero.reshape(-1, 1)
-    codes = encode(w.reshape(-1, 1, 1), s, z, fmt)
-    return codes.reshape(-1), decode(codes, s, z, fmt).reshape(-1)
 
 
 def prepare(weight: torch.Tensor, stats: HessianStats, damp: float,
@@ -119,25 +112,39 @@ def gptq_quantize(weight: torch.Tensor, stats: HessianStats, fmt: WeightFormat,
 
     codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
     order = perm.tolist()  # host copy: no device sync per column
+    static = scale is not None and group is not None and cfg.act_order
+    if static:  # each permuted column's group statistics, gathered once
+        gidx = perm // group
+        S_all, Z_all = scale.float()[:, gidx], zero.float()[:, gidx]
+    elif group is None:
+        s_i, z_i = scale.float()[:, 0].expand(rows), zero.float()[:, 0].expand(rows)
+    qmax = float(fmt.qmax)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
+        C1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             col = order[i1 + i]  # this column's index in the original order
-            if group is not None and not cfg.act_order and col % group == 0:
+            if static:
+                s_i, z_i = S_all[:, i1 + i], Z_all[:, i1 + i]
+            elif group is not None and col % group == 0:
                 s, z = _params(W1[:, i:i + group].unsqueeze(1), fmt)
                 scale[:, col // group], zero[:, col // group] = s[:, 0], z[:, 0]
-            k = col // group if group else 0
-            s_col = scale[:, k] if scale.shape[0] == rows else scale[0, k].expand(rows)
-            z_col = zero[:, k] if zero.shape[0] == rows else zero[0, k].expand(rows)
-            c, q = _quantize_column(W1[:, i], s_col, z_col, fmt)
-            codes[:, col] = c
-            err = (W1[:, i] - q) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+                s_i, z_i = s[:, 0].float(), z[:, 0].float()
+            w = W1[:, i]
+            if fmt.float_zero:  # ŵ = c·s + m
+                c = torch.round((w - z_i) / s_i).clamp_(0, qmax)
+                q = c * s_i + z_i
+            else:  # ŵ = (c − z)·s
+                c = (torch.round(w / s_i) + z_i).clamp_(0, qmax)
+                q = (c - z_i) * s_i
+            C1[:, i] = c
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
             Err1[:, i] = err
-        W[:, i1:i2] = W1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        codes[:, order[i1:i2]] = C1.to(torch.uint8)
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
     return QuantizedWeight(fmt, codes, scale, None if fmt.symmetric else zero)
 
 
