@@ -57,6 +57,7 @@ def capture_block_inputs(model: nn.Module, family: Family, ids: torch.Tensor, de
         raise StopForward
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    homes = [next(m.parameters(), torch.empty(0)).device for m in pre]  # weights go back here, not to `offload`
     try:
         for m in pre:
             m.to(device)
@@ -67,8 +68,8 @@ def capture_block_inputs(model: nn.Module, family: Family, ids: torch.Tensor, de
                 pass
     finally:
         handle.remove()
-        for m in pre:
-            m.to(offload)
+        for m, home in zip(pre, homes, strict=True):
+            m.to(home)
     return store
 
 
