@@ -1,0 +1,91 @@
+"""RTN vs GPTQ vs SpQR on SmolLM2-135M: bits per weight, WikiText-2 perplexity, KL and token rejection.
+
+Settings (issue 4): RTN and GPTQ at w4a16 g64, w4a16 per channel, w3a16 g64, w3a16 per channel, w2a16 g32
+(symmetric; GPTQ with act-order and static groups), and the SpQR presets spqr-near-lossless and spqr-3bit.
+Calibration for GPTQ and SpQR: windows of the C4 sample (documents 0–511), lowbit's drawing, seed 0.
+Evaluation: `lowbit eval`'s KL on reference generations (MT-bench + Vicuna-bench first turns, 256 new tokens;
+the first --max-prompts) and perplexity on the first --windows WikiText-2 windows of 2048 tokens, all against
+one reference record. Each configuration's result goes to OUT/NAME.json (reused when present), then a markdown
+table is printed.
+
+    .venv/bin/python benchmarks/gptq_spqr_table.py [--samples 64] [--seqlen 512] [--max-prompts 80]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import lowbit
+from lowbit import api
+from lowbit.data.calibration import CalibConfig
+from lowbit.eval.runner import EvalConfig, evaluate
+from lowbit.recipe import Recipe
+
+
+def configs() -> dict[str, Recipe]:
+    settings = {"w4a16 g64": ("w4a16", 64), "w4a16 per-channel": ("w4a16", 0), "w3a16 g64": ("w3a16", 64),
+                "w3a16 per-channel": ("w3a16", 0), "w2a16 g32": ("w2a16", 32)}
+    out = {}
+    for label, (scheme, group) in settings.items():
+        out[f"RTN {label}"] = Recipe(method="rtn", scheme=scheme, group_size=group)
+        out[f"GPTQ {label}"] = Recipe(method="gptq", scheme=scheme, group_size=group, act_order=True)
+    out["SpQR near-lossless"] = Recipe.preset("spqr-near-lossless")
+    out["SpQR 3-bit"] = Recipe.preset("spqr-3bit")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--max-prompts", type=int, default=80)
+    p.add_argument("--windows", type=int, default=20)
+    p.add_argument("--record", default="out/bench/llmcompressor/reference.safetensors")
+    p.add_argument("--out", default="out/bench/table")
+    p.add_argument("--only", help="comma-separated configuration names")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    reference = lowbit.load("smollm2-135m")
+    tok = lowbit.load_tokenizer("smollm2-135m")
+    calib = CalibConfig("c4", args.samples, args.seqlen)
+    wanted = set(args.only.split(",")) if args.only else None
+    for name, recipe in configs().items():
+        slug = name.lower().replace(" ", "-")
+        if (wanted and name not in wanted) or (out / f"{slug}.json").exists():
+            continue
+        t = time.perf_counter()
+        result = api.quantize(copy.deepcopy(reference), recipe, tokenizer=tok,
+                              calib=calib if recipe.method != "rtn" else None, device="cpu", progress=False)
+        seconds = time.perf_counter() - t
+        ckpt = out / slug
+        api.save(result, ckpt, tokenizer=tok, overwrite=True)
+        r = evaluate(EvalConfig(reference="smollm2-135m", candidate=str(ckpt), kl=True, ppl=("wikitext2",),
+                                max_prompts=args.max_prompts, max_windows=args.windows,
+                                reference_record=args.record, progress=False))
+        kl, ppl = r["kl"], r["ppl"]["wikitext2"]
+        row = {"name": name, "bits_per_weight": result.sizes["bits_per_weight"], "ppl": ppl["candidate"],
+               "ppl_reference": ppl["reference"], "kl_prefill": kl["prefill"]["mean"],
+               "kl_prefill_ci95": kl["prefill"]["ci95"], "kl_generation": kl["generation"]["mean"],
+               "kl_generation_ci95": kl["generation"]["ci95"],
+               "rejection_prefill": kl["prefill"]["token_rejection_rate"],
+               "rejection_generation": kl["generation"]["token_rejection_rate"], "quantize_s": round(seconds, 1)}
+        (out / f"{slug}.json").write_text(json.dumps(row))
+        print(json.dumps(row), flush=True)
+    rows = [json.loads(f.read_text()) for f in sorted(out.glob("*.json"))]
+    order = list(configs())
+    rows.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+    print("\n| configuration | bits/weight | WikiText-2 ppl | KL prefill | KL generation | rejection prefill "
+          "| rejection generation | quantize s |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['bits_per_weight']:.3f} | {r['ppl']:.2f} | {r['kl_prefill']:.4f} | "
+              f"{r['kl_generation']:.4f} | {r['rejection_prefill']:.3f} | {r['rejection_generation']:.3f} | "
+              f"{r['quantize_s']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
