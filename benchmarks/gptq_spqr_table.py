@@ -42,7 +42,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--max-prompts", type=int, default=80)
+    p.add_argument("--max-prompts", type=int, default=80, help="must equal the record's prompt count")
     p.add_argument("--windows", type=int, default=20)
     p.add_argument("--record", default="out/bench/llmcompressor/reference.safetensors")
     p.add_argument("--out", default="out/bench/table")
@@ -58,17 +58,21 @@ def main() -> None:
         slug = name.lower().replace(" ", "-")
         if (wanted and name not in wanted) or (out / f"{slug}.json").exists():
             continue
-        t = time.perf_counter()
-        result = api.quantize(copy.deepcopy(reference), recipe, tokenizer=tok,
-                              calib=calib if recipe.method != "rtn" else None, device="cpu", progress=False)
-        seconds = time.perf_counter() - t
         ckpt = out / slug
-        api.save(result, ckpt, tokenizer=tok, overwrite=True)
+        if (ckpt / "lowbit.json").exists():  # quantized by an earlier, interrupted run
+            header = json.loads((ckpt / "lowbit.json").read_text())
+            seconds, bits = header["seconds"], header["bits_per_weight"]
+        else:
+            t = time.perf_counter()
+            result = api.quantize(copy.deepcopy(reference), recipe, tokenizer=tok,
+                                  calib=calib if recipe.method != "rtn" else None, device="cpu", progress=False)
+            seconds, bits = time.perf_counter() - t, result.sizes["bits_per_weight"]
+            api.save(result, ckpt, tokenizer=tok, overwrite=True)
         r = evaluate(EvalConfig(reference="smollm2-135m", candidate=str(ckpt), kl=True, ppl=("wikitext2",),
                                 max_prompts=args.max_prompts, max_windows=args.windows,
                                 reference_record=args.record, progress=False))
         kl, ppl = r["kl"], r["ppl"]["wikitext2"]
-        row = {"name": name, "bits_per_weight": result.sizes["bits_per_weight"], "ppl": ppl["candidate"],
+        row = {"name": name, "bits_per_weight": bits, "ppl": ppl["candidate"],
                "ppl_reference": ppl["reference"], "kl_prefill": kl["prefill"]["mean"],
                "kl_prefill_ci95": kl["prefill"]["ci95"], "kl_generation": kl["generation"]["mean"],
                "kl_generation_ci95": kl["generation"]["ci95"],
