@@ -51,10 +51,6 @@ class SpQRFormat:
             raise LowbitError(f"SpQR group sizes must be positive; got β1={self.beta1}, β2={self.beta2}.")
 
     @property
-    def symmetric(self) -> bool:
-        return False
-
-    @property
     def granularity(self) -> PerGroup:
         return PerGroup(self.beta1)
 

@@ -158,17 +158,18 @@ def quantize_shared(weights: list[torch.Tensor], stats: HessianStats, spec, cfg:
     couple the layers, so those go one by one."""
     if isinstance(spec.weight, IntFormat) and isinstance(spec.weight.granularity, PerTensor):
         return [quantize_layer(w, stats, spec, cfg) for w in weights]
-    _check_stats(stats)
+    check_stats(stats)
     stacked = gptq_quantize(torch.cat([w.detach() for w in weights]), stats, spec.weight, cfg)
     return stacked.split_rows([w.shape[0] for w in weights])
 
 
-def _check_stats(stats: HessianStats | None) -> None:
+def check_stats(stats: HessianStats | None, method: str = "GPTQ") -> None:
+    """Refuse a layer without calibration statistics (one outside the decoder blocks, e.g. lm_head)."""
     if stats is None or stats.n == 0:
-        raise LowbitError("GPTQ needs calibration statistics for every layer it quantizes; layers outside the "
-                          "decoder blocks (lm_head) are not supported yet: --ignore them or use --method rtn.")
+        raise LowbitError(f"{method} needs calibration statistics for every layer it quantizes; layers outside the "
+                          f"decoder blocks (lm_head) are not supported yet: --ignore them or use --method rtn.")
 
 
 def quantize_layer(weight: torch.Tensor, stats: HessianStats | None, spec, cfg: GPTQConfig) -> QuantizedWeight:
-    _check_stats(stats)
+    check_stats(stats)
     return gptq_quantize(weight, stats, spec.weight, cfg)

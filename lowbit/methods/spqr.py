@@ -27,7 +27,15 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.formats.intgrid import decode, encode, grid_params
 from lowbit.formats.spqr import SpQRFormat, SpQRWeight, encode_column, fit_group, to_csr
-from lowbit.methods.gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP, HessianStats, accumulate, init_stats, prepare
+from lowbit.methods.gptq import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_DAMP,
+    HessianStats,
+    accumulate,
+    check_stats,
+    init_stats,
+    prepare,
+)
 
 __all__ = ["NEEDS_CALIBRATION", "SpQRConfig", "accumulate", "configure", "init_stats", "quantize_layer",
            "spqr_quantize"]
@@ -180,9 +188,7 @@ def configure(recipe) -> SpQRConfig:
 
 
 def quantize_layer(weight: torch.Tensor, stats: HessianStats | None, spec, cfg: SpQRConfig) -> SpQRWeight:
-    if stats is None or stats.n == 0:
-        raise LowbitError("SpQR needs calibration statistics for every layer it quantizes; layers outside the "
-                          "decoder blocks (lm_head) are not supported: --ignore them or use --method rtn.")
+    check_stats(stats, "SpQR")
     if not isinstance(spec.weight, SpQRFormat):
         raise LowbitError(f"--method spqr needs an SpQR weight format; the layer's plan says "
                           f"{spec.weight.to_dict()}.")
