@@ -14,6 +14,7 @@ from torch import nn
 from lowbit.data.calibration import CalibConfig, calibration_ids
 from lowbit.errors import LowbitError
 from lowbit.formats import fake_quantize, fake_quantize_activation
+from lowbit.hardware import resolve_compute_dtype, resolve_device
 from lowbit.io.checkpoint import is_packed, quantized_layers, save_checkpoint, unique_state_dict
 from lowbit.methods.registry import get_method
 from lowbit.model.capture import capture_block_inputs
@@ -47,18 +48,6 @@ def load_tokenizer(name_or_path: str | Path):
     if gguf:
         return AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
     return AutoTokenizer.from_pretrained(directory)
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise LowbitError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N.") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LowbitError(f"device {device!r} was asked for but no CUDA GPU is available; use --device cpu.")
-    return dev
 
 
 def storage_dtype(model: nn.Module, requested: str = "auto") -> torch.dtype:
@@ -95,14 +84,17 @@ class QuantizeResult:
     calib: CalibConfig | None = None
     source: str = ""
     sizes: dict = field(default_factory=dict)
+    compute_dtype: str = "float32"
 
 
 def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, calib: CalibConfig | None = None,
-             device: str = "auto", dtype: str = "auto", progress: bool = True) -> QuantizeResult:
+             device: str = "auto", dtype: str = "auto", compute_dtype: str = "auto",
+             progress: bool = True) -> QuantizeResult:
     """Quantize a model as the recipe says, block by block; returns the model with QuantLinear layers.
 
     Calibration data is used when the method needs it, or when `calib` is given (RTN then reports each block's
-    output error on it).
+    output error on it). Calibration forward passes run in `compute_dtype` (auto: bfloat16 where the hardware is
+    fast at it); statistics and quantization stay in float32, from the original weights.
     """
     start = time.perf_counter()
     source = str(model) if not isinstance(model, nn.Module) else getattr(model, "name_or_path", "")
@@ -127,6 +119,7 @@ def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, c
     # What the checkpoint will hold, from the start: calibration then sees exactly the model that is stored.
     round_unquantized(model, store_dtype, set(plan))
     dev = resolve_device(device)
+    cdtype = resolve_compute_dtype(compute_dtype, dev)
     inputs = None
     if calib is None and method.module.NEEDS_CALIBRATION:
         calib = CalibConfig()
@@ -134,15 +127,16 @@ def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, c
         if tokenizer is None:
             raise LowbitError("calibration needs the model's tokenizer: pass tokenizer= or a model name or path.")
         ids = calibration_ids(tokenizer, calib, getattr(model.config, "max_position_embeddings", None))
-        offload = activation_device(model, ids.numel(), dev)
-        inputs = capture_block_inputs(model, family, ids, dev, offload=offload)
+        offload = activation_device(model, ids.numel(), dev, cdtype)
+        inputs = capture_block_inputs(model, family, ids, dev, offload=offload, dtype=cdtype)
     else:
         offload = torch.device("cpu")
     result = quantize_model(model, family, plan, method, inputs, dev, offload, progress=progress,
-                            cfg=method.module.configure(recipe))
+                            cfg=method.module.configure(recipe), compute_dtype=cdtype)
     if "lm_head" in plan and getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False
-    out = QuantizeResult(model, recipe, plan, store_dtype, time.perf_counter() - start, result, calib, source)
+    out = QuantizeResult(model, recipe, plan, store_dtype, time.perf_counter() - start, result, calib, source,
+                         compute_dtype=str(cdtype).removeprefix("torch."))
     out.sizes = size_report(model, store_dtype)
     return out
 
@@ -179,6 +173,7 @@ def save(result: QuantizeResult, out_dir: str | Path, *, tokenizer=None, overwri
         "bits_per_weight": result.sizes["bits_per_weight"], "seconds": round(result.seconds, 3),
         "source_model": result.source, "recipe": result.recipe.to_dict(),
         "calibration": result.calib.to_dict() if result.calib else None,
+        "compute_dtype": result.compute_dtype,
         "size": result.sizes,
         "blocks": [vars(b) for b in result.pipeline.blocks],
     }

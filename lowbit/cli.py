@@ -68,7 +68,7 @@ def print_summary(result, header: dict, out: Path) -> None:
         f" {header['bytes_on_disk'] / 1e6:.1f} MB with config and tokenizer)",
     ]
     if errors:
-        lines.append(f"  block error  relative output MSE on calibration data: first {errors[0]:.2e}, "
+        lines.append(f"  block error  relative output MSE on a calibration batch: first {errors[0]:.2e}, "
                      f"max {max(errors):.2e}, last {errors[-1]:.2e}")
     lines += [f"  time         {result.seconds:.1f} s", f"  output       {out}"]
     print("\n".join(lines))
@@ -83,7 +83,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     calib = _calib_from_args(args)
     tokenizer = api.load_tokenizer(args.model)
     result = api.quantize(args.model, recipe, tokenizer=tokenizer, calib=calib, device=args.device, dtype=args.dtype,
-                          progress=not args.quiet)
+                          compute_dtype=args.compute_dtype, progress=not args.quiet)
     header = api.save(result, out, tokenizer=tokenizer, overwrite=args.overwrite)
     print_summary(result, header, out)
     return 0
@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, help="seed for drawing calibration windows (default 0)")
     q.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:N")
     q.add_argument("--dtype", default="auto", help="16-bit dtype for unquantized tensors: auto, float16, bfloat16")
+    q.add_argument("--compute-dtype", default="auto",
+                   help="dtype of the calibration forward passes: auto (bfloat16 on a GPU or a CPU with AVX512-BF16/"
+                        "AMX, else float32), float32, bfloat16, float16; statistics stay float32")
     q.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     q.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -17,18 +17,21 @@ from tqdm.auto import tqdm
 from lowbit.errors import LowbitError
 from lowbit.methods.registry import MethodEntry
 from lowbit.model.architectures import Family, decoder_blocks
-from lowbit.model.capture import BlockInputs, StopForward, run_block
+from lowbit.model.capture import BlockInputs, StopForward, first_batches, run_block
 from lowbit.recipe import LayerSpec
 from lowbit.runtime.qlinear import QuantLinear, set_module
 
 
-def activation_device(model: nn.Module, tokens: int, device: torch.device) -> torch.device:
-    """Where calibration activations live between blocks: on the GPU when the three copies the pipeline holds
-    (inputs, float reference, outputs) take at most half its free memory — no host round trips — else the CPU."""
+def activation_device(model: nn.Module, tokens: int, device: torch.device,
+                      dtype: torch.dtype | None = None) -> torch.device:
+    """Where calibration activations live between blocks: on the GPU when what the pipeline holds (inputs,
+    outputs, the reference batch, the last layer's deferred inputs) takes at most half its free memory — no host
+    round trips — else the CPU."""
     if device.type != "cuda":
         return torch.device("cpu")
-    itemsize = next(model.parameters()).element_size()
-    need = 3 * tokens * model.config.hidden_size * itemsize
+    itemsize = (dtype or next(model.parameters()).dtype).itemsize
+    hidden = model.config.hidden_size
+    need = tokens * (3 * hidden + getattr(model.config, "intermediate_size", 4 * hidden)) * itemsize
     free, _ = torch.cuda.mem_get_info(device)
     return device if need <= free / 2 else torch.device("cpu")
 
@@ -38,7 +41,8 @@ class BlockReport:
     index: int
     layers: int
     seconds: float
-    output_error: float | None = None  # ‖y_q − y‖² / ‖y‖² on the calibration inputs, when there are any
+    output_error: float | None = None  # ‖y_q − y‖² / ‖y‖² on the first calibration batch, when there is one
+    shortcut: bool = False  # outputs from the residual shortcut (no final pass over the block)
 
 
 @dataclass
@@ -55,9 +59,10 @@ def install(module: nn.Module, qweights: dict, specs: dict[str, LayerSpec]) -> N
 
 
 def _relative_error(quantized: BlockInputs, reference: BlockInputs) -> float:
-    pairs = zip(quantized.hidden, reference.hidden, strict=True)
+    """Over the batches of `reference` (the first ones of `quantized`)."""
+    pairs = list(zip(quantized.hidden, reference.hidden, strict=False))
     num = sum((q.float() - r.float()).pow(2).sum().item() for q, r in pairs)
-    den = sum(r.float().pow(2).sum().item() for r in reference.hidden)
+    den = sum(r.float().pow(2).sum().item() for _, r in pairs)
     return num / max(den, 1e-30)
 
 
@@ -75,7 +80,7 @@ class GroupStats:
 
     stats: dict = field(default_factory=dict)  # owner layer -> the method's statistics
     owner: dict[str, str] = field(default_factory=dict)  # layer -> the first layer that saw the same input
-    outputs: BlockInputs | None = None  # the block's outputs, when the pass ran to the end
+    outputs: BlockInputs | None = None  # the block's outputs on the batches that ran to the end
 
     def shared(self) -> dict[str, list[str]]:
         members: dict[str, list[str]] = {}
@@ -84,21 +89,51 @@ class GroupStats:
         return members
 
 
+class DeferredLinear(nn.Module):
+    """Stands in for the block's last linear layer during its statistics pass: keeps the layer's inputs and
+    returns zeros, so the pass yields the block's output without that layer's term.
+
+    Where the block ends in a residual sum, y = r + down(x), the quantized block's output is then
+    r + down_q(x) (`shortcut_outputs`), and no final pass over the quantized block is needed."""
+
+    def __init__(self, linear: nn.Linear, store: torch.device | str) -> None:
+        super().__init__()
+        self.linear, self.store = linear, store
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.detach().to(self.store))
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def shortcut_outputs(layer: nn.Module, partial: BlockInputs, deferred: DeferredLinear, device,
+                     offload) -> BlockInputs:
+    """The quantized block's outputs: each batch's partial output plus the (now quantized) last layer's term."""
+    out = BlockInputs(kwargs=partial.kwargs)
+    with torch.no_grad():
+        for r, x in zip(partial.hidden, deferred.inputs, strict=True):
+            out.hidden.append((r.to(device) + layer(x.to(device))).to(offload))
+    return out
+
+
 def _collect_stats(block: nn.Module, names: list[str], method, inputs: BlockInputs, device, offload,
-                   keep_outputs: bool = False) -> GroupStats:
+                   full: int = 0) -> GroupStats:
     """Run the block on the calibration inputs with hooks that fold each named layer's inputs into its stats.
 
     Layers that receive the very same tensor (q/k/v, gate/up) share one statistics object, accumulated once.
-    Unless `keep_outputs`, each batch stops as soon as every named layer has seen its input: the rest of the block
-    is not needed for this group.
+    The first `full` batches run to the end of the block (their outputs are returned); every later batch stops
+    as soon as each named layer has seen its input: the rest of the block is not needed for this group.
     """
     result = GroupStats()
     pending: set[str] = set()
     seen: dict[tuple, str] = {}
+    batch = [-1]
 
     def before_batch():
         pending.update(names)
         seen.clear()
+        batch[0] += 1
 
     def hook_for(name):
         def hook(module, args):
@@ -111,7 +146,7 @@ def _collect_stats(block: nn.Module, names: list[str], method, inputs: BlockInpu
                 current = result.stats.get(name) or method.init_stats(module.in_features, device)
                 result.stats[name] = method.accumulate(current, x)
             pending.discard(name)
-            if not pending and not keep_outputs:
+            if not pending and batch[0] >= full:
                 raise StopForward
         return hook
 
@@ -121,43 +156,96 @@ def _collect_stats(block: nn.Module, names: list[str], method, inputs: BlockInpu
     finally:
         for h in handles:
             h.remove()
-    result.outputs = outputs if keep_outputs else None
+    result.outputs = outputs if full else None
     return result
 
 
+@dataclass
+class BlockResult:
+    qweights: dict
+    reference: BlockInputs | None = None  # the float block's outputs on the first calibration batch
+    partial: BlockInputs | None = None  # with `deferred`: the outputs without the last layer's term
+    deferred: DeferredLinear | None = None
+    deferred_name: str = ""
+
+
+def _quantize_group(block: nn.Module, gs: GroupStats, weights: dict[str, torch.Tensor], specs, module, cfg,
+                    qweights: dict) -> None:
+    for owner, members in gs.shared().items():
+        originals = [weights[n] for n in members]
+        if len(members) > 1 and hasattr(module, "quantize_shared") and len({specs[n] for n in members}) == 1:
+            quantized = module.quantize_shared(originals, gs.stats[owner], specs[owner], cfg)
+        else:
+            quantized = [module.quantize_layer(w, gs.stats[owner], specs[n], cfg)
+                         for n, w in zip(members, originals, strict=True)]
+        for name, qw in zip(members, quantized, strict=True):
+            qweights[name] = qw
+            current = block.get_submodule(name).weight
+            current.data = qw.dequantize().to(current.device, current.dtype)
+
+
 def quantize_block(block: nn.Module, specs: dict[str, LayerSpec], method, cfg, order, inputs: BlockInputs | None,
-                   device, offload) -> tuple[dict, BlockInputs | None]:
+                   device, offload, weights: dict[str, torch.Tensor] | None = None,
+                   shortcut: bool = False) -> BlockResult:
     """Quantize the block's planned layers; with statistics, group by group so later layers see quantized inputs.
 
-    Returns the quantized weights and, when statistics were collected, the float block's outputs (from the first
-    group's pass, which runs the unquantized block to the end).
+    `weights` are the layers' original weights (full precision; by default the block's own). The float block's
+    reference outputs come from the first group's pass on the first batch. With `shortcut` and a last group of one
+    layer, that layer is deferred (see DeferredLinear) and the result carries what `shortcut_outputs` needs.
     """
     module = method.module
+    weights = weights or {n: block.get_submodule(n).weight for n in specs}
     if inputs is None or not hasattr(module, "accumulate"):
-        return {n: module.quantize_layer(block.get_submodule(n).weight, None, s, cfg) for n, s in specs.items()}, None
-    qweights, reference = {}, None
-    for k, group in enumerate(sequential_groups(order, list(specs))):
-        gs = _collect_stats(block, group, module, inputs, device, offload, keep_outputs=k == 0)
-        reference = gs.outputs if k == 0 else reference
-        for owner, members in gs.shared().items():
-            weights = [block.get_submodule(n).weight for n in members]
-            if len(members) > 1 and hasattr(module, "quantize_shared") and len({specs[n] for n in members}) == 1:
-                quantized = module.quantize_shared(weights, gs.stats[owner], specs[owner], cfg)
-            else:
-                quantized = [module.quantize_layer(block.get_submodule(n).weight, gs.stats[owner], specs[n], cfg)
-                             for n in members]
-            for name, weight, qw in zip(members, weights, quantized, strict=True):
-                qweights[name] = qw
-                weight.data = qw.dequantize().to(weight.device, weight.dtype)
-    return qweights, reference
+        return BlockResult({n: module.quantize_layer(weights[n], None, s, cfg) for n, s in specs.items()})
+    result = BlockResult({})
+    groups = sequential_groups(order, list(specs))
+    for k, group in enumerate(groups):
+        defer = shortcut and k == len(groups) - 1 and k > 0 and len(group) == 1
+        if defer:
+            result.deferred, result.deferred_name = DeferredLinear(block.get_submodule(group[0]), offload), group[0]
+            set_module(block, group[0], result.deferred)
+        try:
+            gs = _collect_stats(block, group, module, inputs, device, offload,
+                                full=len(inputs.hidden) if defer else int(k == 0))
+        finally:
+            if defer:
+                set_module(block, group[0], result.deferred.linear)
+        if k == 0:
+            result.reference = gs.outputs
+        if defer:
+            result.partial = gs.outputs
+        _quantize_group(block, gs, weights, specs, module, cfg, result.qweights)
+    return result
+
+
+def _next_inputs(block: nn.Module, br: BlockResult, inputs: BlockInputs, device, offload,
+                 verified: dict) -> BlockInputs:
+    """The quantized block's outputs: by the residual shortcut where it holds for this block type (checked once,
+    on the first batch, against a real pass), else by running the block."""
+    if br.deferred is not None:
+        out = shortcut_outputs(block.get_submodule(br.deferred_name), br.partial, br.deferred, device, offload)
+        key = (type(block), br.deferred_name)
+        if key not in verified:
+            real = run_block(block, first_batches(inputs, 1), device, offload)
+            verified[key] = _relative_error(out, real) < 1e-6
+        if verified[key]:
+            return out
+    return run_block(block, inputs, device, offload)
+
 
 
 def quantize_model(model: nn.Module, family: Family, plan: dict[str, LayerSpec], method: MethodEntry,
                    inputs: BlockInputs | None = None, device: torch.device | str = "cpu",
-                   offload: torch.device | str = "cpu", progress: bool = True, cfg=None) -> PipelineResult:
-    """Quantize every layer in `plan` block by block, in place."""
+                   offload: torch.device | str = "cpu", progress: bool = True, cfg=None,
+                   compute_dtype: torch.dtype | None = None, shortcut: bool = True) -> PipelineResult:
+    """Quantize every layer in `plan` block by block, in place.
+
+    Each block runs on `device` in `compute_dtype` (default: the model's own) while its layers are quantized from
+    their original weights; its unquantized parameters return to their home device and dtype afterwards.
+    """
     blocks = decoder_blocks(model, family)
     result = PipelineResult()
+    verified: dict = {}
     bar = tqdm(blocks, desc=f"quantizing ({method.description.split(':')[0].split(',')[0]})", unit="block",
                disable=not progress, dynamic_ncols=True)
     for i, block in enumerate(bar):
@@ -165,21 +253,28 @@ def quantize_model(model: nn.Module, family: Family, plan: dict[str, LayerSpec],
         prefix = f"{family.blocks}.{i}."
         specs = {n[len(prefix):]: s for n, s in plan.items() if n.startswith(prefix)}
         home = next(block.parameters()).device  # where the block's weights go back to (the CPU, usually)
-        block.to(device)
-        qweights, reference = quantize_block(block, specs, method, cfg, family.sequential, inputs, device, offload)
-        if inputs is not None and reference is None:  # no statistics pass (RTN): the block is still unquantized
-            reference = run_block(block, inputs, device, offload)
-        install(block, qweights, specs)
+        masters = {n: p.data for n, p in block.named_parameters()}
+        block.to(device, compute_dtype)
+        weights = {n: masters[n + ".weight"] for n in specs}
+        br = quantize_block(block, specs, method, cfg, family.sequential, inputs, device, offload, weights,
+                            shortcut)
+        if inputs is not None and br.reference is None:  # no statistics pass (RTN): the block is still unquantized
+            br.reference = run_block(block, first_batches(inputs, 1), device, offload)
+        install(block, br.qweights, specs)
         report = BlockReport(i, len(specs), 0.0)
         if inputs is not None:
-            inputs = run_block(block, inputs, device, offload)
-            report.output_error = _relative_error(inputs, reference)
+            inputs = _next_inputs(block, br, inputs, device, offload, verified)
+            report.shortcut = br.deferred is not None and verified.get((type(block), br.deferred_name), False)
+            report.output_error = _relative_error(inputs, br.reference)
             bar.set_postfix(error=f"{report.output_error:.2e}")
         block.to(home)
+        for n, p in block.named_parameters():
+            if n in masters:
+                p.data = masters[n]
         report.seconds = time.perf_counter() - start
         result.blocks.append(report)
     outside = {n: s for n, s in plan.items() if not n.startswith(family.blocks + ".")}
     if outside:
-        install(model, quantize_block(model, outside, method, cfg, (), None, "cpu", "cpu")[0], outside)
+        install(model, quantize_block(model, outside, method, cfg, (), None, "cpu", "cpu").qweights, outside)
     result.final_inputs = inputs
     return result

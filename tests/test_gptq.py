@@ -53,12 +53,14 @@ def test_equals_naive_implementation(fmt, block_size):
     assert (ours - naive).abs().mean() < 1e-5
 
 
-def test_hessian_is_streamed():
-    _, X = _layer(1)
-    one = accumulate(init_stats(64), X)
-    two = accumulate(accumulate(init_stats(64), X[:200]), X[200:])
+@pytest.mark.parametrize("cols", [64, 600])  # 600: accumulated in upper-triangle panels
+def test_hessian_is_streamed(cols):
+    _, X = _layer(1, cols=cols)
+    one = accumulate(init_stats(cols), X)
+    two = accumulate(accumulate(init_stats(cols), X[:200]), X[200:])
     torch.testing.assert_close(one.H, two.H, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(one.H, 2 * X.T @ X / X.shape[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(one.H, one.H.T)
     assert two.n == X.shape[0]
 
 

@@ -33,7 +33,7 @@ def test_block_by_block_equals_whole_model_rtn(stories, _stories):
 def test_block_hand_off_matches_the_fake_quantized_model(stories, _stories, stories_tokenizer):
     """The inputs handed from block to block equal what the whole fake-quantized model computes (same device)."""
     result = api.quantize(stories, Recipe(scheme="w4a16", group_size=0), tokenizer=stories_tokenizer, calib=CALIB,
-                          device="cpu", progress=False)
+                          device="cpu", compute_dtype="float32", progress=False)
     fake = api.fake_quantize_model(_stories, result.plan, result.dtype)
     ids = calibration_ids(stories_tokenizer, CALIB)
     seen = []
@@ -131,9 +131,9 @@ def test_gpu_pipeline_matches_cpu(_stories, stories_tokenizer):
 
     recipe = Recipe(scheme="w4a16", group_size=4, symmetric=False)
     cpu = api.quantize(copy.deepcopy(_stories), recipe, tokenizer=stories_tokenizer, calib=CALIB, device="cpu",
-                       progress=False)
+                       compute_dtype="float32", progress=False)
     gpu = api.quantize(copy.deepcopy(_stories), recipe, tokenizer=stories_tokenizer, calib=CALIB, device="cuda",
-                       progress=False)
+                       compute_dtype="float32", progress=False)
     assert all(p.device.type == "cpu" for p in gpu.model.parameters())  # blocks go back after their turn
     cpu_layers, gpu_layers = dict(cpu.model.named_modules()), dict(gpu.model.named_modules())
     for name in cpu.plan:
@@ -186,7 +186,7 @@ def test_shared_statistics_and_early_exit_change_no_result(_stories, stories_tok
     ids = calibration_ids(stories_tokenizer, CALIB)
     inputs = capture_block_inputs(_stories, family_of(_stories), ids, "cpu")
     names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
-    gs = pipeline._collect_stats(block, names, gptq, inputs, "cpu", "cpu")
+    gs = pipeline._collect_stats(block, names, gptq, inputs, "cpu", "cpu")  # no batch runs to the end
     assert gs.shared() == {"self_attn.q_proj": names} and gs.outputs is None
     assert gs.stats["self_attn.q_proj"].n == inputs.tokens
 
@@ -194,7 +194,7 @@ def test_shared_statistics_and_early_exit_change_no_result(_stories, stories_tok
     fast = api.quantize(copy.deepcopy(_stories), recipe, tokenizer=stories_tokenizer, calib=CALIB, device="cpu",
                         progress=False)
     collect = pipeline._collect_stats
-    monkeypatch.setattr(pipeline, "_collect_stats", lambda *a, **k: collect(*a[:6], keep_outputs=True))
+    monkeypatch.setattr(pipeline, "_collect_stats", lambda *a, **k: collect(*a[:6], full=len(inputs.hidden)))
     monkeypatch.delattr(gptq, "quantize_shared")
     slow = api.quantize(copy.deepcopy(_stories), recipe, tokenizer=stories_tokenizer, calib=CALIB, device="cpu",
                         progress=False)
@@ -203,5 +203,74 @@ def test_shared_statistics_and_early_exit_change_no_result(_stories, stories_tok
             a = layer.dequantized_weight()
             b = slow.model.get_submodule(name).dequantized_weight()
             assert (a != b).float().mean() < 1e-3, name  # stacked rows: float sums may round a tie differently
-    for a, b in zip(fast.pipeline.blocks, slow.pipeline.blocks, strict=True):
-        assert a.output_error == pytest.approx(b.output_error, rel=1e-3)
+
+
+def test_residual_shortcut_equals_a_final_pass(_stories, stories_tokenizer, monkeypatch):
+    """The last layer deferred (block output = partial output + down_q(x)) hands the next block what a final pass
+    over the quantized block computes, and quantizes to the same weights."""
+    import copy
+    import functools
+
+    from lowbit import pipeline
+
+    recipe = Recipe(method="gptq", scheme="w4a16", group_size=4)
+
+    def run():
+        return api.quantize(copy.deepcopy(_stories), recipe, tokenizer=stories_tokenizer, calib=CALIB, device="cpu",
+                            compute_dtype="float32", progress=False)
+
+    fast = run()
+    monkeypatch.setattr(api, "quantize_model", functools.partial(pipeline.quantize_model, shortcut=False))
+    off = run()
+    assert all(b.shortcut for b in fast.pipeline.blocks) and not any(b.shortcut for b in off.pipeline.blocks)
+    for a, b in zip(fast.pipeline.final_inputs.hidden, off.pipeline.final_inputs.hidden, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for name in fast.plan:
+        assert torch.equal(fast.model.get_submodule(name).dequantized_weight(),
+                           off.model.get_submodule(name).dequantized_weight()), name
+    assert [b.output_error for b in fast.pipeline.blocks] == pytest.approx(
+        [b.output_error for b in off.pipeline.blocks], rel=1e-4)
+
+
+def test_shortcut_falls_back_where_the_block_is_not_a_residual_sum(_stories, stories_tokenizer):
+    """With only o_proj planned, the deferred layer's output feeds the MLP: the shortcut is refused after the
+    check on the first batch, and the hand-off still equals the fake-quantized model's."""
+    import copy
+
+    recipe = Recipe(method="gptq", scheme="w4a16", group_size=4, targets=(r"self_attn\.(q|o)_proj",))
+    result = api.quantize(copy.deepcopy(_stories), recipe, tokenizer=stories_tokenizer, calib=CALIB, device="cpu",
+                          compute_dtype="float32", progress=False)
+    assert not any(b.shortcut for b in result.pipeline.blocks)
+    fake = api.fake_quantize_model(_stories, {}, result.dtype)
+    for name in result.plan:
+        fake.get_submodule(name).weight.data = result.model.get_submodule(name).dequantized_weight()
+    seen = []
+    handle = decoder_blocks(fake, family_of(fake))[-1].register_forward_hook(
+        lambda _m, _a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        for batch in calibration_ids(stories_tokenizer, CALIB).split(8):
+            fake(batch)
+    handle.remove()
+    torch.testing.assert_close(torch.cat(result.pipeline.final_inputs.hidden), torch.cat(seen), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_bf16_calibration_keeps_float32_weights_and_tracks_float32(_stories, stories_tokenizer):
+    """Calibration passes in bfloat16: unquantized parameters come back in float32, bit-equal; layers are
+    quantized from the float32 originals; the block errors stay close to a float32 run's."""
+    import copy
+
+    recipe = Recipe(method="gptq", scheme="w4a16", group_size=4)
+    runs = {dt: api.quantize(copy.deepcopy(_stories), recipe, tokenizer=stories_tokenizer, calib=CALIB,
+                             device="cpu", compute_dtype=dt, progress=False) for dt in ("bfloat16", "float32")}
+    bf16 = runs["bfloat16"]
+    rounded = api.fake_quantize_model(_stories, {}, bf16.dtype)
+    for n, p in bf16.model.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, rounded.get_parameter(n)), n
+    assert bf16.pipeline.final_inputs.hidden[0].dtype == torch.bfloat16
+    a = torch.tensor([b.output_error for b in bf16.pipeline.blocks])
+    b = torch.tensor([b.output_error for b in runs["float32"].pipeline.blocks])
+    assert ((a - b).abs() / b).max() < 0.25, (a, b)
+    with pytest.raises(LowbitError, match="unknown --compute-dtype"):
+        api.quantize(copy.deepcopy(_stories), recipe, tokenizer=stories_tokenizer, calib=CALIB, device="cpu",
+                     compute_dtype="int8", progress=False)

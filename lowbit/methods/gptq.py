@@ -30,26 +30,45 @@ DEFAULT_BLOCK_SIZE = 128
 DEFAULT_DAMP = 0.01
 
 
+HESSIAN_PANELS = 3  # row panels of the upper triangle: 2/3 of the full product's work
+
+
 @dataclass
 class HessianStats:
-    """H = 2/n Σ x xᵀ over the n calibration tokens seen so far (float32, [in, in])."""
+    """H = 2/n Σ x xᵀ over the n calibration tokens seen so far (float32, [in, in]).
 
-    H: torch.Tensor
+    Only the panels on and above the diagonal are accumulated (`upper`; H is symmetric); `H` mirrors them.
+    """
+
+    upper: torch.Tensor
     n: int = 0
+
+    @property
+    def H(self) -> torch.Tensor:
+        return self.upper.triu() + self.upper.triu(1).T
 
 
 def init_stats(in_features: int, device: torch.device | str = "cpu") -> HessianStats:
     return HessianStats(torch.zeros(in_features, in_features, dtype=torch.float32, device=device))
 
 
+def _panels(n: int) -> list[tuple[int, int]]:
+    if n < 256:
+        return [(0, n)]
+    size = -(-n // HESSIAN_PANELS)
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
 def accumulate(stats: HessianStats, x: torch.Tensor) -> HessianStats:
-    """Fold a batch of layer inputs x [..., in] into the running Hessian (streamed; never all activations)."""
+    """Fold a batch of layer inputs x [..., in] into the running Hessian, in place (streamed; never all
+    activations). Each row panel P gets H[P, P:] += 2/n · x_Pᵀ x_{P:}."""
     x = x.reshape(-1, x.shape[-1]).float()
-    m = x.shape[0]
-    total = stats.n + m
-    H = stats.H * (stats.n / total)
-    x = x * (2 / total) ** 0.5
-    return HessianStats(H + x.T @ x, total)
+    total = stats.n + x.shape[0]
+    stats.upper.mul_(stats.n / total)
+    for a, b in _panels(x.shape[1]):
+        stats.upper[a:b, a:].addmm_(x[:, a:b].T, x[:, a:], alpha=2 / total)
+    stats.n = total
+    return stats
 
 
 @dataclass(frozen=True)
@@ -122,8 +141,12 @@ def gptq_quantize(weight: torch.Tensor, stats: HessianStats, fmt: WeightFormat,
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        inv_diag = (1 / torch.diag(Hinv1)).tolist()
         Err1 = torch.zeros_like(W1)
-        C1 = torch.zeros_like(W1)
+        # each column's scale and zero: codes are recovered from them and the quantized columns after the batch
+        S1, Z1 = (S_all[:, i1:i2], Z_all[:, i1:i2]) if static else (torch.empty_like(W1), torch.empty_like(W1))
+        if group is None:
+            S1[:], Z1[:] = s_i.unsqueeze(1), z_i.unsqueeze(1)
         for i in range(i2 - i1):
             col = order[i1 + i]  # this column's index in the original order
             if static:
@@ -132,18 +155,17 @@ def gptq_quantize(weight: torch.Tensor, stats: HessianStats, fmt: WeightFormat,
                 s, z = _params(W1[:, i:i + group].unsqueeze(1), fmt)
                 scale[:, col // group], zero[:, col // group] = s[:, 0], z[:, 0]
                 s_i, z_i = s[:, 0].float(), z[:, 0].float()
+                S1[:, i:i + group], Z1[:, i:i + group] = s_i.unsqueeze(1), z_i.unsqueeze(1)
             w = W1[:, i]
             if fmt.float_zero:  # ŵ = c·s + m
-                c = torch.round((w - z_i) / s_i).clamp_(0, qmax)
-                q = c * s_i + z_i
+                q = (w - z_i).div_(s_i).round_().clamp_(0, qmax).mul_(s_i).add_(z_i)
             else:  # ŵ = (c − z)·s
-                c = (torch.round(w / s_i) + z_i).clamp_(0, qmax)
-                q = (c - z_i) * s_i
-            C1[:, i] = c
-            err = (w - q) / Hinv1[i, i]
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+                q = (w / s_i).round_().add_(z_i).clamp_(0, qmax).sub_(z_i).mul_(s_i)
+            err = (w - q).mul_(inv_diag[i])
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # column i itself becomes q
             Err1[:, i] = err
-        codes[:, order[i1:i2]] = C1.to(torch.uint8)
+        c = (W1 - Z1).div_(S1) if fmt.float_zero else (W1 / S1).add_(Z1)
+        codes[:, order[i1:i2]] = c.round_().clamp_(0, qmax).to(torch.uint8)
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
     return QuantizedWeight(fmt, codes, scale, None if fmt.symmetric else zero)
 

@@ -30,21 +30,23 @@ class BlockInputs:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
 
 
-def to_device(obj, device: torch.device | str):
-    """Move the tensors inside nested tuples, lists and dicts."""
+def to_device(obj, device: torch.device | str, dtype: torch.dtype | None = None):
+    """Move the tensors inside nested tuples, lists and dicts (floating ones cast to `dtype`, when given)."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return obj.to(device, dtype) if dtype is not None and obj.is_floating_point() else obj.to(device)
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(o, device) for o in obj)
+        return type(obj)(to_device(o, device, dtype) for o in obj)
     if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device, dtype) for k, v in obj.items()}
     return obj
 
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, family: Family, ids: torch.Tensor, device: torch.device | str,
-                         batch_size: int = 8, offload: torch.device | str = "cpu") -> BlockInputs:
-    """Run the model on ids [n, seqlen] until block 0 and keep block 0's inputs."""
+                         batch_size: int = 8, offload: torch.device | str = "cpu",
+                         dtype: torch.dtype | None = None) -> BlockInputs:
+    """Run the model on ids [n, seqlen] until block 0 and keep block 0's inputs (cast to `dtype`, when given: the
+    precision the blocks will run in)."""
     first = decoder_blocks(model, family)[0]
     pre = [m for p in family.pre_block if (m := optional_submodule(model, p)) is not None]
     store = BlockInputs()
@@ -52,8 +54,8 @@ def capture_block_inputs(model: nn.Module, family: Family, ids: torch.Tensor, de
     def hook(_module, args, kwargs):
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        store.hidden.append(hidden.detach().to(offload))
-        store.kwargs.append(to_device(kwargs, offload))
+        store.hidden.append(to_device(hidden.detach(), offload, dtype))
+        store.kwargs.append(to_device(kwargs, offload, dtype))
         raise StopForward
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
@@ -71,6 +73,10 @@ def capture_block_inputs(model: nn.Module, family: Family, ids: torch.Tensor, de
         for m, home in zip(pre, homes, strict=True):
             m.to(home)
     return store
+
+
+def first_batches(inputs: BlockInputs, n: int) -> BlockInputs:
+    return BlockInputs(inputs.hidden[:n], inputs.kwargs[:n])
 
 
 @torch.no_grad()

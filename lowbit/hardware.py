@@ -1,0 +1,48 @@
+"""Where calibration runs and in which precision: the device, and the dtype of the calibration forward passes."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from lowbit.errors import LowbitError
+
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise LowbitError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LowbitError(f"device {device!r} was asked for but no CUDA GPU is available; use --device cpu.")
+    return dev
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), where bf16 matmuls beat float32 ones."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_compute_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """The dtype of calibration forward passes. `auto`: bfloat16 where the hardware is fast at it (a CUDA GPU with
+    bf16, a CPU with AVX512-BF16/AMX), else float32. Statistics (Hessians) and the quantization itself stay in
+    float32, and weights are always quantized from their original values."""
+    if requested != "auto":
+        if requested not in COMPUTE_DTYPES:
+            raise LowbitError(f"unknown --compute-dtype {requested!r}: use auto, {', '.join(COMPUTE_DTYPES)}.")
+        return COMPUTE_DTYPES[requested]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
