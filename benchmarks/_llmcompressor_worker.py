@@ -25,12 +25,13 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--ids", required=True)
     p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     start = time.perf_counter()
     ids = torch.load(args.ids)
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     names = set(model.state_dict())
     weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": args.group_size}
     recipe = GPTQModifier(config_groups={"g": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"],
@@ -40,7 +41,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k in names}
+    state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items() if k in names}
     if "lm_head.weight" in state and model.config.tie_word_embeddings:
         del state["lm_head.weight"]
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from lowbit.errors import LowbitError
 from lowbit.methods.registry import MethodEntry
 from lowbit.model.architectures import Family, decoder_blocks
-from lowbit.model.capture import BlockInputs, StopForward, first_batches, run_block
+from lowbit.model.capture import BlockInputs, StopForward, first_batches, run_block, to_device
 from lowbit.recipe import LayerSpec
 from lowbit.runtime.qlinear import QuantLinear, set_module
 
@@ -43,6 +43,7 @@ class BlockReport:
     seconds: float
     output_error: float | None = None  # ‖y_q − y‖² / ‖y‖² on the first calibration batch, when there is one
     shortcut: bool = False  # outputs from the residual shortcut (no final pass over the block)
+    replay: bool = False  # later passes replayed the attention module instead of recomputing it
 
 
 @dataclass
@@ -117,13 +118,44 @@ def shortcut_outputs(layer: nn.Module, partial: BlockInputs, deferred: DeferredL
     return out
 
 
+class ReplayedModule(nn.Module):
+    """Stands in for the module whose last step is a layer quantized earlier in the block (the attention, ending
+    in o_proj) during the later groups' passes: it returns the output recorded when that layer was deferred, with
+    the quantized layer's term added, out[0] = partial[0] + layer(x), instead of recomputing q/k/v and attention.
+
+    With `check`, the first call runs the real module and compares; on a mismatch every call runs the real one."""
+
+    def __init__(self, real: nn.Module, layer: nn.Module, partial: list, inputs: list[torch.Tensor],
+                 check: bool) -> None:
+        super().__init__()
+        self.real, self.layer, self.partial, self.inputs = real, layer, partial, inputs
+        self.batch, self.ok = 0, None if check else True
+
+    def forward(self, *args, **kwargs):
+        b, self.batch = self.batch, self.batch + 1
+        if self.ok is False:
+            return self.real(*args, **kwargs)
+        out = self.partial[b]
+        first = out[0] if isinstance(out, tuple) else out
+        device = next(self.layer.parameters()).device
+        y = first.to(device) + self.layer(self.inputs[b].to(device))
+        replayed = (y, *out[1:]) if isinstance(out, tuple) else y
+        if self.ok is None:
+            real = self.real(*args, **kwargs)
+            r = real[0] if isinstance(real, tuple) else real
+            self.ok = (y.float() - r.float()).pow(2).sum().item() <= 1e-12 * r.float().pow(2).sum().item()
+            return real
+        return replayed
+
+
 def _collect_stats(block: nn.Module, names: list[str], method, inputs: BlockInputs, device, offload,
-                   full: int = 0) -> GroupStats:
+                   full: int = 0, stop_after: nn.Module | None = None, record: list | None = None) -> GroupStats:
     """Run the block on the calibration inputs with hooks that fold each named layer's inputs into its stats.
 
     Layers that receive the very same tensor (q/k/v, gate/up) share one statistics object, accumulated once.
     The first `full` batches run to the end of the block (their outputs are returned); every later batch stops
-    as soon as each named layer has seen its input: the rest of the block is not needed for this group.
+    as soon as each named layer has seen its input: the rest of the block is not needed for this group. With
+    `stop_after`, a batch stops only once that module has returned, and its outputs are appended to `record`.
     """
     result = GroupStats()
     pending: set[str] = set()
@@ -146,11 +178,18 @@ def _collect_stats(block: nn.Module, names: list[str], method, inputs: BlockInpu
                 current = result.stats.get(name) or method.init_stats(module.in_features, device)
                 result.stats[name] = method.accumulate(current, x)
             pending.discard(name)
-            if not pending and batch[0] >= full:
+            if not pending and batch[0] >= full and stop_after is None:
                 raise StopForward
         return hook
 
+    def after(_module, _args, out):
+        record.append(to_device(out, offload))
+        if batch[0] >= full:
+            raise StopForward
+
     handles = [block.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    if stop_after is not None:
+        handles.append(stop_after.register_forward_hook(after))
     try:
         outputs = run_block(block, inputs, device, offload, before_batch)
     finally:
@@ -167,6 +206,7 @@ class BlockResult:
     partial: BlockInputs | None = None  # with `deferred`: the outputs without the last layer's term
     deferred: DeferredLinear | None = None
     deferred_name: str = ""
+    replayed: bool = False
 
 
 def _quantize_group(block: nn.Module, gs: GroupStats, weights: dict[str, torch.Tensor], specs, module, cfg,
@@ -186,36 +226,68 @@ def _quantize_group(block: nn.Module, gs: GroupStats, weights: dict[str, torch.T
 
 def quantize_block(block: nn.Module, specs: dict[str, LayerSpec], method, cfg, order, inputs: BlockInputs | None,
                    device, offload, weights: dict[str, torch.Tensor] | None = None,
-                   shortcut: bool = False) -> BlockResult:
+                   shortcut: bool = False, verified: dict | None = None) -> BlockResult:
     """Quantize the block's planned layers; with statistics, group by group so later layers see quantized inputs.
 
     `weights` are the layers' original weights (full precision; by default the block's own). The float block's
-    reference outputs come from the first group's pass on the first batch. With `shortcut` and a last group of one
-    layer, that layer is deferred (see DeferredLinear) and the result carries what `shortcut_outputs` needs.
+    reference outputs come from the first group's pass on the first batch. With `shortcut`, a last group of one
+    layer is deferred (see DeferredLinear) and the result carries what `shortcut_outputs` needs; and a middle group
+    of one layer that ends its module (o_proj in self_attn) is deferred to the module's end, which later passes
+    replay (see ReplayedModule). `verified` remembers, per block type, whether a replay matched the real module.
     """
+    verified = {} if verified is None else verified
     module = method.module
     weights = weights or {n: block.get_submodule(n).weight for n in specs}
     if inputs is None or not hasattr(module, "accumulate"):
         return BlockResult({n: module.quantize_layer(weights[n], None, s, cfg) for n, s in specs.items()})
     result = BlockResult({})
     groups = sequential_groups(order, list(specs))
-    for k, group in enumerate(groups):
-        defer = shortcut and k == len(groups) - 1 and k > 0 and len(group) == 1
-        if defer:
-            result.deferred, result.deferred_name = DeferredLinear(block.get_submodule(group[0]), offload), group[0]
-            set_module(block, group[0], result.deferred)
-        try:
-            gs = _collect_stats(block, group, module, inputs, device, offload,
-                                full=len(inputs.hidden) if defer else int(k == 0))
-        finally:
+    replay: tuple[str, ReplayedModule] | None = None
+    try:
+        for k, group in enumerate(groups):
+            defer = shortcut and k == len(groups) - 1 and k > 0 and len(group) == 1
+            parent = _replayable_parent(group, groups[k + 1:]) if shortcut and 0 < k < len(groups) - 1 else None
+            parent = parent if replay is None else None
+            deferred = DeferredLinear(block.get_submodule(group[0]), offload) if defer or parent else None
+            if deferred is not None:
+                set_module(block, group[0], deferred)
+            if replay is not None:
+                replay[1].batch = 0
+            record: list = []
+            try:
+                gs = _collect_stats(block, group, module, inputs, device, offload,
+                                    full=len(inputs.hidden) if defer else int(k == 0),
+                                    stop_after=block.get_submodule(parent) if parent else None, record=record)
+            finally:
+                if deferred is not None:
+                    set_module(block, group[0], deferred.linear)
+            if k == 0:
+                result.reference = gs.outputs
             if defer:
-                set_module(block, group[0], result.deferred.linear)
-        if k == 0:
-            result.reference = gs.outputs
-        if defer:
-            result.partial = gs.outputs
-        _quantize_group(block, gs, weights, specs, module, cfg, result.qweights)
+                result.partial, result.deferred, result.deferred_name = gs.outputs, deferred, group[0]
+            _quantize_group(block, gs, weights, specs, module, cfg, result.qweights)
+            if parent:
+                key = (type(block), parent)
+                rm = ReplayedModule(block.get_submodule(parent), block.get_submodule(group[0]), record,
+                                    deferred.inputs, check=key not in verified)
+                replay = (parent, rm)
+                set_module(block, parent, rm)
+    finally:
+        if replay is not None:
+            set_module(block, replay[0], replay[1].real)
+            key = (type(block), replay[0])
+            if key not in verified and replay[1].ok is not None:
+                verified[key] = replay[1].ok
+            result.replayed = bool(replay[1].ok)
     return result
+
+
+def _replayable_parent(group: list[str], later: list[list[str]]) -> str | None:
+    """The module a one-layer group ends (self_attn for o_proj), when no later group has layers inside it."""
+    if len(group) != 1 or "." not in group[0]:
+        return None
+    parent = group[0].rpartition(".")[0]
+    return None if any(n.startswith(parent + ".") for g in later for n in g) else parent
 
 
 def _next_inputs(block: nn.Module, br: BlockResult, inputs: BlockInputs, device, offload,
@@ -257,7 +329,7 @@ def quantize_model(model: nn.Module, family: Family, plan: dict[str, LayerSpec],
         block.to(device, compute_dtype)
         weights = {n: masters[n + ".weight"] for n in specs}
         br = quantize_block(block, specs, method, cfg, family.sequential, inputs, device, offload, weights,
-                            shortcut)
+                            shortcut, verified)
         if inputs is not None and br.reference is None:  # no statistics pass (RTN): the block is still unquantized
             br.reference = run_block(block, first_batches(inputs, 1), device, offload)
         install(block, br.qweights, specs)
@@ -265,6 +337,7 @@ def quantize_model(model: nn.Module, family: Family, plan: dict[str, LayerSpec],
         if inputs is not None:
             inputs = _next_inputs(block, br, inputs, device, offload, verified)
             report.shortcut = br.deferred is not None and verified.get((type(block), br.deferred_name), False)
+            report.replay = br.replayed
             report.output_error = _relative_error(inputs, br.reference)
             bar.set_postfix(error=f"{report.output_error:.2e}")
         block.to(home)
