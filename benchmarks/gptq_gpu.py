@@ -78,6 +78,8 @@ def main() -> None:
     errors = (result.blocks[0].output_error, result.blocks[-1].output_error)
     print(f"total (capture + GPTQ): {t2 - t0:.0f} s; peak GPU memory {peak:.1f} GiB; "
           f"block output errors first {errors[0]:.3e} last {errors[1]:.3e}")
+    print(f"blocks with the residual shortcut: {sum(b.shortcut for b in result.blocks)}; with the attention "
+          f"replayed: {sum(b.replay for b in result.blocks)}")
 
 
 if __name__ == "__main__":

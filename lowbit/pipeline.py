@@ -122,6 +122,7 @@ class ReplayedModule(nn.Module):
     """Stands in for the module whose last step is a layer quantized earlier in the block (the attention, ending
     in o_proj) during the later groups' passes: it returns the output recorded when that layer was deferred, with
     the quantized layer's term added, out[0] = partial[0] + layer(x), instead of recomputing q/k/v and attention.
+    A partial output that was all zeros is recorded as None.
 
     With `check`, the first call runs the real module and compares; on a mismatch every call runs the real one."""
 
@@ -138,7 +139,8 @@ class ReplayedModule(nn.Module):
         out = self.partial[b]
         first = out[0] if isinstance(out, tuple) else out
         device = next(self.layer.parameters()).device
-        y = first.to(device) + self.layer(self.inputs[b].to(device))
+        y = self.layer(self.inputs[b].to(device))
+        y = y if first is None else first.to(device) + y
         replayed = (y, *out[1:]) if isinstance(out, tuple) else y
         if self.ok is None:
             real = self.real(*args, **kwargs)
@@ -183,7 +185,9 @@ def _collect_stats(block: nn.Module, names: list[str], method, inputs: BlockInpu
         return hook
 
     def after(_module, _args, out):
-        record.append(to_device(out, offload))
+        first = out[0] if isinstance(out, tuple) else out
+        kept = None if not first.any() else first.to(offload)  # all zeros (nothing after the deferred layer)
+        record.append((kept, *to_device(out[1:], offload)) if isinstance(out, tuple) else kept)
         if batch[0] >= full:
             raise StopForward
 
@@ -327,7 +331,7 @@ def quantize_model(model: nn.Module, family: Family, plan: dict[str, LayerSpec],
         home = next(block.parameters()).device  # where the block's weights go back to (the CPU, usually)
         masters = {n: p.data for n, p in block.named_parameters()}
         block.to(device, compute_dtype)
-        weights = {n: masters[n + ".weight"] for n in specs}
+        weights = {n: masters[n + ".weight"].to(device) for n in specs}  # quantized from these, on the device
         br = quantize_block(block, specs, method, cfg, family.sequential, inputs, device, offload, weights,
                             shortcut, verified)
         if inputs is not None and br.reference is None:  # no statistics pass (RTN): the block is still unquantized
