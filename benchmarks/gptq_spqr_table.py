@@ -42,7 +42,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--max-prompts", type=int, default=80, help="must equal the record's prompt count")
+    p.add_argument("--max-prompts", type=int, default=80, help="the first N prompts of the record")
     p.add_argument("--windows", type=int, default=20)
     p.add_argument("--record", default="out/bench/llmcompressor/reference.safetensors")
     p.add_argument("--out", default="out/bench/table")

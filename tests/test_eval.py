@@ -44,6 +44,20 @@ def test_identical_candidate_gives_zero(record, _stories):
         assert s[split]["rms_dp"] == pytest.approx(0, abs=1e-7)
 
 
+def test_first_prompts_of_a_record(record, _stories, w3_model):
+    """--max-prompts on a saved record: its first n sequences, scored exactly as they are inside the whole one."""
+    sub = record.first(2)
+    assert sub.num_sequences == 2 and sub.meta["num_prompts"] == 2
+    assert torch.equal(sub.sequence(1), record.sequence(1))
+    whole = compare(copy.deepcopy(record), w3_model, _stories, progress=False)
+    part = compare(copy.deepcopy(sub), w3_model, _stories, progress=False)
+    mine = whole.prompt < 2
+    np.testing.assert_allclose(part.stats.kl, whole.stats.kl[mine], rtol=1e-4, atol=1e-6)
+    assert (part.prefill == whole.prefill[mine]).all()
+    with pytest.raises(LowbitError, match="cannot take the first 9"):
+        record.first(9)
+
+
 def test_generation_and_split(record, _stories, stories_tokenizer, w3_model):
     lengths = (record.offsets[1:] - record.offsets[:-1]).tolist()
     assert all(p < n <= p + 24 for p, n in zip(record.prompt_lens.tolist(), lengths, strict=True))

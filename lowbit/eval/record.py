@@ -62,6 +62,16 @@ class ReferenceRecord:
         lengths = self.offsets[1:] - self.offsets[:-1] - 1
         return torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
 
+    def first(self, n: int) -> ReferenceRecord:
+        """The record restricted to its first n sequences: their generations and reference log-probs as recorded.
+        Extras (perplexity NLLs, task answers) are not per prompt and are kept whole."""
+        if not 0 < n <= self.num_sequences:
+            raise LowbitError(f"the record holds {self.num_sequences} prompts; cannot take the first {n}.")
+        end, positions = int(self.offsets[n]), int(self.position_offsets()[n])
+        top = [None if t is None else t[:positions] for t in (self.top_ids, self.top_logprobs, self.next_logprob)]
+        return ReferenceRecord({**self.meta, "num_prompts": n}, self.tokens[:end], self.offsets[:n + 1],
+                               self.prompt_lens[:n], *top, self.extras)
+
     def check_tokenizer(self, tokenizer, what: str) -> None:
         if self.meta.get("tokenizer_fingerprint") != tokenizer_fingerprint(tokenizer):
             raise LowbitError(f"the reference record was made with another tokenizer than the {what}'s "

@@ -150,8 +150,7 @@ def _divergence(cfg, record, reference, candidate, tokenizer, prompts) -> dict |
         record.__dict__.update(fresh.__dict__)
         cfg.timings["kl_generation"] = time.perf_counter() - t
     elif cfg.max_prompts is not None and cfg.max_prompts < record.num_sequences:
-        raise LowbitError(f"the record holds {record.num_sequences} prompts; --max-prompts cannot select fewer from "
-                          f"a saved record. Record again with the prompts you want.")
+        record = record.first(cfg.max_prompts)
     t = time.perf_counter()
     d = compare(record, candidate, reference, cfg.batch_tokens, cfg.progress)
     cfg.timings["kl_teacher_forcing"] = time.perf_counter() - t
