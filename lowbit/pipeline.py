@@ -59,11 +59,15 @@ def install(module: nn.Module, qweights: dict, specs: dict[str, LayerSpec]) -> N
         set_module(module, name, QuantLinear.from_quantized(qw, specs[name], linear.bias))
 
 
+def _squared_error(a: torch.Tensor, b: torch.Tensor | float) -> float:
+    return (a.float() - b).pow(2).sum().item()
+
+
 def _relative_error(quantized: BlockInputs, reference: BlockInputs) -> float:
     """Over the batches of `reference` (the first ones of `quantized`)."""
     pairs = list(zip(quantized.hidden, reference.hidden, strict=False))
-    num = sum((q.float() - r.float()).pow(2).sum().item() for q, r in pairs)
-    den = sum(r.float().pow(2).sum().item() for _, r in pairs)
+    num = sum(_squared_error(q, r.float()) for q, r in pairs)
+    den = sum(_squared_error(r, 0) for _, r in pairs)
     return num / max(den, 1e-30)
 
 
@@ -91,8 +95,8 @@ class GroupStats:
 
 
 class DeferredLinear(nn.Module):
-    """Stands in for the block's last linear layer during its statistics pass: keeps the layer's inputs and
-    returns zeros, so the pass yields the block's output without that layer's term.
+    """Stands in for a linear layer during its statistics pass: keeps the layer's inputs and returns zeros, so
+    the pass yields the output without that layer's term (used for the block's last layer and for o_proj).
 
     Where the block ends in a residual sum, y = r + down(x), the quantized block's output is then
     r + down_q(x) (`shortcut_outputs`), and no final pass over the quantized block is needed."""
@@ -145,7 +149,7 @@ class ReplayedModule(nn.Module):
         if self.ok is None:
             real = self.real(*args, **kwargs)
             r = real[0] if isinstance(real, tuple) else real
-            self.ok = (y.float() - r.float()).pow(2).sum().item() <= 1e-12 * r.float().pow(2).sum().item()
+            self.ok = _squared_error(y, r) <= 1e-12 * _squared_error(r, 0)
             return real
         return replayed
 
@@ -307,7 +311,6 @@ def _next_inputs(block: nn.Module, br: BlockResult, inputs: BlockInputs, device,
         if verified[key]:
             return out
     return run_block(block, inputs, device, offload)
-
 
 
 def quantize_model(model: nn.Module, family: Family, plan: dict[str, LayerSpec], method: MethodEntry,
