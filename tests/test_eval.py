@@ -16,7 +16,7 @@ from lowbit.eval import tasks as tasks_mod
 from lowbit.eval.divergence import compare, make_record, summarize_divergence
 from lowbit.eval.perplexity import compare_ppl, ppl, token_nll, windows
 from lowbit.eval.prompts import load_prompts
-from lowbit.eval.record import ReferenceRecord
+from lowbit.eval.record import ReferenceRecord, model_fingerprint
 from lowbit.recipe import Recipe
 
 PROMPTS = ["Once upon a time, there was a little dog.", "Tom and Sue went to the park.",
@@ -42,6 +42,18 @@ def test_identical_candidate_gives_zero(record, _stories):
         assert s[split]["mean_full"] == pytest.approx(0, abs=1e-7)
         assert s[split]["token_rejection_rate"] == 0 and s[split]["same_top"] == 1
         assert s[split]["rms_dp"] == pytest.approx(0, abs=1e-7)
+
+
+def test_fingerprint_ignores_where_the_model_came_from(_stories, tmp_path):
+    """The same weights saved in another directory match (a record made from one cache serves the other);
+    one changed weight does not."""
+    _stories.save_pretrained(tmp_path / "copy")
+    moved = type(_stories).from_pretrained(tmp_path / "copy")
+    assert moved.config._name_or_path != _stories.config._name_or_path
+    assert model_fingerprint(moved) == model_fingerprint(_stories)
+    with torch.no_grad():
+        next(moved.parameters()).view(-1)[0] += 1
+    assert model_fingerprint(moved) != model_fingerprint(_stories)
 
 
 def test_first_prompts_of_a_record(record, _stories, w3_model):

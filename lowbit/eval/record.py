@@ -30,9 +30,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps([vocab, special]).encode()).hexdigest()
 
 
+# Config entries that say where or with what a model was loaded, not what it computes.
+_UNHASHED_CONFIG_KEYS = ("_name_or_path", "transformers_version")
+
+
 def model_fingerprint(model) -> str:
-    """sha256 of the config and a slice of every parameter: tells two checkpoints apart cheaply."""
-    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    """sha256 of the config and a slice of every parameter: tells two checkpoints apart cheaply.
+
+    The same weights loaded from another directory, or with another transformers version, match."""
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _UNHASHED_CONFIG_KEYS}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, t in model.state_dict().items():
             h.update(name.encode())
