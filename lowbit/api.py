@@ -102,7 +102,8 @@ def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, c
         if resolve(model).kind == "lowbit":
             raise LowbitError(f"{source!r} is already a lowbit checkpoint; quantize the original float model instead "
                               f"(its lowbit.json names it under source_model).")
-        if tokenizer is None and (calib is not None or get_method(recipe.method).module.NEEDS_CALIBRATION):
+        if tokenizer is None and (calib is not None or get_method(recipe.method).needs_calibration
+                                  or recipe.act_static):
             tokenizer = load_tokenizer(model)
         model = load(model)
     method = get_method(recipe.method)
@@ -121,7 +122,12 @@ def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, c
     dev = resolve_device(device)
     cdtype = resolve_compute_dtype(compute_dtype, dev)
     inputs = None
-    if calib is None and method.module.NEEDS_CALIBRATION:
+    static = [n for n, spec in plan.items() if spec.act is not None and spec.act.static]
+    outside = [n for n in static if not n.startswith(family.blocks + ".")]
+    if outside:
+        raise LowbitError(f"static activation scales are calibrated inside the decoder blocks; {outside[0]} lies "
+                          f"outside them. Give it dynamic scales (a recipe override with another scheme) or skip it.")
+    if calib is None and (method.needs_calibration or static):
         calib = CalibConfig()
     if calib is not None:
         if tokenizer is None:
@@ -132,7 +138,10 @@ def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, c
     else:
         offload = torch.device("cpu")
     result = quantize_model(model, family, plan, method, inputs, dev, offload, progress=progress,
-                            cfg=method.module.configure(recipe), compute_dtype=cdtype)
+                            cfg=method.module.configure(recipe), compute_dtype=cdtype,
+                            transform_cfg=method.transform.configure(recipe) if method.transform else None)
+    if method.transform is not None:  # the folded scales changed float tensors: keep what the checkpoint keeps
+        round_unquantized(model, store_dtype, set(plan))
     if "lm_head" in plan and getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False
     out = QuantizeResult(model, recipe, plan, store_dtype, time.perf_counter() - start, result, calib, source,

@@ -18,6 +18,8 @@ def _recipe_from_args(args: argparse.Namespace):
         raise LowbitError("give either --recipe or --preset, not both (a preset is a recipe).")
     recipe = Recipe.from_yaml(args.recipe) if args.recipe else Recipe.preset(args.preset) if args.preset else Recipe()
     scheme = args.scheme or ("fp8" if args.method == "fp8" else None)
+    if scheme is None and (args.method or "").startswith("smoothquant") and recipe.scheme not in ("w8a8", "fp8"):
+        scheme = "w8a8"
     return recipe.with_options(
         method=args.method, scheme=scheme, group_size=args.group_size,
         symmetric=False if (args.asym or args.zero_point) else None, clip=True if args.clip else None,
@@ -25,7 +27,9 @@ def _recipe_from_args(args: argparse.Namespace):
         targets=tuple(args.targets) if args.targets else None, ignore=tuple(args.ignore) if args.ignore else None,
         act_order=True if args.act_order else None, damp=args.damp, block_size=args.block_size,
         stat_bits=args.stat_bits, stat_group=args.stat_group, outlier_threshold=args.outlier_threshold,
-        outlier_rate=args.outlier_rate,
+        outlier_rate=args.outlier_rate, per_tensor=True if args.per_tensor else None,
+        act_granularity=args.act_granularity, act_static=True if args.act_static else None, alpha=args.alpha,
+        awq_clip=False if args.no_awq_clip else None, parts=_names(args.parts) or None, kv_cache=args.kv_cache,
     )
 
 
@@ -141,10 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and write a lowbit checkpoint")
     q.add_argument("model", help="built-in name (smollm2-135m), Hugging Face directory or .gguf file")
-    q.add_argument("--method", help="rtn, gptq, spqr or fp8 (default: the recipe's, else rtn)")
-    q.add_argument("--preset", help="a named recipe: spqr-near-lossless, spqr-3bit (options override its fields)")
+    q.add_argument("--method", help="rtn, gptq, awq, smoothquant, smoothquant+gptq, spqr or fp8 (default: the "
+                                    "recipe's, else rtn)")
+    q.add_argument("--preset", help="a named recipe: spqr-near-lossless, spqr-3bit, smoothquant-o1/o2/o3 (options "
+                                    "override its fields)")
     q.add_argument("--scheme", help="w8a16, w4a16, w3a16, w2a16 (any w{b}a16, b in 2..8), w8a8, fp8")
     q.add_argument("--group-size", type=int, help="input columns per scale; 0 or -1 = per output channel")
+    q.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (overrides --group-size)")
     q.add_argument("--asym", action="store_true", help="asymmetric grid with a zero point (default symmetric)")
     q.add_argument("--zero-point", choices=("int", "float"),
                    help="asymmetric zero point: int (GPTQ/vLLM, default) or float (llama.cpp Q4_1-style "
@@ -159,6 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--outlier-threshold", type=float,
                    help="SpQR: τ, relative outlier threshold (0.2; inf = no outliers)")
     q.add_argument("--outlier-rate", type=float, help="SpQR: target outlier fraction, e.g. 0.01 (τ found per layer)")
+    q.add_argument("--act-granularity", choices=("token", "tensor"),
+                   help="w8a8/fp8 activations: one scale per token (default) or per tensor")
+    q.add_argument("--act-static", action="store_true",
+                   help="w8a8/fp8: the per-tensor activation scale is calibrated once (SmoothQuant O3)")
+    q.add_argument("--alpha", type=float, help="SmoothQuant: migration strength in [0, 1] (default: searched per "
+                                               "group; the paper's fixed choice is 0.5)")
+    q.add_argument("--no-awq-clip", action="store_true", help="AWQ: skip the clipping-range search")
+    q.add_argument("--parts", help="comma-separated parts to quantize: mlp, qkv, o_proj, first_last, lm_head, "
+                                   "kv_cache, attention; or a Fireworks level L1..L4 (default: every linear layer "
+                                   "of the decoder blocks)")
+    q.add_argument("--kv-cache", choices=("int8", "fp8"), help="store keys and values quantized")
     q.add_argument("--recipe", help="YAML recipe; command-line options override its fields")
     q.add_argument("--targets", action="append", metavar="REGEX", help="quantize linear layers whose name matches")
     q.add_argument("--ignore", action="append", metavar="REGEX", help="leave matching layers in 16 bits")

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
+from lowbit.formats.activation import activation_scale
 from lowbit.methods.registry import MethodEntry
 from lowbit.model.architectures import Family, decoder_blocks
 from lowbit.model.capture import BlockInputs, StopForward, first_batches, run_block, to_device
@@ -44,6 +45,7 @@ class BlockReport:
     output_error: float | None = None  # ‖y_q − y‖² / ‖y‖² on the first calibration batch, when there is one
     shortcut: bool = False  # outputs from the residual shortcut (no final pass over the block)
     replay: bool = False  # later passes replayed the attention module instead of recomputing it
+    transform: dict | None = None  # what the method's block transform chose (AWQ / SmoothQuant: α per group)
 
 
 @dataclass
@@ -52,11 +54,38 @@ class PipelineResult:
     final_inputs: BlockInputs | None = None  # the last block's quantized outputs (for checks)
 
 
-def install(module: nn.Module, qweights: dict, specs: dict[str, LayerSpec]) -> None:
-    """Swap each named nn.Linear of `module` for a QuantLinear holding its packed weight."""
+def install(module: nn.Module, qweights: dict, specs: dict[str, LayerSpec],
+            input_scales: dict[str, torch.Tensor] | None = None) -> None:
+    """Swap each named nn.Linear of `module` for a QuantLinear holding its packed weight (and its static input
+    scale, for layers whose activations take one)."""
+    input_scales = input_scales or {}
     for name, qw in qweights.items():
         linear = module.get_submodule(name)
-        set_module(module, name, QuantLinear.from_quantized(qw, specs[name], linear.bias))
+        set_module(module, name, QuantLinear.from_quantized(qw, specs[name], linear.bias, input_scales.get(name)))
+
+
+def static_input_scales(block: nn.Module, specs: dict[str, LayerSpec], inputs: BlockInputs, device,
+                        offload) -> dict[str, torch.Tensor]:
+    """For layers with static activation scales: s = max |x| over the calibration tokens / the format's maximum
+    (SmoothQuant O3), measured on the float block."""
+    static = {n: s.act for n, s in specs.items() if s.act is not None and s.act.static}
+    if not static:
+        return {}
+    amax: dict[str, torch.Tensor] = {}
+
+    def hook_for(name):
+        def hook(_module, args):
+            a = args[0].detach().abs().amax().float()
+            amax[name] = torch.maximum(amax[name], a) if name in amax else a
+        return hook
+
+    handles = [block.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in static]
+    try:
+        run_block(block, inputs, device, offload)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: activation_scale(amax[n], act).cpu() for n, act in static.items()}
 
 
 def _squared_error(a: torch.Tensor, b: torch.Tensor | float) -> float:
@@ -316,11 +345,13 @@ def _next_inputs(block: nn.Module, br: BlockResult, inputs: BlockInputs, device,
 def quantize_model(model: nn.Module, family: Family, plan: dict[str, LayerSpec], method: MethodEntry,
                    inputs: BlockInputs | None = None, device: torch.device | str = "cpu",
                    offload: torch.device | str = "cpu", progress: bool = True, cfg=None,
-                   compute_dtype: torch.dtype | None = None, shortcut: bool = True) -> PipelineResult:
+                   compute_dtype: torch.dtype | None = None, shortcut: bool = True,
+                   transform_cfg=None) -> PipelineResult:
     """Quantize every layer in `plan` block by block, in place.
 
     Each block runs on `device` in `compute_dtype` (default: the model's own) while its layers are quantized from
-    their original weights; its unquantized parameters return to their home device and dtype afterwards.
+    their original weights; its unquantized parameters return to their home device and dtype afterwards. A
+    method's block transform (AWQ, SmoothQuant) first rewrites those originals, and the block with them.
     """
     blocks = decoder_blocks(model, family)
     result = PipelineResult()
@@ -334,13 +365,17 @@ def quantize_model(model: nn.Module, family: Family, plan: dict[str, LayerSpec],
         home = next(block.parameters()).device  # where the block's weights go back to (the CPU, usually)
         masters = {n: p.data for n, p in block.named_parameters()}
         block.to(device, compute_dtype)
+        chosen = None
+        if method.transform is not None and inputs is not None and specs:
+            chosen = method.transform.prepare_block(block, masters, specs, family, inputs, device, transform_cfg)
+        input_scales = static_input_scales(block, specs, inputs, device, offload) if inputs is not None else {}
         weights = {n: masters[n + ".weight"].to(device) for n in specs}  # quantized from these, on the device
         br = quantize_block(block, specs, method, cfg, family.sequential, inputs, device, offload, weights,
                             shortcut, verified)
         if inputs is not None and br.reference is None:  # no statistics pass (RTN): the block is still unquantized
             br.reference = run_block(block, first_batches(inputs, 1), device, offload)
-        install(block, br.qweights, specs)
-        report = BlockReport(i, len(specs), 0.0)
+        install(block, br.qweights, specs, input_scales)
+        report = BlockReport(i, len(specs), 0.0, transform=chosen)
         if inputs is not None:
             inputs = _next_inputs(block, br, inputs, device, offload, verified)
             report.shortcut = br.deferred is not None and verified.get((type(block), br.deferred_name), False)

@@ -23,11 +23,13 @@ from lowbit.formats import (
     FP8Format,
     IntFormat,
     PerGroup,
+    PerTensor,
     WeightFormat,
     format_from_dict,
     granularity_from_group_size,
 )
 from lowbit.formats.spqr import SpQRFormat
+from lowbit.model.parts import expand_parts
 
 RECIPE_VERSION = 1
 NAMED_SCHEMES = ("w8a16", "w4a16", "w3a16", "w2a16", "w8a8", "fp8")
@@ -44,6 +46,12 @@ PRESETS: dict[str, dict] = {
                            "stat_bits": 3, "stat_group": 16, "outlier_rate": 0.01},
     "spqr-3bit": {"method": "spqr", "scheme": "w3a16", "group_size": 16, "symmetric": False,
                   "stat_bits": 3, "stat_group": 16, "outlier_rate": 0.01},
+    # SmoothQuant paper (Xiao et al.), Table 2: int8 per-tensor weights; activations per-token dynamic (O1),
+    # per-tensor dynamic (O2), per-tensor static (O3).
+    "smoothquant-o1": {"method": "smoothquant", "scheme": "w8a8", "per_tensor": True},
+    "smoothquant-o2": {"method": "smoothquant", "scheme": "w8a8", "per_tensor": True, "act_granularity": "tensor"},
+    "smoothquant-o3": {"method": "smoothquant", "scheme": "w8a8", "per_tensor": True, "act_granularity": "tensor",
+                       "act_static": True},
 }
 
 
@@ -79,18 +87,24 @@ def check_scheme(scheme: str) -> str:
 
 
 def scheme_spec(scheme: str, group_size: int | None, symmetric: bool, clip: bool,
-                zero_point: str = "int") -> LayerSpec:
+                zero_point: str = "int", per_tensor: bool = False, act_granularity: str = "token",
+                act_static: bool = False) -> LayerSpec:
     """LayerSpec for a scheme name and its options (group_size None = the scheme's default)."""
     s = check_scheme(scheme)
     if group_size is None:
         group_size = DEFAULT_GROUP_SIZE.get(s, DEFAULT_WEIGHT_ONLY_GROUP)
-    gran = granularity_from_group_size(group_size)
+    gran = PerTensor() if per_tensor else granularity_from_group_size(group_size)
+    if s in ("fp8", "w8a8"):
+        act = ActFormat("fp8" if s == "fp8" else "int8", act_granularity, act_static)
+    elif act_granularity != "token" or act_static:
+        raise LowbitError(f"scheme {s} keeps activations in 16 bits; --act-granularity and --act-static apply to "
+                          f"w8a8 and fp8.")
     if s == "fp8":
         if not symmetric or zero_point != "int":
             raise LowbitError("fp8 is a sign-magnitude format and has no zero point: drop --asym with --scheme fp8.")
-        return LayerSpec(FP8Format(gran), ActFormat("fp8"))
+        return LayerSpec(FP8Format(gran), act)
     if s == "w8a8":
-        return LayerSpec(IntFormat(8, symmetric, gran, clip, zero_point), ActFormat("int8"))
+        return LayerSpec(IntFormat(8, symmetric, gran, clip, zero_point), act)
     bits = int(_WEIGHT_ONLY.match(s).group(1))
     return LayerSpec(IntFormat(bits, symmetric, gran, clip, zero_point))
 
@@ -130,6 +144,13 @@ class Recipe:
     stat_group: int = 16  # SpQR: β2, rows sharing one second-level grid
     outlier_threshold: float | None = None  # SpQR: τ, relative (default 0.2; inf = no outliers)
     outlier_rate: float | None = None  # SpQR: target fraction of outliers (τ searched per layer)
+    per_tensor: bool = False  # one weight scale per tensor (overrides group_size)
+    act_granularity: str = "token"  # w8a8 / fp8 activations: one scale per token, or per tensor
+    act_static: bool = False  # the activation scale is calibrated once (per tensor), not computed at run time
+    alpha: float | None = None  # SmoothQuant migration strength (None: searched per scaling group)
+    awq_clip: bool = True  # AWQ: search each group's clipping range on the calibration activations
+    parts: tuple[str, ...] = ()  # which parts are quantized (lowbit.model.parts); () = every block linear layer
+    kv_cache: str | None = None  # int8 or fp8: keys and values stored quantized
     targets: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
     overrides: tuple[Override, ...] = field(default_factory=tuple)
@@ -139,10 +160,26 @@ class Recipe:
         object.__setattr__(self, "targets", tuple(self.targets))
         object.__setattr__(self, "ignore", tuple(self.ignore))
         object.__setattr__(self, "overrides", tuple(self.overrides))
+        object.__setattr__(self, "parts", expand_parts(self.parts))
+        if self.kv_cache is None and {"kv_cache", "attention"} & set(self.parts):
+            if self.scheme not in ("fp8", "w8a8"):
+                raise LowbitError(f"--parts {','.join(self.parts)} quantizes the KV cache or attention, but scheme "
+                                  f"{self.scheme} has no activation format to take: add --kv-cache int8 or fp8.")
+            object.__setattr__(self, "kv_cache", "fp8" if self.scheme == "fp8" else "int8")
+        if self.alpha is not None and not 0 <= self.alpha <= 1:
+            raise LowbitError(f"the migration strength alpha must lie in [0, 1], got {self.alpha}.")
+        if self.kv_cache not in (None, "int8", "fp8"):
+            raise LowbitError(f"--kv-cache {self.kv_cache!r} is not known: use int8 or fp8.")
         for p in self.targets:
             _compile(p, "target pattern")
         for p in self.ignore:
             _compile(p, "ignore pattern")
+        if (self.act_static or self.act_granularity != "token") and self.scheme not in ("w8a8", "fp8"):
+            raise LowbitError(f"scheme {self.scheme} keeps activations in 16 bits; --act-granularity and --act-static "
+                              f"apply to w8a8 and fp8.")
+        if self.method.startswith("smoothquant") and self.scheme not in ("w8a8", "fp8"):
+            raise LowbitError(f"SmoothQuant prepares activations for quantization, but scheme {self.scheme} keeps "
+                              f"them in 16 bits: use --scheme w8a8 (or fp8).")
         self.default_spec  # noqa: B018  (builds the default spec, which validates the combination)
 
     def layer_spec(self, name: str) -> LayerSpec | None:
@@ -160,9 +197,15 @@ class Recipe:
             symmetric = o.symmetric if o.symmetric is not None else symmetric
             clip = o.clip if o.clip is not None else clip
             zero_point = o.zero_point if o.zero_point is not None else zero_point
+        return self._spec(scheme, group_size, symmetric, clip, zero_point)
+
+    def _spec(self, scheme: str, group_size: int | None, symmetric: bool, clip: bool, zero_point: str) -> LayerSpec:
         if group_size is None and self.method == "spqr":
             group_size = SPQR_DEFAULT_BETA1
-        return self._method_spec(scheme_spec(scheme, group_size, symmetric, clip, zero_point))
+        act = ({"act_granularity": self.act_granularity, "act_static": self.act_static}
+               if scheme in ("w8a8", "fp8") else {})
+        return self._method_spec(scheme_spec(scheme, group_size, symmetric, clip, zero_point,
+                                             self.per_tensor and scheme == self.scheme, **act))
 
     def _method_spec(self, spec: LayerSpec) -> LayerSpec:
         """SpQR stores its own format: the scheme's bits in groups of β1 (= the group size, default 16)."""
@@ -182,10 +225,7 @@ class Recipe:
 
     @property
     def default_spec(self) -> LayerSpec:
-        group_size = self.group_size
-        if group_size is None and self.method == "spqr":
-            group_size = SPQR_DEFAULT_BETA1
-        return self._method_spec(scheme_spec(self.scheme, group_size, self.symmetric, self.clip, self.zero_point))
+        return self._spec(self.scheme, self.group_size, self.symmetric, self.clip, self.zero_point)
 
     @classmethod
     def preset(cls, name: str) -> Recipe:
@@ -195,7 +235,7 @@ class Recipe:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["targets"], d["ignore"] = list(self.targets), list(self.ignore)
+        d["targets"], d["ignore"], d["parts"] = list(self.targets), list(self.ignore), list(self.parts)
         d["overrides"] = [{k: v for k, v in asdict(o).items() if v is not None and not (k == "skip" and not v)}
                           for o in self.overrides]
         return {"lowbit_recipe": RECIPE_VERSION, **d}
@@ -216,7 +256,7 @@ class Recipe:
                 raise LowbitError(f"{source}: override {i} must be a mapping with a 'pattern' key, got {o!r}.")
             _check_keys(o, [f.name for f in fields(Override)], f"{source}: override {i}")
             overrides.append(Override(**o))
-        for key in ("targets", "ignore"):
+        for key in ("targets", "ignore", "parts"):
             if isinstance(d.get(key), str):
                 d[key] = [d[key]]
             d[key] = tuple(d.get(key) or ())

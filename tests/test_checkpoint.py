@@ -35,7 +35,12 @@ def test_round_trip_equals_fake_quantized_model(recipe, stories, _stories, story
     fake = api.fake_quantize_model(_stories, result.plan, result.dtype)
     with torch.no_grad():
         got, want, direct = loaded(story_ids).logits, fake(story_ids).logits, result.model(story_ids).logits
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if recipe.default_spec.act is None:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        # The codes matmul differs from F.linear on dequantized values by float32 rounding, which can move a later
+        # layer's activation across a rounding boundary (one code step in one element): close, not equal.
+        assert (got - want).norm() <= 1e-2 * want.norm()
     assert torch.equal(got, direct)
     assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == len(result.plan)
     assert header["method"] == "rtn" and header["scheme"] == recipe.scheme

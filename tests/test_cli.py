@@ -74,7 +74,6 @@ def _bad_inputs(stories_path, tmp_path, nan_model):
         "unknown model": (["quantize", "no-such-model", "--out", out], "no model 'no-such-model'"),
         "unknown scheme": (["quantize", m, "--scheme", "int4", "--out", out], "unknown scheme 'int4'"),
         "unknown method": (["quantize", m, "--method", "magic", "--out", out], "unknown method 'magic'"),
-        "planned method": (["quantize", m, "--method", "awq", "--out", out], "not available in this version"),
         "bits above 8": (["quantize", m, "--scheme", "w9a16", "--out", out], "2 to 8"),
         "bits below 2": (["quantize", m, "--scheme", "w1a16", "--out", out], "2 to 8"),
         "group size": (["quantize", m, "--scheme", "w4a16", "--group-size", "128", "--out", out],
@@ -88,7 +87,7 @@ def _bad_inputs(stories_path, tmp_path, nan_model):
     }
 
 
-@pytest.mark.parametrize("case", ["unknown model", "unknown scheme", "unknown method", "planned method", "bits above 8",
+@pytest.mark.parametrize("case", ["unknown model", "unknown scheme", "unknown method", "bits above 8",
                                   "bits below 2", "group size", "nan weight", "calibration too small",
                                   "missing recipe", "fp8 with groups"])
 def test_bad_input_gives_an_error_not_a_traceback(case, capsys, stories_path, tmp_path, nan_model):

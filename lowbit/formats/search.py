@@ -21,19 +21,40 @@ def search_range(wg: torch.Tensor, fmt: IntFormat,
     p runs over 1, 1 − 1/grid, …, 1 − max_shrink; p = 1 (absmax) is always a candidate, so the result is
     never worse than absmax in squared error.
     """
+    p = best_shrink(wg, fmt, grid, max_shrink)
+    return grid_params(p * wg.amin(-1), p * wg.amax(-1), fmt)
+
+
+def best_shrink(wg: torch.Tensor, fmt: IntFormat, grid: int = SHRINK_GRID, max_shrink: float = MAX_SHRINK,
+                gram: torch.Tensor | None = None, clamp: bool = False) -> torch.Tensor:
+    """The shrink factor p [rows, groups] whose range [p·lo, p·hi] minimizes the group's error: ‖w − ŵ‖², or
+    with `gram` (C_g = Σ_t x_g x_gᵀ per group, [groups, size, size]) the output error Σ_t ((w − ŵ)·x_g)² on
+    the tokens x that built it (AWQ's clipping search). With `clamp`, ŵ is the rounding of the weights clamped
+    to the range (`clamp_to_range`), as AWQ stores them; else of the weights themselves on the range's grid."""
     lo, hi = wg.amin(-1), wg.amax(-1)
-    best_scale, best_zero = grid_params(lo, hi, fmt)
-    best_err = _sq_error(wg, best_scale, best_zero, fmt)
-    for i in range(1, int(max_shrink * grid) + 1):
-        p = 1.0 - i / grid
+    best_p = torch.ones_like(lo)
+    best_err = None
+    for i in range(int(max_shrink * grid) + 1):
+        p = torch.full_like(lo, 1.0 - i / grid)
+        w = clamp_to_range(wg, p, fmt) if clamp else wg
         scale, zero = grid_params(p * lo, p * hi, fmt)
-        err = _sq_error(wg, scale, zero, fmt)
+        d = decode(encode(w, scale, zero, fmt), scale, zero, fmt) - wg
+        err = d.pow(2).sum(-1) if gram is None else torch.einsum("rgk,gkl,rgl->rg", d, gram, d)
+        if best_err is None:
+            best_err = err
+            continue
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
-    return best_scale, best_zero
+        best_p = torch.where(better, p, best_p)
+    return best_p
 
 
-def _sq_error(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
-    return (decode(encode(wg, scale, zero, fmt), scale, zero, fmt) - wg).pow(2).sum(-1)
+def clamp_to_range(wg: torch.Tensor, p: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
+    """Grouped weights clamped to the shrunken range of each group: [−p·max|w|, p·max|w|] for a symmetric grid,
+    [p·lo, p·hi] otherwise. Rounding the result to nearest uses exactly grid_params(p·lo, p·hi)."""
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    if fmt.symmetric:
+        hi = torch.maximum(lo.abs(), hi)
+        lo = -hi
+    p = p.unsqueeze(-1)
+    return torch.maximum(torch.minimum(wg, p * hi), p * lo)

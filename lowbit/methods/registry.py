@@ -6,14 +6,22 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from lowbit.errors import LowbitError
-from lowbit.methods import gptq, rtn, spqr
+from lowbit.methods import awq, gptq, rtn, smoothquant, spqr
 
 
 @dataclass(frozen=True)
 class MethodEntry:
+    """`module` quantizes each layer; `transform`, when there is one, first rewrites each block in a way that
+    leaves the float model unchanged (scales folded into the previous operation) and may clamp weights."""
+
     module: ModuleType
     description: str
     required_scheme: str | None = None
+    transform: ModuleType | None = None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.module.NEEDS_CALIBRATION or self.transform is not None
 
 
 METHODS: dict[str, MethodEntry] = {
@@ -21,16 +29,16 @@ METHODS: dict[str, MethodEntry] = {
     "fp8": MethodEntry(rtn, "round-to-nearest onto FP8 E4M3 (scheme fp8)", required_scheme="fp8"),
     "gptq": MethodEntry(gptq, "GPTQ: second-order error compensation from calibration Hessians"),
     "spqr": MethodEntry(spqr, "SpQR: GPTQ in small groups with quantized statistics and sparse 16-bit outliers"),
+    "awq": MethodEntry(rtn, "AWQ: activation-aware scales and clipping, then round-to-nearest", transform=awq),
+    "smoothquant": MethodEntry(rtn, "SmoothQuant: activation outliers migrated into the weights, then "
+                               "round-to-nearest", transform=smoothquant),
+    "smoothquant+gptq": MethodEntry(gptq, "SmoothQuant: activation outliers migrated into the weights, then GPTQ",
+                                    transform=smoothquant),
 }
-PLANNED = ("awq", "smoothquant")
 
 
 def get_method(name: str) -> MethodEntry:
     key = name.lower()
     if key in METHODS:
         return METHODS[key]
-    if key in PLANNED:
-        raise LowbitError(f"method {name!r} is not available in this version of lowbit yet; available methods: "
-                          f"{', '.join(METHODS)}.")
-    raise LowbitError(f"unknown method {name!r}; available methods: {', '.join(METHODS)} "
-                      f"(planned: {', '.join(PLANNED)}).")
+    raise LowbitError(f"unknown method {name!r}; available methods: {', '.join(METHODS)}.")

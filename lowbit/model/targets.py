@@ -13,6 +13,7 @@ from lowbit.formats import PerGroup
 from lowbit.formats.granularity import working_group_sizes
 from lowbit.formats.spqr import SpQRFormat
 from lowbit.model.architectures import Family
+from lowbit.model.parts import expand_parts, part_layers
 from lowbit.recipe import LayerSpec, Recipe
 
 
@@ -23,7 +24,15 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
 def select_layers(model: nn.Module, family: Family, recipe: Recipe) -> dict[str, LayerSpec]:
     """Map each targeted linear layer's full name to its LayerSpec; errors when nothing or something odd matches."""
     linears = linear_layers(model)
-    if recipe.targets:
+    if recipe.parts and recipe.targets:
+        raise LowbitError("give either --parts or --targets, not both (--ignore and overrides work with either).")
+    if recipe.parts:
+        selected = part_layers(model, family, recipe.parts)
+        candidates = [n for n in selected if n in linears]
+        what = f"parts {list(recipe.parts)}"
+        if not candidates and not selected and set(expand_parts(recipe.parts)) & {"kv_cache", "attention"}:
+            return {}  # only the KV cache / attention are quantized
+    elif recipe.targets:
         candidates = [n for n in linears if any(re.search(p, n) for p in recipe.targets)]
         what = f"targets {list(recipe.targets)}"
     else:

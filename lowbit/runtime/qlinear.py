@@ -1,8 +1,11 @@
 """QuantLinear: a linear layer that keeps packed quantized weights and dequantizes them on the fly.
 
 This is the plain-torch reference runtime (CPU and any device): ŵ = (c − z)·s is rebuilt from the packed
-codes at each call, then `F.linear`. Activation formats (w8a8, fp8) quantize the input per token first.
-Its output equals that of an nn.Linear holding dequantize(quantize(W)) — the fake-quantized weight.
+codes at each call, then `F.linear`; its output equals that of an nn.Linear holding dequantize(quantize(W)).
+
+With an activation format (w8a8, fp8), the input is quantized first (lowbit.formats.activation) and, where
+the weight has one scale per output channel or tensor, the product runs on the codes (lowbit.runtime.lowp):
+torch's int8 or scaled-fp8 matmul where the platform has it, else an exact emulation.
 """
 
 from __future__ import annotations
@@ -11,13 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.errors import LowbitError
 from lowbit.formats import QuantizedWeight, SpQRWeight, fake_quantize_activation, from_packed, packed_shapes
 from lowbit.recipe import LayerSpec
+from lowbit.runtime.lowp import codes_matmul, weight_operand
 
 
 class QuantLinear(nn.Module):
     """Packed weight buffers (qweight/scales/qzeros, fp8 weight/weight_scale, or SpQR's grid, statistics and
-    sparse outliers) plus an optional bias. `outliers` is the number of stored outliers (SpQR only)."""
+    sparse outliers) plus an optional bias; `input_scale` (float32 scalar) with static activation scales.
+    `outliers` is the number of stored outliers (SpQR only)."""
 
     def __init__(self, in_features: int, out_features: int, spec: LayerSpec, bias: bool = False,
                  device: torch.device | str | None = None, bias_dtype: torch.dtype = torch.float32,
@@ -27,10 +33,12 @@ class QuantLinear(nn.Module):
         for name, (shape, dtype) in self._buffers_spec().items():
             self.register_buffer(name, torch.empty(shape, dtype=dtype, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None)
+        static = spec.act is not None and spec.act.static
+        self.register_buffer("input_scale", torch.ones((), device=device) if static else None)
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight | SpQRWeight, spec: LayerSpec,
-                       bias: torch.Tensor | None = None) -> QuantLinear:
+                       bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> QuantLinear:
         out_f, in_f = qw.shape
         module = cls(in_f, out_f, spec, bias=bias is not None, device="meta",
                      outliers=qw.outliers if isinstance(qw, SpQRWeight) else 0)
@@ -38,6 +46,10 @@ class QuantLinear(nn.Module):
             setattr(module, name, tensor)
         if bias is not None:
             module.bias = bias.detach().clone()
+        if module.input_scale is not None:
+            if input_scale is None:
+                raise LowbitError("this layer's activations take a static scale: calibrate one (input_scale).")
+            module.input_scale = input_scale.detach().float().reshape(()).clone()
         return module
 
     def _buffers_spec(self) -> dict:
@@ -59,14 +71,20 @@ class QuantLinear(nn.Module):
         return self.quantized_weight().dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.spec.act is not None:
-            x = fake_quantize_activation(x, self.spec.act)
-        w = self.dequantized_weight().to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        act = self.spec.act
+        if act is not None:
+            operand = weight_operand(self.quantized_weight(), act)
+            if operand is not None:
+                y = codes_matmul(x.reshape(-1, x.shape[-1]), act, self.input_scale, *operand)
+                y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+                return y if bias is None else y + bias
+            x = fake_quantize_activation(x, act, self.input_scale)
+        return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
 
     def extra_repr(self) -> str:
         w = self.spec.weight.to_dict()
-        act = f", act={self.spec.act.kind}" if self.spec.act else ""
+        act = f", act={self.spec.act.describe()}" if self.spec.act else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, weight={w}{act}"
 
 

@@ -1,0 +1,123 @@
+"""AWQ: activation-aware weight quantization (Lin et al., arXiv 2306.00978).
+
+The weight channels that matter are those that see large activations (§3.1). Rather than keeping them in 16
+bits, AWQ scales them up before rounding, which shrinks their relative rounding error (§3.2). For a group of
+layers reading the same input X:
+
+    s = s_X^α / sqrt(max(s_X^α)·min(s_X^α)),   s_X = mean_t |X_tj|                         (Eq. 5)
+    α* = argmin_α ‖ f(X; Q(W·diag(s))·diag(s)⁻¹) − f(X; W) ‖²,   α ∈ {0, 1/20, …, 19/20}      (Eq. 4)
+
+where f is the module the group feeds — the whole attention for q/k/v, the MLP for gate/up, the layer itself
+for o_proj and down_proj (AutoAWQ's choice). s is folded into the operation before the group (lowbit.methods.
+scaling), so the float model is unchanged. Then each layer's clipping range is searched per group of weights,
+minimizing the output error on the same activations (not for q/k, whose errors the attention logits multiply),
+and the weights are clamped to it. The layers are then rounded to nearest by the pipeline (or by GPTQ).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lowbit.formats import IntFormat, PerChannel, PerGroup, fake_quantize
+from lowbit.formats.grouping import grouped
+from lowbit.formats.search import best_shrink, clamp_to_range
+from lowbit.methods.scaling import (
+    GroupInputs,
+    active_groups,
+    capture_group_inputs,
+    fold,
+    run_inspect,
+    set_weights,
+    squared_error,
+)
+from lowbit.model.architectures import Family
+from lowbit.model.capture import BlockInputs
+from lowbit.recipe import LayerSpec, Recipe
+
+NEEDS_CALIBRATION = True
+GRID = 20
+CLIP_GRID, CLIP_MAX_SHRINK = 20, 0.5  # AutoAWQ: shrink the range by up to half, in steps of 1/20
+NO_CLIP = ("q_proj", "k_proj", "query", "key")
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    clip: bool = True
+    grid: int = GRID
+    search_tokens: int = 16384  # calibration tokens in the scale search (whole batches, at least one)
+    clip_tokens: int = 4096  # tokens (evenly spaced) in the clipping search
+
+
+def configure(recipe: Recipe) -> AWQConfig:
+    return AWQConfig(clip=recipe.awq_clip)
+
+
+def search_scale(block: nn.Module, gi: GroupInputs, specs: dict[str, LayerSpec], masters: dict[str, torch.Tensor],
+                 grid: int = GRID) -> tuple[float, torch.Tensor]:
+    """(α*, s) for one scaling group by Eq. 4; the block's weights are left as they were."""
+    xs = gi.x
+    s_x = sum(x.float().abs().sum(dim=tuple(range(x.dim() - 1))) for x in xs) / sum(x[..., 0].numel() for x in xs)
+    reference = run_inspect(block, gi)
+    planned = [n for n in gi.group.layers if n in specs]
+    originals = {n: masters[f"{n}.weight"] for n in gi.group.layers}
+    best = (float("inf"), 0.0, torch.ones_like(s_x))
+    try:
+        for i in range(grid):
+            alpha = i / grid
+            s = s_x.pow(alpha).clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            sd = s.to(originals[planned[0]].device)
+            set_weights(block, {n: fake_quantize(originals[n] * sd, specs[n].weight) / sd for n in planned})
+            err = squared_error(run_inspect(block, gi), reference)
+            if err < best[0]:
+                best = (err, alpha, s)
+    finally:
+        set_weights(block, originals)
+    return best[1], best[2]
+
+
+def clip_layer(weight: torch.Tensor, x: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
+    """The weight clamped, per group of its format, to the range that minimizes Σ_t ((w − ŵ)·x_t)² over the
+    tokens x [T, in]."""
+    wg = grouped(weight.float(), fmt.granularity)
+    xg = x.float().to(weight.device).reshape(x.shape[0], wg.shape[1], wg.shape[2])
+    gram = torch.einsum("tgk,tgl->gkl", xg, xg)
+    p = best_shrink(wg, fmt, CLIP_GRID, CLIP_MAX_SHRINK, gram, clamp=True)
+    return clamp_to_range(wg, p, fmt).reshape(weight.shape)
+
+
+def _sample_tokens(xs: list[torch.Tensor], n: int) -> torch.Tensor:
+    flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
+    step = max(1, flat.shape[0] // n)
+    return flat[::step][:n]
+
+
+def prepare_block(block: nn.Module, masters: dict[str, torch.Tensor], specs: dict[str, LayerSpec], family: Family,
+                  inputs: BlockInputs, device, cfg: AWQConfig) -> dict:
+    """Search and fold the scales of each scaling group in order, then clamp each layer to its clipping range.
+    Changes `masters` (and the block) in place; returns {prev: α} for the report."""
+    groups = active_groups(block, family.scaling, set(specs))
+    per_batch = inputs.hidden[0].shape[:-1].numel() if inputs.hidden else 1
+    captured = capture_group_inputs(block, groups, inputs, device, max(1, cfg.search_tokens // per_batch))
+    alphas = {}
+    for gi in captured:
+        alpha, s = search_scale(block, gi, specs, masters, cfg.grid)
+        fold(block, masters, gi.group, s)
+        gi.rescale(s.to(gi.x[0].device))
+        alphas[gi.group.prev] = alpha
+    if cfg.clip:
+        for gi in captured:
+            x = None
+            for name in gi.group.layers:
+                fmt = specs[name].weight if name in specs else None
+                clippable = isinstance(fmt, IntFormat) and isinstance(fmt.granularity, (PerGroup, PerChannel))
+                if not clippable or name.rpartition(".")[2] in NO_CLIP:
+                    continue
+                x = _sample_tokens(gi.x, cfg.clip_tokens) if x is None else x
+                key = f"{name}.weight"
+                masters[key].copy_(clip_layer(masters[key], x, fmt).to(masters[key].device))
+                set_weights(block, {name: masters[key]})
+    return {"alpha": alphas}

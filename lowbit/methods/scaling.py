@@ -1,0 +1,136 @@
+"""Per-input-channel scales folded into the operation before a group of linear layers (used by AWQ, SmoothQuant).
+
+For layers that read X = prev(·) and a vector s > 0, dividing prev's output channel j by s_j and multiplying
+column j of every layer by s_j gives (X diag(s)⁻¹)(diag(s) Wᵀ) = X Wᵀ: the float model computes the same
+function (SmoothQuant Eq. 3; AWQ §3.2). Where the groups are is architecture data (Family.scaling).
+
+The transforms work on a block's float32 master weights (`masters`: parameter name → tensor) and copy each
+change into the block that runs the calibration passes (possibly on another device, in another dtype).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lowbit.model.architectures import ScaleGroup
+from lowbit.model.capture import BlockInputs, StopForward, to_device
+
+
+@dataclass
+class GroupInputs:
+    """What one scaling group's `inspect` module received on the calibration batches."""
+
+    group: ScaleGroup
+    args: list[tuple] = field(default_factory=list)
+    kwargs: list[dict] = field(default_factory=list)
+
+    @property
+    def x(self) -> list[torch.Tensor]:
+        """The layers' common input, per batch (the inspect module's first argument)."""
+        return [a[0] for a in self.args]
+
+    def rescale(self, s: torch.Tensor) -> None:
+        """X ← X diag(s)⁻¹ after s was folded into prev (the captured inputs follow the model)."""
+        self.args = [(a[0] / s.to(a[0].dtype), *a[1:]) for a in self.args]
+
+
+def active_groups(block: nn.Module, groups: tuple[ScaleGroup, ...], planned: set[str]) -> list[ScaleGroup]:
+    """The groups with a planned layer whose prev exists and yields exactly the layers' input channels (o_proj
+    after v_proj only when attention has as many key/value heads as query heads)."""
+    out = []
+    for g in groups:
+        if not planned & set(g.layers):
+            continue
+        try:
+            prev = block.get_submodule(g.prev)
+            layers = [block.get_submodule(n) for n in g.layers]
+        except AttributeError:
+            continue
+        width = prev.out_features if isinstance(prev, nn.Linear) else getattr(prev, "weight", torch.empty(0)).numel()
+        if all(isinstance(m, nn.Linear) and m.in_features == width for m in layers):
+            out.append(g)
+    return out
+
+
+@torch.no_grad()
+def capture_group_inputs(block: nn.Module, groups: list[ScaleGroup], inputs: BlockInputs, device,
+                         max_batches: int | None = None) -> list[GroupInputs]:
+    """Run the block on (the first `max_batches` of) the calibration inputs and keep each group's inspect-module
+    arguments, on `device`. Each batch stops once every inspect module has been reached."""
+    captured = [GroupInputs(g) for g in groups]
+    dtype = next(block.parameters()).dtype
+    remaining: set[int] = set()
+
+    def hook_for(i):
+        def hook(_module, args, kwargs):
+            kwargs = dict(kwargs)
+            if not args:  # called as module(hidden_states=x, ...): keep x first, as the layers' input
+                args = (kwargs.pop("hidden_states"),)
+            captured[i].args.append(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+            captured[i].kwargs.append(kwargs)
+            remaining.discard(i)
+            if not remaining:
+                raise StopForward
+        return hook
+
+    handles = [block.get_submodule(g.inspect).register_forward_pre_hook(hook_for(i), with_kwargs=True)
+               for i, g in enumerate(groups)]
+    try:
+        for hidden, kwargs in list(zip(inputs.hidden, inputs.kwargs, strict=True))[:max_batches]:
+            remaining.update(range(len(groups)))
+            try:
+                block(hidden.to(device, dtype), **to_device(kwargs, device, dtype))
+            except StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def run_inspect(block: nn.Module, gi: GroupInputs) -> list[torch.Tensor]:
+    """The inspect module's outputs on the captured batches (the first element when it returns a tuple)."""
+    module = block.get_submodule(gi.group.inspect)
+    outs = []
+    with torch.no_grad():
+        for args, kwargs in zip(gi.args, gi.kwargs, strict=True):
+            y = module(*args, **kwargs)
+            outs.append(y[0] if isinstance(y, tuple) else y)
+    return outs
+
+
+def fold(block: nn.Module, masters: dict[str, torch.Tensor], group: ScaleGroup, s: torch.Tensor) -> None:
+    """Divide prev's output channels by s and multiply the layers' input columns by s, in the float32 masters,
+    then copy the changed tensors into the block's parameters."""
+    s = s.float()
+    prev = block.get_submodule(group.prev)
+    changed = []
+    for pname in ("weight", "bias"):
+        key = f"{group.prev}.{pname}"
+        if key in masters and getattr(prev, pname, None) is not None:
+            t = masters[key]
+            t.div_((s.view(-1, 1) if t.dim() == 2 else s).to(t.device))
+            changed.append(key)
+    for name in group.layers:
+        key = f"{name}.weight"
+        masters[key].mul_(s.view(1, -1).to(masters[key].device))
+        changed.append(key)
+    params = dict(block.named_parameters())
+    for key in changed:
+        p = params[key]
+        if p.data.data_ptr() != masters[key].data_ptr():
+            p.data = masters[key].to(p.device, p.dtype)
+
+
+def set_weights(block: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Point the named layers' weights at these tensors (cast to each layer's device and dtype)."""
+    for name, w in weights.items():
+        p = block.get_submodule(name).weight
+        p.data = w.to(p.device, p.dtype)
+
+
+def squared_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    return sum((y.float() - r.float()).pow(2).sum().item() for y, r in zip(outputs, reference, strict=True))
