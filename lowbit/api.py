@@ -23,6 +23,7 @@ from lowbit.model.sources import resolve
 from lowbit.model.targets import linear_layers, select_layers
 from lowbit.pipeline import PipelineResult, activation_device, quantize_model
 from lowbit.recipe import LayerSpec, Recipe
+from lowbit.runtime import kvcache
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 FP16_MAX = 65504.0
@@ -140,6 +141,8 @@ def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, c
     result = quantize_model(model, family, plan, method, inputs, dev, offload, progress=progress,
                             cfg=method.module.configure(recipe), compute_dtype=cdtype,
                             transform_cfg=method.transform.configure(recipe) if method.transform else None)
+    if recipe.kv_cache:
+        kvcache.enable(model, recipe.kv_cache, attention="attention" in recipe.parts)
     if method.transform is not None:  # the folded scales changed float tensors: keep what the checkpoint keeps
         round_unquantized(model, store_dtype, set(plan))
     if "lm_head" in plan and getattr(model.config, "tie_word_embeddings", False):

@@ -52,7 +52,7 @@ def _describe(spec) -> str:
     sym = "sym" if w.symmetric else ("asym, float zero" if w.kind == "int" and w.float_zero else "asym")
     kind = "fp8 e4m3" if w.kind == "fp8" else f"int{w.bits} {sym}"
     clip = ", clipped" if w.clip else ""
-    act = f", {spec.act.kind} per-token activations" if spec.act else ""
+    act = f", {spec.act.describe()}" if spec.act else ""
     return f"{kind}, {where}{clip}{act}"
 
 
@@ -66,11 +66,15 @@ def print_summary(result, header: dict, out: Path) -> None:
         f"quantized {result.source} with {recipe.method} {recipe.scheme} ({_describe(recipe.default_spec)})",
         f"  layers       {s['quantized_layers']} linear layers in {len(result.pipeline.blocks)} blocks"
         f" ({s['quantized_weights'] / 1e6:.1f}M weights; other tensors kept in {dtype})",
-        f"  bits/weight  {s['bits_per_weight']:.3f} including scales and zeros ({by_type})",
+        f"  bits/weight  {s['bits_per_weight']:.3f} including scales and zeros ({by_type})" if s["bits_per_weight"]
+        else "  bits/weight  no linear layer quantized (16-bit weights)",
         f"  size         {s['bytes_16bit'] / 1e6:.1f} MB at 16 bits -> {weights / 1e6:.1f} MB of weights"
         f" (predicted {s['bytes_predicted'] / 1e6:.1f} MB;"
         f" {header['bytes_on_disk'] / 1e6:.1f} MB with config and tokenizer)",
     ]
+    if recipe.kv_cache:
+        queries = " and attention queries" if "attention" in recipe.parts else ""
+        lines.append(f"  kv cache     {recipe.kv_cache}, one scale per token and head{queries}")
     if errors:
         lines.append(f"  block error  relative output MSE on a calibration batch: first {errors[0]:.2e}, "
                      f"max {max(errors):.2e}, last {errors[-1]:.2e}")

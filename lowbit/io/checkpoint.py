@@ -27,6 +27,7 @@ from lowbit.errors import LowbitError
 from lowbit.io.atomic import atomic_directory
 from lowbit.model.architectures import family_for
 from lowbit.recipe import LayerSpec
+from lowbit.runtime import kvcache
 from lowbit.runtime.qlinear import QuantLinear, set_module
 
 FORMAT_NAME = "lowbit"
@@ -174,6 +175,9 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, verify
     leftover = [n for n, t in model.state_dict().items() if t.is_meta]
     if leftover:
         raise LowbitError(f"checkpoint {str(path)!r} left tensors uninitialized: {leftover[:3]}.")
+    recipe = header.get("recipe") or {}
+    if recipe.get("kv_cache"):
+        kvcache.enable(model, recipe["kv_cache"], attention="attention" in (recipe.get("parts") or ()))
     return model.eval()
 
 
