@@ -33,7 +33,7 @@ def sets() -> dict[str, dict[str, Recipe]]:
         sq[f"SmoothQuant {level} α searched"] = Recipe(method="smoothquant", scheme="w8a8", per_tensor=True, **act)
         sq[f"SmoothQuant {level} α=0.5"] = Recipe(method="smoothquant", scheme="w8a8", per_tensor=True, alpha=0.5,
                                                   **act)
-    for alpha in (0.25, 0.75, 0.9):
+    for alpha in (0.25, 0.75):
         sq[f"SmoothQuant O3 α={alpha}"] = Recipe(method="smoothquant", scheme="w8a8", per_tensor=True, alpha=alpha,
                                                  act_granularity="tensor", act_static=True)
     levels = {}

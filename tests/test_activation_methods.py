@@ -139,13 +139,19 @@ def test_awq_clip_matches_a_brute_force_search():
     torch.testing.assert_close(got, best, rtol=1e-4, atol=1e-6)
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
+
+
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
 @pytest.mark.parametrize("granularity", ["token", "tensor"])
-def test_native_matmul_equals_the_emulation(kind, granularity):
-    """int8: torch._int_mm and the float64 emulation give the same bits; fp8: torch._scaled_mm agrees to float32
-    rounding of the sum. Both agree with F.linear on the dequantized operands."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("rows", [37, 8])
+def test_native_matmul_equals_the_emulation(kind, granularity, device, rows):
+    """int8: torch._int_mm and the float64 emulation give the same bits; fp8: torch._scaled_mm agrees to the
+    rounding of its accumulator. Both agree with F.linear on the dequantized operands. 8 rows: cuBLAS needs
+    padding."""
     torch.manual_seed(2)
-    x, w = torch.randn(37, 96) * 3, torch.randn(40, 96) * 0.05
+    x, w = (torch.randn(rows, 96) * 3).to(device), (torch.randn(48, 96) * 0.05).to(device)
     act = ActFormat(kind, granularity)
     fmt = IntFormat(8, True, PerChannel()) if kind == "int8" else FP8Format(PerChannel())
     qw = quantize(w, fmt)
@@ -155,10 +161,11 @@ def test_native_matmul_equals_the_emulation(kind, granularity):
     emulated = codes_matmul(x, act, None, *operand, mode="emulate")
     if kind == "int8":
         assert torch.equal(native, emulated)
-    else:
-        torch.testing.assert_close(native, emulated, rtol=1e-6, atol=1e-6)
+    else:  # the CPU sums in float32; Hopper's fp8 tensor cores keep fewer accumulator bits (about 2^-14)
+        tol = 1e-6 if device == "cpu" else 1e-3
+        torch.testing.assert_close(native, emulated, rtol=tol, atol=tol * emulated.abs().max().item())
     dequantized = fake_quantize_activation(x, act) @ qw.dequantize().t()
-    torch.testing.assert_close(emulated, dequantized, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(emulated, dequantized, rtol=1e-5, atol=1e-5 * dequantized.abs().max().item())
 
 
 def test_grouped_or_narrow_weights_take_the_dequantized_path():

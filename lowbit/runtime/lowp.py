@@ -5,7 +5,8 @@ scale per output channel (s_w [1, N]) or per tensor. The accumulator A = X_q · 
 kernel where the platform has one (`torch._int_mm`: int32 accumulation; `torch._scaled_mm` with unit scales:
 float32 accumulation), else from an emulation in float64. For int8 both give the exact integer A (|A| ≤ 127²·K is
 far below 2^53), so the results are bit-equal; for fp8 every product is exact and only the float32 summation
-order differs. The scales are applied afterwards, in the same order either way.
+order differs (on CPU; Hopper's fp8 tensor cores keep fewer accumulator bits, about 2^-14 relative). The scales
+are applied afterwards, in the same order either way.
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ def weight_operand(qw, act: ActFormat) -> tuple[torch.Tensor, torch.Tensor] | No
 
 def _native(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     m = xq.shape[0]
-    if xq.is_cuda and m <= 16:  # cuBLAS int8 wants more than 16 rows: pad with zero rows
-        xq = torch.cat([xq, xq.new_zeros(32 - m, xq.shape[1])])
+    if xq.is_cuda:  # cuBLAS wants more than 16 rows (int8) and a multiple of 16 (fp8): pad with zero rows
+        padded = max(32, -(-m // 16) * 16)
+        if padded != m:
+            xq = torch.cat([xq, xq.new_zeros(padded - m, xq.shape[1])])
     if xq.dtype == torch.int8:
         acc = torch._int_mm(xq, wq.t())
     else:

@@ -74,13 +74,21 @@ class QuantLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         act = self.spec.act
         if act is not None:
-            operand = weight_operand(self.quantized_weight(), act)
+            operand = self._codes_operand()
             if operand is not None:
                 y = codes_matmul(x.reshape(-1, x.shape[-1]), act, self.input_scale, *operand)
                 y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
                 return y if bias is None else y + bias
             x = fake_quantize_activation(x, act, self.input_scale)
         return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+
+    def _codes_operand(self):
+        """The weight as a codes-matmul operand (lowbit.runtime.lowp), built once per set of buffers."""
+        key = tuple(getattr(self, n).data_ptr() for n in self._buffers_spec())
+        if getattr(self, "_operand_key", None) != key:
+            self._operand = weight_operand(self.quantized_weight(), self.spec.act)
+            self._operand_key = key
+        return self._operand
 
     def extra_repr(self) -> str:
         w = self.spec.weight.to_dict()
