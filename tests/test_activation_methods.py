@@ -122,6 +122,12 @@ def test_smoothquant_beats_naive_w8a8_with_static_per_tensor_activations(stories
     assert sum(smooth) < sum(naive)
 
 
+def test_smoothquant_with_gptq_weights_beats_rounded_weights(stories, stories_tokenizer):
+    rounded = _block_errors(stories, stories_tokenizer, Recipe(method="smoothquant", scheme="w8a8", alpha=0.5))
+    gptq = _block_errors(stories, stories_tokenizer, Recipe(method="smoothquant+gptq", scheme="w8a8", alpha=0.5))
+    assert sum(gptq) < sum(rounded)
+
+
 def test_awq_clip_matches_a_brute_force_search():
     """The clipping search returns, per group, the shrink whose output error on the tokens is smallest."""
     torch.manual_seed(1)
