@@ -56,6 +56,25 @@ def test_fingerprint_ignores_where_the_model_came_from(_stories, tmp_path):
     assert model_fingerprint(moved) != model_fingerprint(_stories)
 
 
+def test_shared_prompt_prefix_is_counted_once(_stories, stories_tokenizer, w3_model):
+    """Prompts that open with the same text: the common prefix is found, its KL reported once, and the prefill
+    statistics without it average exactly the other prefill positions."""
+    prompts = ["Once upon a time, " + p for p in PROMPTS]
+    rec = make_record(_stories, stories_tokenizer, prompts, source="test", model_name="stories", max_new_tokens=8,
+                      progress=False)
+    d = compare(rec, w3_model, _stories, progress=False)
+    assert d.shared == len(stories_tokenizer("Once upon a time,").input_ids)
+    s = summarize_divergence(d, 16)
+    first = (d.prompt == 0) & (d.position < d.shared)
+    assert s["shared_prefix"]["mean"] == pytest.approx(float(d.stats.kl[first].mean()))
+    for i in range(1, len(prompts)):  # the same predictions in every prompt
+        np.testing.assert_allclose(d.stats.kl[(d.prompt == i) & (d.position < d.shared)], d.stats.kl[first],
+                                   rtol=1e-4, atol=1e-6)
+    rest = d.prefill & (d.position >= d.shared)
+    assert s["prefill_unshared"]["mean"] == pytest.approx(float(d.stats.kl[rest].mean()))
+    assert "shared_prefix" not in summarize_divergence(compare(rec.first(1), w3_model, _stories, progress=False), 16)
+
+
 def test_first_prompts_of_a_record(record, _stories, w3_model):
     """--max-prompts on a saved record: its first n sequences, scored exactly as they are inside the whole one."""
     sub = record.first(2)

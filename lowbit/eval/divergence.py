@@ -116,6 +116,7 @@ class Divergence:
     position: np.ndarray  # position index t within its sequence
     prefill: np.ndarray  # bool: the position predicts a prompt token
     generation_offset: np.ndarray  # t − (prompt_len − 1), for generation positions
+    shared: int = 0  # positions t < shared have the same context in every sequence (a common prompt prefix)
 
 
 def compare(record: ReferenceRecord, candidate: nn.Module | None, reference: nn.Module | None = None,
@@ -165,7 +166,19 @@ def compare(record: ReferenceRecord, candidate: nn.Module | None, reference: nn.
     position = np.concatenate([np.arange(lengths[i] - 1) for i in range(n_seq)])
     plen = record.prompt_lens.numpy()[prompt]
     prefill = position < plen - 1
-    return Divergence(stats, prompt, position, prefill, position - (plen - 1))
+    return Divergence(stats, prompt, position, prefill, position - (plen - 1), common_prefix(record))
+
+
+def common_prefix(record: ReferenceRecord) -> int:
+    """Length of the token prefix that every sequence starts with (a chat template's system prompt, say); 0 for a
+    single sequence. The predictions at positions t < this length are the same in every sequence."""
+    if record.num_sequences < 2:
+        return 0
+    seqs = [record.sequence(i) for i in range(record.num_sequences)]
+    n = min(int(record.prompt_lens.min()), *(len(q) for q in seqs))
+    first = seqs[0][:n]
+    same = torch.stack([q[:n] == first for q in seqs]).all(0)
+    return int(n if bool(same.all()) else same.int().argmin())
 
 
 def summarize_divergence(d: Divergence, top_n: int, seed: int = 0) -> dict:
@@ -180,9 +193,25 @@ def summarize_divergence(d: Divergence, top_n: int, seed: int = 0) -> dict:
         "generation": summarize(d.stats.select(gen), d.prompt[gen], seed),
         "by_position": by_position(d.stats.kl[gen], d.generation_offset[gen], POSITION_BUCKET),
         "by_position_prefill": by_position(d.stats.kl[d.prefill], d.position[d.prefill], POSITION_BUCKET),
+        **shared_prefix_summary(d, seed),
         "per_prompt": per_prompt,
         "histogram": histogram(d.stats.kl),
     }
+
+
+def shared_prefix_summary(d: Divergence, seed: int = 0) -> dict:
+    """The common prompt prefix counted once: its mean KL, and prefill statistics without it. Every prompt repeats
+    the same predictions there, so the prefill mean weighs one text by the number of prompts, and a CI that
+    resamples prompts cannot see that it is a single sample."""
+    if not d.shared:
+        return {}
+    once = (d.prompt == 0) & (d.position < d.shared)
+    rest = d.prefill & (d.position >= d.shared)
+    out = {"shared_prefix": {"tokens": d.shared, "positions": int((d.position < d.shared).sum()),
+                             "mean": float(d.stats.kl[once].mean())}}
+    if rest.any():
+        out["prefill_unshared"] = summarize(d.stats.select(rest), d.prompt[rest], seed)
+    return out
 
 
 def histogram(kl: np.ndarray, lo: float = -8.0, hi: float = 2.0, step: float = 0.25) -> dict:

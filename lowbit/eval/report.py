@@ -39,6 +39,11 @@ def text_report(result: dict) -> str:
                          f"{_f(s['mean_full']):>8} "
                          f"{_f(s['p99'], 3):>7} {_f(s['token_rejection_rate'], 3):>7} {_f(s['spec_rejection'], 3):>8} "
                          f"{_f(s['rms_dp'], 3):>7}")
+        shared, rest = kl.get("shared_prefix"), kl.get("prefill_unshared")
+        if shared and rest:
+            lines.append(f"  every prompt starts with the same {shared['tokens']} tokens ({shared['positions']} of the "
+                         f"prefill positions): KL there {_f(shared['mean'])} (one text); prefill without them "
+                         f"{_f(rest['mean'])} {_ci(rest['ci95'])}, rejection {_f(rest['token_rejection_rate'], 3)}")
         if kl["by_position"]:
             buckets = ", ".join(f"{b['start']}-{b['end']}: {b['mean']:.3f}" for b in kl["by_position"])
             lines.append(f"  generation KL by position: {buckets}")
