@@ -63,14 +63,14 @@ def search_scale(block: nn.Module, gi: GroupInputs, specs: dict[str, LayerSpec],
     reference = run_inspect(block, gi)
     planned = [n for n in gi.group.layers if n in specs]
     originals = {n: masters[f"{n}.weight"] for n in gi.group.layers}
+    work = {n: originals[n].to(s_x.device, torch.float32) for n in planned}  # on the compute device
     best = (float("inf"), 0.0, torch.ones_like(s_x))
     try:
         for i in range(grid):
             alpha = i / grid
             s = s_x.pow(alpha).clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
-            sd = s.to(originals[planned[0]].device)
-            set_weights(block, {n: fake_quantize(originals[n] * sd, specs[n].weight) / sd for n in planned})
+            set_weights(block, {n: fake_quantize(work[n] * s, specs[n].weight) / s for n in planned})
             err = squared_error(run_inspect(block, gi), reference)
             if err < best[0]:
                 best = (err, alpha, s)
@@ -81,9 +81,9 @@ def search_scale(block: nn.Module, gi: GroupInputs, specs: dict[str, LayerSpec],
 
 def clip_layer(weight: torch.Tensor, x: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
     """The weight clamped, per group of its format, to the range that minimizes Σ_t ((w − ŵ)·x_t)² over the
-    tokens x [T, in]."""
-    wg = grouped(weight.float(), fmt.granularity)
-    xg = x.float().to(weight.device).reshape(x.shape[0], wg.shape[1], wg.shape[2])
+    tokens x [T, in]; computed on x's device."""
+    wg = grouped(weight.to(x.device, torch.float32), fmt.granularity)
+    xg = x.float().reshape(x.shape[0], wg.shape[1], wg.shape[2])
     gram = torch.einsum("tgk,tgl->gkl", xg, xg)
     p = best_shrink(wg, fmt, CLIP_GRID, CLIP_MAX_SHRINK, gram, clamp=True)
     return clamp_to_range(wg, p, fmt).reshape(weight.shape)
