@@ -43,7 +43,7 @@ def table_args(description: str, out: str) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--max-prompts", type=int, default=80, help="the first N prompts of the record")
-    p.add_argument("--windows", type=int, default=20)
+    p.add_argument("--windows", type=int, default=20, help="WikiText-2 perplexity windows (0: no perplexity)")
     p.add_argument("--record", default="out/bench/llmcompressor/reference.safetensors")
     p.add_argument("--out", default=out)
     p.add_argument("--only", help="comma-separated configuration names")
@@ -55,12 +55,13 @@ def table_args(description: str, out: str) -> argparse.Namespace:
 def evaluate_row(name: str, candidate: Path, bits: float | None, seconds: float, args: argparse.Namespace,
                  tasks: tuple[str, ...] = ()) -> dict:
     """One table row: KL (prefill, generation), rejection rates and WikiText-2 perplexity of a candidate."""
-    r = evaluate(EvalConfig(reference="smollm2-135m", candidate=str(candidate), kl=True, ppl=("wikitext2",),
-                            tasks=tasks, limit=args.limit, max_prompts=args.max_prompts,
-                            max_windows=args.windows, reference_record=args.record, progress=False))
-    kl, ppl = r["kl"], r["ppl"]["wikitext2"]
-    row = {"name": name, "bits_per_weight": bits, "ppl": ppl["candidate"],
-           "ppl_reference": ppl["reference"], "kl_prefill": kl["prefill"]["mean"],
+    r = evaluate(EvalConfig(reference="smollm2-135m", candidate=str(candidate), kl=True,
+                            ppl=("wikitext2",) if args.windows else (), tasks=tasks, limit=args.limit,
+                            max_prompts=args.max_prompts, max_windows=args.windows, reference_record=args.record,
+                            progress=False))
+    kl, ppl = r["kl"], (r.get("ppl") or {}).get("wikitext2") or {}
+    row = {"name": name, "bits_per_weight": bits, "ppl": ppl.get("candidate"),
+           "ppl_reference": ppl.get("reference"), "kl_prefill": kl["prefill"]["mean"],
            "kl_prefill_ci95": kl["prefill"]["ci95"], "kl_generation": kl["generation"]["mean"],
            "kl_generation_ci95": kl["generation"]["ci95"],
            "rejection_prefill": kl["prefill"]["token_rejection_rate"],
@@ -115,7 +116,7 @@ def print_table(rows: list[dict]) -> None:
 
     for r in rows:
         bits = f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] else "16"
-        cells = [r["name"], bits, f"{r['ppl']:.2f}", ci(r, "kl_prefill"), ci(r, "kl_generation"),
+        cells = [r["name"], bits, f"{r['ppl']:.2f}" if r["ppl"] else "–", ci(r, "kl_prefill"), ci(r, "kl_generation"),
                  f"{r['rejection_prefill']:.3f}", f"{r['rejection_generation']:.3f}",
                  *[f"{r[c]:.3f}" for c in task_cols], f"{r['quantize_s']:.0f}"]
         print("| " + " | ".join(cells) + " |")
