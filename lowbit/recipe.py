@@ -88,7 +88,7 @@ def check_scheme(scheme: str) -> str:
 
 def scheme_spec(scheme: str, group_size: int | None, symmetric: bool, clip: bool,
                 zero_point: str = "int", per_tensor: bool = False, act_granularity: str = "token",
-                act_static: bool = False) -> LayerSpec:
+                act_static: bool = False, full_range: bool = False) -> LayerSpec:
     """LayerSpec for a scheme name and its options (group_size None = the scheme's default)."""
     s = check_scheme(scheme)
     if group_size is None:
@@ -104,9 +104,9 @@ def scheme_spec(scheme: str, group_size: int | None, symmetric: bool, clip: bool
             raise LowbitError("fp8 is a sign-magnitude format and has no zero point: drop --asym with --scheme fp8.")
         return LayerSpec(FP8Format(gran), act)
     if s == "w8a8":
-        return LayerSpec(IntFormat(8, symmetric, gran, clip, zero_point), act)
+        return LayerSpec(IntFormat(8, symmetric, gran, clip, zero_point, full_range and symmetric), act)
     bits = int(_WEIGHT_ONLY.match(s).group(1))
-    return LayerSpec(IntFormat(bits, symmetric, gran, clip, zero_point))
+    return LayerSpec(IntFormat(bits, symmetric, gran, clip, zero_point, full_range and symmetric))
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,7 @@ class Recipe:
     outlier_threshold: float | None = None  # SpQR: τ, relative (default 0.2; inf = no outliers)
     outlier_rate: float | None = None  # SpQR: target fraction of outliers (τ searched per layer)
     per_tensor: bool = False  # one weight scale per tensor (overrides group_size)
+    full_range: bool = False  # symmetric grids: s = max|w| / (2^(b−1) − ½), every code used (GPTQ's reference)
     act_granularity: str = "token"  # w8a8 / fp8 activations: one scale per token, or per tensor
     act_static: bool = False  # the activation scale is calibrated once (per tensor), not computed at run time
     alpha: float | None = None  # SmoothQuant migration strength (None: searched per scaling group)
@@ -205,7 +206,8 @@ class Recipe:
         act = ({"act_granularity": self.act_granularity, "act_static": self.act_static}
                if scheme in ("w8a8", "fp8") else {})
         return self._method_spec(scheme_spec(scheme, group_size, symmetric, clip, zero_point,
-                                             self.per_tensor and scheme == self.scheme, **act))
+                                             self.per_tensor and scheme == self.scheme, full_range=self.full_range,
+                                             **act))
 
     def _method_spec(self, spec: LayerSpec) -> LayerSpec:
         """SpQR stores its own format: the scheme's bits in groups of β1 (= the group size, default 16)."""

@@ -30,10 +30,11 @@ def _granularity(kind: str, group: int):
 @settings(max_examples=120, deadline=None)
 @given(bits=st.integers(2, 8), symmetric=st.booleans(), float_zero=st.booleans(), kind=granularities,
        groups=st.integers(1, 6), group=st.sampled_from([1, 4, 8, 32]), out_f=st.integers(1, 12),
-       magnitude=st.sampled_from([1e-4, 0.02, 1.0, 300.0]), seed=st.integers(0, 2**16))
-def test_int_error_bounded_by_half_step(bits, symmetric, float_zero, kind, groups, group, out_f, magnitude, seed):
+       magnitude=st.sampled_from([1e-4, 0.02, 1.0, 300.0]), seed=st.integers(0, 2**16), full=st.booleans())
+def test_int_error_bounded_by_half_step(bits, symmetric, float_zero, kind, groups, group, out_f, magnitude, seed,
+                                        full):
     zero_point = "float" if float_zero and not symmetric else "int"
-    fmt = IntFormat(bits, symmetric, _granularity(kind, group), zero_point=zero_point)
+    fmt = IntFormat(bits, symmetric, _granularity(kind, group), zero_point=zero_point, full_range=full and symmetric)
     w = _weights(seed, out_f, groups * group, magnitude)
     q = quantize(w, fmt)
     assert q.codes.dtype == torch.uint8 and int(q.codes.max()) <= 2**bits - 1
@@ -165,3 +166,16 @@ def test_exact_div_is_correctly_rounded():
     x = torch.rand(10000) * 10
     assert torch.equal(exact_div(x, 7), (x.double() / 7).float())
     assert torch.equal(exact_div(x, 448.0), (x.double() / 448).float())
+
+
+def test_full_range_uses_every_code_and_a_finer_step():
+    """Symmetric full range (GPTQ's reference convention): s = max|w| / (2^(b-1) - 1/2), a step 2^b/(2^b - 2)
+    finer than the restricted grid's; ±max|w| sit half a step beyond the outer codes, so |w - ŵ| <= s/2 still."""
+    w = torch.linspace(-1, 1, 64).reshape(1, 64)
+    full = quantize(w, IntFormat(4, True, PerChannel(), full_range=True))
+    restricted = quantize(w, IntFormat(4, True, PerChannel()))
+    assert full.codes.max() == 15 and restricted.codes.max() == 15
+    assert float(restricted.scale) / float(full.scale) == pytest.approx(7.5 / 7, rel=1e-3)
+    assert ((full.dequantize() - w).abs() <= float(full.scale) / 2 * (1 + 1e-5)).all()
+    with pytest.raises(LowbitError, match="symmetric"):
+        IntFormat(4, False, PerChannel(), full_range=True)

@@ -3,6 +3,9 @@
 Codes are stored unsigned, c ∈ [0, 2^b − 1], and dequantize as ŵ = (c − z)·s.
 
 - symmetric:  s = max|w| / (2^(b−1) − 1),  z = 2^(b−1)            (the zero point is implicit)
+  full range: s = max|w| / (2^(b−1) − ½),  z = 2^(b−1)            (GPTQ's reference code, AutoGPTQ and
+              llm-compressor: a step finer by (2^(b−1) − ½)/(2^(b−1) − 1); ±max|w| lie half a step beyond the
+              outer codes, still within the half-step bound)
 - asymmetric: s = (max(w, 0) − min(w, 0)) / (2^b − 1),  z = round(−min(w, 0) / s)
 - codes:      c = clamp(round(w / s) + z, 0, 2^b − 1)
 
@@ -38,6 +41,7 @@ class IntFormat:
     granularity: Granularity = field(default_factory=PerChannel)
     clip: bool = False
     zero_point: str = "int"
+    full_range: bool = False  # symmetric only: spread max|w| over all 2^b codes
 
     kind = "int"
 
@@ -49,6 +53,8 @@ class IntFormat:
                               f"(llama.cpp Q4_1-style minimum).")
         if self.symmetric and self.zero_point == "float":
             raise LowbitError("a float zero point only applies to asymmetric grids: add --asym.")
+        if self.full_range and not self.symmetric:
+            raise LowbitError("--full-range applies to symmetric grids (an asymmetric grid uses every code already).")
 
     @property
     def float_zero(self) -> bool:
@@ -60,13 +66,14 @@ class IntFormat:
 
     def to_dict(self) -> dict:
         return {"kind": "int", "bits": self.bits, "symmetric": self.symmetric,
-                "granularity": self.granularity.to_dict(), "clip": self.clip, "zero_point": self.zero_point}
+                "granularity": self.granularity.to_dict(), "clip": self.clip, "zero_point": self.zero_point,
+                "full_range": self.full_range}
 
     @classmethod
     def from_dict(cls, d: dict) -> IntFormat:
         return cls(bits=int(d["bits"]), symmetric=bool(d["symmetric"]),
                    granularity=granularity_from_dict(d["granularity"]), clip=bool(d.get("clip", False)),
-                   zero_point=d.get("zero_point", "int"))
+                   zero_point=d.get("zero_point", "int"), full_range=bool(d.get("full_range", False)))
 
 
 def exact_div(x: torch.Tensor, d: float) -> torch.Tensor:
@@ -112,7 +119,7 @@ def grid_params(lo: torch.Tensor, hi: torch.Tensor, fmt: IntFormat) -> tuple[tor
         return torch.where(covered, nearest, round_scale_up(needed)), m
     if fmt.symmetric:
         amax = torch.maximum(lo.abs(), hi.abs())
-        scale = round_scale_up(exact_div(amax, 2 ** (fmt.bits - 1) - 1))
+        scale = round_scale_up(exact_div(amax, 2 ** (fmt.bits - 1) - (0.5 if fmt.full_range else 1)))
         zero = torch.full_like(scale, 2 ** (fmt.bits - 1), dtype=torch.uint8)
     else:
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
