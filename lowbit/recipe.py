@@ -145,7 +145,7 @@ class Recipe:
     outlier_threshold: float | None = None  # SpQR: τ, relative (default 0.2; inf = no outliers)
     outlier_rate: float | None = None  # SpQR: target fraction of outliers (τ searched per layer)
     per_tensor: bool = False  # one weight scale per tensor (overrides group_size)
-    full_range: bool = False  # symmetric grids: s = max|w| / (2^(b−1) − ½), every code used (GPTQ's reference)
+    full_range: bool = True  # symmetric grids: s = max|w| / (2^(b−1) − ½) (GPTQ's reference); False: / (2^(b−1) − 1)
     act_granularity: str = "token"  # w8a8 / fp8 activations: one scale per token, or per tensor
     act_static: bool = False  # the activation scale is calibrated once (per tensor), not computed at run time
     alpha: float | None = None  # SmoothQuant migration strength (None: searched per scaling group)

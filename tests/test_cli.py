@@ -47,7 +47,7 @@ def test_recipe_file_with_command_line_override(capsys, stories_path, tmp_path):
 def test_method_fp8_implies_scheme_fp8(capsys, stories_path, tmp_path):
     code, out, _ = run(capsys, "quantize", str(stories_path), "--method", "fp8", "--out", str(tmp_path / "q"),
                        "--quiet")
-    assert code == 0 and "fp8 e4m3, per channel, fp8 per-token activations" in out
+    assert code == 0 and "fp8 e4m3, per channel, fp8 per-token dynamic activations" in out
 
 
 def test_rtn_with_calibration_reports_block_errors(capsys, stories_path, tmp_path):

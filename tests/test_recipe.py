@@ -75,8 +75,8 @@ def test_targets_ignore_and_overrides(stories):
     plan = select_layers(stories, family, recipe)
     mlp = {f"model.layers.{i}.mlp.{k}" for i in (1, 2, 3) for k in ("gate_proj", "up_proj", "down_proj")}
     assert set(plan) == mlp | {"lm_head"}
-    assert plan["model.layers.2.mlp.down_proj"].weight == IntFormat(8, True, PerChannel())
-    assert plan["model.layers.2.mlp.up_proj"].weight == IntFormat(4, True, PerChannel())
+    assert plan["model.layers.2.mlp.down_proj"].weight == IntFormat(8, True, PerChannel(), full_range=True)
+    assert plan["model.layers.2.mlp.up_proj"].weight == IntFormat(4, True, PerChannel(), full_range=True)
     assert plan["lm_head"].weight.granularity == PerGroup(4)
 
 
