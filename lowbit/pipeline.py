@@ -18,7 +18,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats.activation import activation_scale
 from lowbit.methods.registry import MethodEntry
 from lowbit.model.architectures import Family, decoder_blocks
-from lowbit.model.capture import BlockInputs, StopForward, first_batches, run_block, to_device
+from lowbit.model.capture import BlockInputs, StopForward, first_batches, run_block, squared_error, to_device
 from lowbit.recipe import LayerSpec
 from lowbit.runtime.qlinear import QuantLinear, set_module
 
@@ -88,15 +88,11 @@ def static_input_scales(block: nn.Module, specs: dict[str, LayerSpec], inputs: B
     return {n: activation_scale(amax[n], act).cpu() for n, act in static.items()}
 
 
-def _squared_error(a: torch.Tensor, b: torch.Tensor | float) -> float:
-    return (a.float() - b).pow(2).sum().item()
-
-
 def _relative_error(quantized: BlockInputs, reference: BlockInputs) -> float:
     """Over the batches of `reference` (the first ones of `quantized`)."""
     pairs = list(zip(quantized.hidden, reference.hidden, strict=False))
-    num = sum(_squared_error(q, r.float()) for q, r in pairs)
-    den = sum(_squared_error(r, 0) for _, r in pairs)
+    num = sum(squared_error(q, r.float()) for q, r in pairs)
+    den = sum(squared_error(r, 0) for _, r in pairs)
     return num / max(den, 1e-30)
 
 
@@ -178,7 +174,7 @@ class ReplayedModule(nn.Module):
         if self.ok is None:
             real = self.real(*args, **kwargs)
             r = real[0] if isinstance(real, tuple) else real
-            self.ok = _squared_error(y, r) <= 1e-12 * _squared_error(r, 0)
+            self.ok = squared_error(y, r) <= 1e-12 * squared_error(r, 0)
             return real
         return replayed
 

@@ -175,9 +175,6 @@ class Recipe:
             _compile(p, "target pattern")
         for p in self.ignore:
             _compile(p, "ignore pattern")
-        if (self.act_static or self.act_granularity != "token") and self.scheme not in ("w8a8", "fp8"):
-            raise LowbitError(f"scheme {self.scheme} keeps activations in 16 bits; --act-granularity and --act-static "
-                              f"apply to w8a8 and fp8.")
         if self.method.startswith("smoothquant") and self.scheme not in ("w8a8", "fp8"):
             raise LowbitError(f"SmoothQuant prepares activations for quantization, but scheme {self.scheme} keeps "
                               f"them in 16 bits: use --scheme w8a8 (or fp8).")
@@ -203,11 +200,10 @@ class Recipe:
     def _spec(self, scheme: str, group_size: int | None, symmetric: bool, clip: bool, zero_point: str) -> LayerSpec:
         if group_size is None and self.method == "spqr":
             group_size = SPQR_DEFAULT_BETA1
-        act = ({"act_granularity": self.act_granularity, "act_static": self.act_static}
-               if scheme in ("w8a8", "fp8") else {})
+        own = scheme == self.scheme  # per-tensor and activation options belong to the recipe's scheme
         return self._method_spec(scheme_spec(scheme, group_size, symmetric, clip, zero_point,
-                                             self.per_tensor and scheme == self.scheme, full_range=self.full_range,
-                                             **act))
+                                             self.per_tensor and own, self.act_granularity if own else "token",
+                                             self.act_static and own, self.full_range))
 
     def _method_spec(self, spec: LayerSpec) -> LayerSpec:
         """SpQR stores its own format: the scheme's bits in groups of β1 (= the group size, default 16)."""

@@ -31,7 +31,8 @@ def test_kv_quantization_round_trips_within_its_step(kind):
     else:  # e4m3: 3 mantissa bits, so a relative error of at most 2^-4 (normal values)
         normal = k.abs() >= amax / 448 * 2**-6
         assert ((q - k).abs()[normal] <= k.abs()[normal] * 2**-4 * (1 + 1e-6)).all()
-    assert torch.equal(kvcache.quantize_kv(q, kind), q) or kind == "fp8"
+    if kind == "int8":  # the top code keeps the token's scale: rounding again changes nothing
+        assert torch.equal(kvcache.quantize_kv(q, kind), q)
 
 
 def test_cache_stores_quantized_keys_and_generation_agrees_with_teacher_forcing(stories, stories_tokenizer):

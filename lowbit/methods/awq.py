@@ -31,7 +31,7 @@ from lowbit.methods.scaling import (
     fold,
     run_inspect,
     set_weights,
-    squared_error,
+    total_squared_error,
 )
 from lowbit.model.architectures import Family
 from lowbit.model.capture import BlockInputs
@@ -71,7 +71,7 @@ def search_scale(block: nn.Module, gi: GroupInputs, specs: dict[str, LayerSpec],
             s = s_x.pow(alpha).clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
             set_weights(block, {n: fake_quantize(work[n] * s, specs[n].weight) / s for n in planned})
-            err = squared_error(run_inspect(block, gi), reference)
+            err = total_squared_error(run_inspect(block, gi), reference)
             if err < best[0]:
                 best = (err, alpha, s)
     finally:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lowbit.model.architectures import ScaleGroup
-from lowbit.model.capture import BlockInputs, StopForward, to_device
+from lowbit.model.capture import BlockInputs, StopForward, squared_error, to_device
 
 
 @dataclass
@@ -132,5 +132,5 @@ def set_weights(block: nn.Module, weights: dict[str, torch.Tensor]) -> None:
         p.data = w.to(p.device, p.dtype)
 
 
-def squared_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
-    return sum((y.float() - r.float()).pow(2).sum().item() for y, r in zip(outputs, reference, strict=True))
+def total_squared_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    return sum(squared_error(y, r.float()) for y, r in zip(outputs, reference, strict=True))

@@ -75,6 +75,11 @@ def capture_block_inputs(model: nn.Module, family: Family, ids: torch.Tensor, de
     return store
 
 
+def squared_error(a: torch.Tensor, b: torch.Tensor | float) -> float:
+    """‖a − b‖² in float32, as a Python float."""
+    return (a.float() - b).pow(2).sum().item()
+
+
 def first_batches(inputs: BlockInputs, n: int) -> BlockInputs:
     return BlockInputs(inputs.hidden[:n], inputs.kwargs[:n])
 

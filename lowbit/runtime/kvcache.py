@@ -8,7 +8,8 @@ a quantized cache computes it. Stored values are held dequantized (an exact emul
 
 With the `attention` part, the attention product also takes quantized queries (same per-token, per-head
 format), through an attention function registered with transformers' AttentionInterface that rounds the
-queries and calls the model's own implementation. The softmax probabilities stay in 16 bits.
+queries and calls transformers' SDPA attention (whose masks it is registered with). The softmax probabilities
+stay in 16 bits.
 
 `enable(model, kind, attention)` installs both on a model: a forward pre-hook hands the model a
 QuantizedKVCache whenever it would otherwise run without a cache or with a fresh DynamicCache (generate()).
@@ -27,6 +28,11 @@ from lowbit.errors import LowbitError
 from lowbit.formats.activation import ActFormat, fake_quantize_activation
 
 KV_KINDS = ("int8", "fp8")
+
+
+def check_kind(kind: str) -> None:
+    if kind not in KV_KINDS:
+        raise LowbitError(f"KV-cache format {kind!r} is not known: use int8 or fp8.")
 
 
 def quantize_kv(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -51,16 +57,15 @@ class QuantizedKVCache(DynamicCache):
     """transformers' DynamicCache with every layer quantizing what it stores (see the module docstring)."""
 
     def __init__(self, kind: str) -> None:
-        if kind not in KV_KINDS:
-            raise LowbitError(f"KV-cache format {kind!r} is not known: use int8 or fp8.")
+        check_kind(kind)
         super(DynamicCache, self).__init__(layer_class_to_replicate=_LAYER_CLASSES[kind])
         self.kind = kind
 
 
 def _quantized_query_attention(kind: str):
+    """transformers' SDPA attention on quantized queries (the keys and values come quantized from the cache)."""
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs):
-        base = ALL_ATTENTION_FUNCTIONS[module.lowbit_base_attention]
-        return base(module, quantize_kv(query, kind), key, value, *args, **kwargs)
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, quantize_kv(query, kind), key, value, *args, **kwargs)
 
     return attention
 
@@ -83,15 +88,11 @@ def _cache_hook(kind: str):
 
 def enable(model: nn.Module, kind: str, attention: bool = False) -> nn.Module:
     """Quantize the model's KV cache (and, with `attention`, its attention queries) from now on, in place."""
-    if kind not in KV_KINDS:
-        raise LowbitError(f"KV-cache format {kind!r} is not known: use int8 or fp8.")
+    check_kind(kind)
     if getattr(model, "lowbit_kv_cache", None) is not None:
         raise LowbitError("this model already quantizes its KV cache.")
     model.register_forward_pre_hook(_cache_hook(kind), with_kwargs=True)
     model.lowbit_kv_cache = kind
     if attention:
-        for m in model.modules():
-            if hasattr(m, "q_proj"):
-                m.lowbit_base_attention = "sdpa"  # the masks are built for it (registered above)
         model.config._attn_implementation = f"lowbit_q{kind}"
     return model
