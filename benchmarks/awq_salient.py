@@ -3,9 +3,10 @@ each layer's input channels kept in 16 bits, chosen by activation magnitude, by 
 
 The paper (OPT-6.7B, INT3 g128): WikiText-2 perplexity 23.54 at FP16, 43.2 with plain RTN, 13.0 keeping 1% of the
 channels by activation, about as bad as RTN by weight or at random. Here: every linear layer of the decoder blocks,
-symmetric INT3 in groups of 64; activation magnitude = mean |x_j| over the calibration tokens (C4, 64 × 512) on
-the float model; weight magnitude = mean |W_:j|; random with seed 0. Each candidate is a float model (fake-quantized
-weights with the kept columns restored), evaluated like the other tables (KL on 80 prompts, 20 WikiText-2 windows).
+symmetric INT3 in groups of 64 with the full-range scale (lowbit's default); activation magnitude = mean |x_j|
+over the calibration tokens (C4, 64 × 512) on the float model; weight magnitude = mean |W_:j|; random with seed 0.
+Each candidate is a float model (fake-quantized weights with the kept columns restored), evaluated like the other
+tables (KL on 80 prompts, 20 WikiText-2 windows).
 
     .venv/bin/python benchmarks/awq_salient.py
 """
@@ -65,7 +66,7 @@ def main() -> None:
     names = [n for n in linear_layers(model) if n.startswith(family.blocks + ".")]
     ids = calibration_ids(tok, CalibConfig("c4", args.samples, args.seqlen), model.config.max_position_embeddings)
     act = activation_magnitude(model, ids, names)
-    fmt = IntFormat(3, True, PerGroup(64))
+    fmt = IntFormat(3, True, PerGroup(64), full_range=True)
     gen = torch.Generator().manual_seed(0)
     choosers = {
         "RTN w3a16 g64, nothing kept": None,

@@ -28,6 +28,7 @@ from lowbit.formats import (
     format_from_dict,
     granularity_from_group_size,
 )
+from lowbit.formats.activation import check_kv_kind
 from lowbit.formats.spqr import SpQRFormat
 from lowbit.model.parts import expand_parts
 
@@ -169,8 +170,8 @@ class Recipe:
             object.__setattr__(self, "kv_cache", "fp8" if self.scheme == "fp8" else "int8")
         if self.alpha is not None and not 0 <= self.alpha <= 1:
             raise LowbitError(f"the migration strength alpha must lie in [0, 1], got {self.alpha}.")
-        if self.kv_cache not in (None, "int8", "fp8"):
-            raise LowbitError(f"--kv-cache {self.kv_cache!r} is not known: use int8 or fp8.")
+        if self.kv_cache is not None:
+            check_kv_kind(self.kv_cache)
         for p in self.targets:
             _compile(p, "target pattern")
         for p in self.ignore:

@@ -209,6 +209,8 @@ def test_static_scale_needs_calibration_or_fails_clearly(stories):
     (dict(scheme="w4a16", act_static=True), "keeps activations in 16 bits"),
     (dict(scheme="w8a8", act_static=True), "one per tensor"),
     (dict(method="smoothquant", scheme="w8a8", alpha=1.5), r"\[0, 1\]"),
+    (dict(scheme="w8a8", kv_cache="int4"), "--kv-cache int8 or fp8"),
+    (dict(scheme="w4a16", parts=("L3",)), "add --kv-cache"),
 ])
 def test_bad_options_are_explained(bad, match):
     with pytest.raises(LowbitError, match=match):

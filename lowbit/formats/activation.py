@@ -21,6 +21,12 @@ ACT_GRANULARITIES = ("token", "tensor")
 QMAX = {"int8": 127.0, "fp8": FP8_MAX}
 
 
+def check_kv_kind(kind: str) -> None:
+    """A KV cache is stored in one of the activation formats, with one scale per head and token."""
+    if kind not in ACT_KINDS:
+        raise LowbitError(f"KV-cache format {kind!r} is not known: use --kv-cache int8 or fp8.")
+
+
 @dataclass(frozen=True)
 class ActFormat:
     """How a quantized linear layer quantizes its input at run time."""

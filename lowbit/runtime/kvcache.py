@@ -25,14 +25,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from lowbit.errors import LowbitError
-from lowbit.formats.activation import ActFormat, fake_quantize_activation
-
-KV_KINDS = ("int8", "fp8")
-
-
-def check_kind(kind: str) -> None:
-    if kind not in KV_KINDS:
-        raise LowbitError(f"KV-cache format {kind!r} is not known: use int8 or fp8.")
+from lowbit.formats.activation import ACT_KINDS, ActFormat, check_kv_kind, fake_quantize_activation
 
 
 def quantize_kv(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -50,14 +43,14 @@ class QuantizedKVLayer(DynamicLayer):
                               **kwargs)
 
 
-_LAYER_CLASSES = {kind: type(f"QuantizedKVLayer_{kind}", (QuantizedKVLayer,), {"kind": kind}) for kind in KV_KINDS}
+_LAYER_CLASSES = {kind: type(f"QuantizedKVLayer_{kind}", (QuantizedKVLayer,), {"kind": kind}) for kind in ACT_KINDS}
 
 
 class QuantizedKVCache(DynamicCache):
     """transformers' DynamicCache with every layer quantizing what it stores (see the module docstring)."""
 
     def __init__(self, kind: str) -> None:
-        check_kind(kind)
+        check_kv_kind(kind)
         super(DynamicCache, self).__init__(layer_class_to_replicate=_LAYER_CLASSES[kind])
         self.kind = kind
 
@@ -70,7 +63,7 @@ def _quantized_query_attention(kind: str):
     return attention
 
 
-for _kind in KV_KINDS:
+for _kind in ACT_KINDS:
     AttentionInterface.register(f"lowbit_q{_kind}", _quantized_query_attention(_kind))
     ALL_MASK_ATTENTION_FUNCTIONS.register(f"lowbit_q{_kind}", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
@@ -88,7 +81,7 @@ def _cache_hook(kind: str):
 
 def enable(model: nn.Module, kind: str, attention: bool = False) -> nn.Module:
     """Quantize the model's KV cache (and, with `attention`, its attention queries) from now on, in place."""
-    check_kind(kind)
+    check_kv_kind(kind)
     if getattr(model, "lowbit_kv_cache", None) is not None:
         raise LowbitError("this model already quantizes its KV cache.")
     model.register_forward_pre_hook(_cache_hook(kind), with_kwargs=True)
