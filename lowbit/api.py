@@ -193,14 +193,22 @@ def save(result: QuantizeResult, out_dir: str | Path, *, tokenizer=None, overwri
                            info=info, texts={"recipe.yaml": result.recipe.to_yaml()})
 
 
-def fake_quantize_model(model: nn.Module, plan: dict[str, LayerSpec], dtype: torch.dtype | None = None) -> nn.Module:
+def fake_quantize_model(model: nn.Module, plan: dict[str, LayerSpec], dtype: torch.dtype | None = None,
+                        input_scales: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """A copy of `model` whose planned layers hold dequantize(quantize(W)) as plain float weights.
 
-    Layers with an activation format get a hook that fake-quantizes their input the same way.
+    Layers with an activation format get a hook that fake-quantizes their input the same way; static formats
+    take their scale from `input_scales` (by layer name, e.g. the `input_scale` buffers of a quantized model).
 
     With `dtype`, every other stored tensor is rounded through it, as a checkpoint stores it. This is the
     reference that a saved-and-loaded checkpoint must reproduce.
     """
+    input_scales = input_scales or {}
+    missing = [n for n, spec in plan.items() if spec.act is not None and spec.act.static and n not in input_scales]
+    if missing:
+        raise LowbitError(f"{len(missing)} layers (e.g. {missing[0]}) take a static activation scale and none was "
+                          f"given: pass input_scales={{name: scale}}, e.g. from the quantized model's input_scale "
+                          f"buffers.")
     fake = copy.deepcopy(model)
     if dtype is not None:
         round_unquantized(fake, dtype, set(plan))
@@ -209,12 +217,12 @@ def fake_quantize_model(model: nn.Module, plan: dict[str, LayerSpec], dtype: tor
         for name, spec in plan.items():
             linears[name].weight = nn.Parameter(fake_quantize(linears[name].weight, spec.weight), requires_grad=False)
             if spec.act is not None:
-                linears[name].register_forward_pre_hook(_act_hook(spec.act))
+                linears[name].register_forward_pre_hook(_act_hook(spec.act, input_scales.get(name)))
     return fake
 
 
-def _act_hook(act):
+def _act_hook(act, scale: torch.Tensor | None):
     def hook(_module, args):
-        return (fake_quantize_activation(args[0], act), *args[1:])
+        return (fake_quantize_activation(args[0], act, scale), *args[1:])
 
     return hook

@@ -215,3 +215,16 @@ def test_static_scale_needs_calibration_or_fails_clearly(stories):
 def test_bad_options_are_explained(bad, match):
     with pytest.raises(LowbitError, match=match):
         Recipe(**bad)
+
+
+def test_fake_quantized_reference_takes_static_scales(stories, stories_tokenizer, story_ids):
+    recipe = Recipe(scheme="w8a8", per_tensor=True, act_granularity="tensor", act_static=True)
+    float_model = copy.deepcopy(stories)
+    result = api.quantize(stories, recipe, tokenizer=stories_tokenizer, calib=CALIB, device="cpu", progress=False)
+    with pytest.raises(LowbitError, match="input_scales"):
+        api.fake_quantize_model(float_model, result.plan, result.dtype)
+    scales = {n: m.input_scale for n, m in result.model.named_modules() if getattr(m, "input_scale", None) is not None}
+    fake = api.fake_quantize_model(float_model, result.plan, result.dtype, input_scales=scales)
+    with torch.no_grad():
+        expected, got = result.model(story_ids).logits, fake(story_ids).logits
+    assert (got - expected).norm() <= 1e-4 * expected.norm()
