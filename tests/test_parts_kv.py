@@ -48,6 +48,19 @@ def test_cache_stores_quantized_keys_and_generation_agrees_with_teacher_forcing(
     assert torch.equal(forced, generated[0, ids.shape[1]:])  # decode step by step = one teacher-forced pass
 
 
+def test_attention_quantizes_queries_in_prefill_only(stories, story_ids):
+    plain = kvcache.enable(copy.deepcopy(stories), "int8")
+    quantized = kvcache.enable(stories, "int8", attention=True)
+    cache = kvcache.QuantizedKVCache("int8")
+    with torch.no_grad():
+        prefill = plain(story_ids, past_key_values=cache).logits
+        assert not torch.allclose(quantized(story_ids).logits, prefill)
+        step = story_ids[:, :1]
+        expected = plain(step, past_key_values=copy.deepcopy(cache)).logits
+        got = quantized(step, past_key_values=copy.deepcopy(cache)).logits
+    assert torch.equal(got, expected)
+
+
 def test_fresh_dynamic_cache_is_replaced_but_a_filled_one_is_kept(stories):
     model = kvcache.enable(stories, "fp8")
     seen = []

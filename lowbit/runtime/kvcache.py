@@ -6,10 +6,10 @@ head (max |k| over the head dimension / 127 or 448), and keep the rounded values
 cache returns, so every position — prompt and generated — attends to quantized keys and values, as a server with
 a quantized cache computes it. Stored values are held dequantized (an exact emulation of the stored codes).
 
-With the `attention` part, the attention product also takes quantized queries (same per-token, per-head
-format), through an attention function registered with transformers' AttentionInterface that rounds the
-queries and calls transformers' SDPA attention (whose masks it is registered with). The softmax probabilities
-stay in 16 bits.
+With the `attention` part, the attention product also takes quantized queries in prefill (same per-token,
+per-head format; decode steps keep 16-bit queries), through an attention function registered with transformers'
+AttentionInterface that rounds the queries and calls transformers' SDPA attention (whose masks it is registered
+with). The softmax probabilities stay in 16 bits.
 
 `enable(model, kind, attention)` installs both on a model: a forward pre-hook hands the model a
 QuantizedKVCache whenever it would otherwise run without a cache or with a fresh DynamicCache (generate()).
@@ -56,9 +56,16 @@ class QuantizedKVCache(DynamicCache):
 
 
 def _quantized_query_attention(kind: str):
-    """transformers' SDPA attention on quantized queries (the keys and values come quantized from the cache)."""
+    """transformers' SDPA attention, on quantized queries in prefill (a pass over more than one new token).
+
+    Decode steps (one query per sequence) keep 16-bit queries, as a server with quantized prefill attention
+    does; a teacher-forced pass is one prefill, so every position of it takes quantized queries. The keys and
+    values come quantized from the cache.
+    """
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs):
-        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, quantize_kv(query, kind), key, value, *args, **kwargs)
+        if query.shape[-2] > 1:
+            query = quantize_kv(query, kind)
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, *args, **kwargs)
 
     return attention
 
