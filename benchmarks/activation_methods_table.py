@@ -7,6 +7,7 @@ RTN and GPTQ rows of that table sit beside these. Sets (--set, comma-separated):
 - awq:         AWQ at w4a16 g64 and w3a16 g64 (symmetric, as the RTN/GPTQ rows)
 - smoothquant: naive W8A8 (per-tensor weights) and SmoothQuant at the paper's O1/O2/O3 with α searched per
                group, plus an α sweep (0.25, 0.5 — the paper's default — and 0.75) at O3
+- smooth-all:  SmoothQuant O3 and O2 with --smooth-all (down_proj and o_proj inputs smoothed too)
 - fp8:         fp8 weights (per channel) and dynamic per-token fp8 activations
 - levels:      Fireworks' L1–L4 with fp8 and with int8 (w8a8 per channel + int8 KV cache), with a zero-shot task
 
@@ -34,6 +35,10 @@ def sets() -> dict[str, dict[str, Recipe]]:
     for alpha in (0.25, 0.5, 0.75):
         sq[f"SmoothQuant O3 α={alpha}"] = Recipe(method="smoothquant", scheme="w8a8", per_tensor=True, alpha=alpha,
                                                  act_granularity="tensor", act_static=True)
+    smooth_all = {f"SmoothQuant {level} α searched, all groups": Recipe(method="smoothquant", scheme="w8a8",
+                                                                     per_tensor=True, smooth_all=True, **act)
+                  for level, act in (("O3", {"act_granularity": "tensor", "act_static": True}),
+                                     ("O2", {"act_granularity": "tensor"}))}
     levels = {}
     for level in ("L1", "L2", "L3", "L4"):
         levels[f"{level} fp8"] = Recipe(scheme="fp8", parts=(level,))
@@ -42,6 +47,7 @@ def sets() -> dict[str, dict[str, Recipe]]:
         "awq": {"AWQ w4a16 g64": Recipe(method="awq", scheme="w4a16", group_size=64),
                 "AWQ w3a16 g64": Recipe(method="awq", scheme="w3a16", group_size=64)},
         "smoothquant": sq,
+        "smooth-all": smooth_all,
         "fp8": {"FP8 (per-channel weights, per-token activations)": Recipe(method="fp8", scheme="fp8")},
         "levels": levels,
     }

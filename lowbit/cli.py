@@ -30,6 +30,7 @@ def _recipe_from_args(args: argparse.Namespace):
         outlier_rate=args.outlier_rate, per_tensor=True if args.per_tensor else None,
         full_range=False if args.restricted_range else None,
         act_granularity=args.act_granularity, act_static=True if args.act_static else None, alpha=args.alpha,
+        smooth_all=True if args.smooth_all else None,
         awq_clip=False if args.no_awq_clip else None, parts=_names(args.parts) or None, kv_cache=args.kv_cache,
     )
 
@@ -180,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="w8a8/fp8: the per-tensor activation scale is calibrated once (SmoothQuant O3)")
     q.add_argument("--alpha", type=float, help="SmoothQuant: migration strength in [0, 1] (default: searched per "
                                                "group; the paper's fixed choice is 0.5)")
+    q.add_argument("--smooth-all", action="store_true",
+                   help="SmoothQuant: also smooth down_proj's and o_proj's inputs (folded into up_proj and v_proj), "
+                        "not only the norm-fed groups of the paper")
     q.add_argument("--no-awq-clip", action="store_true", help="AWQ: skip the clipping-range search")
     q.add_argument("--parts", help="comma-separated parts to quantize: mlp, qkv, o_proj, first_last, lm_head, "
                                    "kv_cache, attention; or a Fireworks level L1..L4 (default: every linear layer "

@@ -150,6 +150,7 @@ class Recipe:
     act_granularity: str = "token"  # w8a8 / fp8 activations: one scale per token, or per tensor
     act_static: bool = False  # the activation scale is calibrated once (per tensor), not computed at run time
     alpha: float | None = None  # SmoothQuant migration strength (None: searched per scaling group)
+    smooth_all: bool = False  # SmoothQuant: also smooth inputs made by a linear layer (down_proj, o_proj)
     awq_clip: bool = True  # AWQ: search each group's clipping range on the calibration activations
     parts: tuple[str, ...] = ()  # which parts are quantized (lowbit.model.parts); () = every block linear layer
     kv_cache: str | None = None  # int8 or fp8: keys and values stored quantized
@@ -179,6 +180,9 @@ class Recipe:
         if self.method.startswith("smoothquant") and self.scheme not in ("w8a8", "fp8"):
             raise LowbitError(f"SmoothQuant prepares activations for quantization, but scheme {self.scheme} keeps "
                               f"them in 16 bits: use --scheme w8a8 (or fp8).")
+        if self.smooth_all and not self.method.startswith("smoothquant"):
+            raise LowbitError(f"--smooth-all chooses which groups SmoothQuant smooths; method {self.method} does not "
+                              f"smooth: use --method smoothquant or smoothquant+gptq, or drop --smooth-all.")
         self.default_spec  # noqa: B018  (builds the default spec, which validates the combination)
 
     def layer_spec(self, name: str) -> LayerSpec | None:

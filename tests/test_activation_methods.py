@@ -52,7 +52,7 @@ def _assert_same_logits(a, b, ids):
     assert (la - lb).norm() <= 1e-5 * lb.norm(), ((la - lb).norm() / lb.norm()).item()
 
 
-@pytest.mark.parametrize("method", ["awq", "smoothquant"])
+@pytest.mark.parametrize("method", ["awq", "smoothquant", "smoothquant-all"])
 def test_scaling_leaves_float_logits_unchanged(stories, stories_tokenizer, story_ids, method):
     """Before any rounding, the folded scales (searched α; no AWQ clipping, which does change weights) give the
     float model's logits to 1e-5 relative — and the scales really moved the weights."""
@@ -63,11 +63,12 @@ def test_scaling_leaves_float_logits_unchanged(stories, stories_tokenizer, story
         chosen = _transform_blocks(stories, stories_tokenizer, recipe,
                                    lambda *a: awq.prepare_block(*a, cfg))
     else:
-        recipe = Recipe(method="smoothquant", scheme="w8a8", alpha=0.5)
+        recipe = Recipe(method="smoothquant", scheme="w8a8", alpha=0.5, smooth_all=method == "smoothquant-all")
         cfg = smoothquant.configure(recipe)
         chosen = _transform_blocks(stories, stories_tokenizer, recipe,
                                    lambda *a: smoothquant.prepare_block(*a, cfg))
     assert all(c["alpha"] for c in chosen)
+    assert all(("mlp.up_proj" in c["alpha"]) == (method != "smoothquant") for c in chosen)
     moved = stories.model.layers[1].input_layernorm.weight
     assert not torch.allclose(moved, before.model.layers[1].input_layernorm.weight)
     _assert_same_logits(stories, before, story_ids)
@@ -210,6 +211,7 @@ def test_static_scale_needs_calibration_or_fails_clearly(stories):
     (dict(scheme="w8a8", act_static=True), "one per tensor"),
     (dict(method="smoothquant", scheme="w8a8", alpha=1.5), r"\[0, 1\]"),
     (dict(scheme="w8a8", kv_cache="int4"), "--kv-cache int8 or fp8"),
+    (dict(method="awq", scheme="w4a16", smooth_all=True), "does not smooth"),
     (dict(scheme="w4a16", parts=("L3",)), "add --kv-cache"),
 ])
 def test_bad_options_are_explained(bad, match):

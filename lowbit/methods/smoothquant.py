@@ -7,7 +7,10 @@ absorb; weights are flat. A per-channel factor moves the difficulty from X to W 
 
 with max|X_j| over the calibration tokens and max|W_j| over column j of every layer that reads X. s is folded
 into the norm before the group (the paper smooths the inputs of the QKV projection and of the MLP's first
-layers, the ones a norm produces; lowbit.methods.scaling), so the float model is unchanged. The migration
+layers, the ones a norm produces; lowbit.methods.scaling), so the float model is unchanged. With `smooth_all`,
+the inputs that a linear layer produces are smoothed too: down_proj's (s folded into up_proj's rows) and
+o_proj's (into v_proj's, where the head shapes allow) — in Llama-style MLPs the product silu(gate)·up carries
+the largest activation outliers of the block, which the paper's groups leave alone. The migration
 strength α is the recipe's (the paper's default 0.5), or searched per group over {0, 0.05, …, 1}: the α whose
 quantized product Q_a(X diag(s)⁻¹)·Q_w(diag(s) W)ᵀ is closest to X Wᵀ on calibration tokens.
 The weights are then rounded to nearest or quantized by GPTQ (`smoothquant+gptq`).
@@ -35,11 +38,12 @@ MIN_SCALE = 1e-5
 @dataclass(frozen=True)
 class SmoothQuantConfig:
     alpha: float | None = None  # None: searched per group
+    smooth_all: bool = False  # also the groups fed by a linear layer (down after up, o after v)
     search_tokens: int = 4096  # tokens (evenly spaced) on which the α search measures the error
 
 
 def configure(recipe: Recipe) -> SmoothQuantConfig:
-    return SmoothQuantConfig(alpha=recipe.alpha)
+    return SmoothQuantConfig(alpha=recipe.alpha, smooth_all=recipe.smooth_all)
 
 
 def smoothing_scale(x_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -66,9 +70,10 @@ def quantized_product_error(x: torch.Tensor, weights: list[torch.Tensor], specs:
 
 def prepare_block(block: nn.Module, masters: dict[str, torch.Tensor], specs: dict[str, LayerSpec], family: Family,
                   inputs: BlockInputs, device, cfg: SmoothQuantConfig) -> dict:
-    """Smooth each norm-fed group of the block; changes `masters` (and the block) in place; returns {prev: α}."""
+    """Smooth each norm-fed group of the block (every group with `smooth_all`); changes `masters` (and the
+    block) in place; returns {prev: α}."""
     groups = [g for g in active_groups(block, family.scaling, set(specs))
-              if not isinstance(block.get_submodule(g.prev), nn.Linear)]
+              if cfg.smooth_all or not isinstance(block.get_submodule(g.prev), nn.Linear)]
     alphas = {}
     for gi in capture_group_inputs(block, groups, inputs, device):
         flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in gi.x])
