@@ -28,7 +28,7 @@ def _recipe_from_args(args: argparse.Namespace):
         act_order=True if args.act_order else None, damp=args.damp, block_size=args.block_size,
         stat_bits=args.stat_bits, stat_group=args.stat_group, outlier_threshold=args.outlier_threshold,
         outlier_rate=args.outlier_rate, per_tensor=True if args.per_tensor else None,
-        full_range=False if args.restricted_range else None,
+        full_range=False if args.restricted_range else (True if args.full_range else None),
         act_granularity=args.act_granularity, act_static=True if args.act_static else None, alpha=args.alpha,
         smooth_all=True if args.smooth_all else None,
         awq_clip=False if args.no_awq_clip else None, parts=_names(args.parts) or None, kv_cache=args.kv_cache,
@@ -158,9 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--scheme", help="w8a16, w4a16, w3a16, w2a16 (any w{b}a16, b in 2..8), w8a8, fp8")
     q.add_argument("--group-size", type=int, help="input columns per scale; 0 or -1 = per output channel")
     q.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (overrides --group-size)")
-    q.add_argument("--restricted-range", action="store_true",
-                   help="symmetric grids: s = max|w| / (2^(b-1) - 1) instead of the default max|w| / (2^(b-1) - 1/2) "
-                        "(GPTQ's reference code, AutoGPTQ and llm-compressor use the latter: a finer step)")
+    span = q.add_mutually_exclusive_group()
+    span.add_argument("--restricted-range", action="store_true",
+                      help="symmetric grids: s = max|w| / (2^(b-1) - 1), so ±max|w| sit on a code (default for awq)")
+    span.add_argument("--full-range", action="store_true",
+                      help="symmetric grids: s = max|w| / (2^(b-1) - 1/2), a finer step (GPTQ's reference code, "
+                           "AutoGPTQ, llm-compressor; default for every method but awq)")
     q.add_argument("--asym", action="store_true", help="asymmetric grid with a zero point (default symmetric)")
     q.add_argument("--zero-point", choices=("int", "float"),
                    help="asymmetric zero point: int (GPTQ/vLLM, default) or float (llama.cpp Q4_1-style "

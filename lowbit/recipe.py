@@ -146,7 +146,9 @@ class Recipe:
     outlier_threshold: float | None = None  # SpQR: τ, relative (default 0.2; inf = no outliers)
     outlier_rate: float | None = None  # SpQR: target fraction of outliers (τ searched per layer)
     per_tensor: bool = False  # one weight scale per tensor (overrides group_size)
-    full_range: bool = True  # symmetric grids: s = max|w| / (2^(b−1) − ½) (GPTQ's reference); False: / (2^(b−1) − 1)
+    # symmetric grids: True = s = max|w| / (2^(b−1) − ½) (GPTQ's reference), False = / (2^(b−1) − 1), which keeps
+    # ±max|w| exactly on a code; None = by method (see uses_full_range)
+    full_range: bool | None = None
     act_granularity: str = "token"  # w8a8 / fp8 activations: one scale per token, or per tensor
     act_static: bool = False  # the activation scale is calibrated once (per tensor), not computed at run time
     alpha: float | None = None  # SmoothQuant migration strength (None: searched per scaling group)
@@ -202,13 +204,20 @@ class Recipe:
             zero_point = o.zero_point if o.zero_point is not None else zero_point
         return self._spec(scheme, group_size, symmetric, clip, zero_point)
 
+    @property
+    def uses_full_range(self) -> bool:
+        """The recipe's choice, else the measured default: full range everywhere except AWQ, whose scales make the
+        salient channels their groups' maxima — the restricted grid keeps those exactly (BENCHMARKS.md: AWQ
+        w4a16/w3a16 g64 on SmolLM2-135M, KL 0.258 against 0.346 and 1.127 against 1.216 in prefill)."""
+        return self.full_range if self.full_range is not None else self.method != "awq"
+
     def _spec(self, scheme: str, group_size: int | None, symmetric: bool, clip: bool, zero_point: str) -> LayerSpec:
         if group_size is None and self.method == "spqr":
             group_size = SPQR_DEFAULT_BETA1
         own = scheme == self.scheme  # per-tensor and activation options belong to the recipe's scheme
         return self._method_spec(scheme_spec(scheme, group_size, symmetric, clip, zero_point,
                                              self.per_tensor and own, self.act_granularity if own else "token",
-                                             self.act_static and own, self.full_range))
+                                             self.act_static and own, self.uses_full_range))
 
     def _method_spec(self, spec: LayerSpec) -> LayerSpec:
         """SpQR stores its own format: the scheme's bits in groups of β1 (= the group size, default 16)."""

@@ -100,3 +100,25 @@ def test_group_sizes_that_do_not_divide_are_refused_with_alternatives(stories, g
 def test_per_channel_and_dividing_groups_work(stories):
     for group in (0, -1, 4):
         assert len(select_layers(stories, family_of(stories), Recipe(scheme="w4a16", group_size=group))) == 35
+
+
+@pytest.mark.parametrize("argv,method,full", [
+    ([], "rtn", True), (["--method", "gptq"], "gptq", True), (["--method", "awq"], "awq", False),
+    (["--method", "awq", "--full-range"], "awq", True), (["--restricted-range"], "rtn", False),
+])
+def test_full_range_default_depends_on_the_method(argv, method, full):
+    from lowbit.cli import _recipe_from_args, build_parser
+
+    args = build_parser().parse_args(["quantize", "m", "--out", "o", "--scheme", "w4a16", *argv])
+    recipe = _recipe_from_args(args)
+    assert recipe.method == method and recipe.uses_full_range == full
+    assert recipe.default_spec.weight.full_range == full
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+
+
+def test_full_and_restricted_range_exclude_each_other(capsys):
+    from lowbit.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["quantize", "m", "--out", "o", "--full-range", "--restricted-range"])
+    assert "not allowed with" in capsys.readouterr().err
