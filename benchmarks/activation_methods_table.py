@@ -4,7 +4,7 @@ Same protocol as benchmarks/gptq_spqr_table.py (calibration: 64 windows of 512 t
 KL on the first 80 prompts of the saved reference record; WikiText-2 perplexity on the first 20 windows), so the
 RTN and GPTQ rows of that table sit beside these. Sets (--set, comma-separated):
 
-- awq:         AWQ at w4a16 g64 and w3a16 g64 (symmetric, as the RTN/GPTQ rows)
+- awq:         AWQ at w4a16 g64 and w3a16 g64, symmetric, with its default (restricted) grid and the full range
 - smoothquant: naive W8A8 (per-tensor weights) and SmoothQuant at the paper's O1/O2/O3 with α searched per
                group, plus an α sweep (0.25, 0.5 — the paper's default — and 0.75) at O3
 - smooth-all:  SmoothQuant O3 and O2 with --smooth-all (down_proj and o_proj inputs smoothed too)
@@ -44,8 +44,9 @@ def sets() -> dict[str, dict[str, Recipe]]:
         levels[f"{level} fp8"] = Recipe(scheme="fp8", parts=(level,))
         levels[f"{level} int8"] = Recipe(scheme="w8a8", parts=(level,))  # L3/L4: int8 KV cache
     return {
-        "awq": {"AWQ w4a16 g64": Recipe(method="awq", scheme="w4a16", group_size=64),
-                "AWQ w3a16 g64": Recipe(method="awq", scheme="w3a16", group_size=64)},
+        "awq": {**{f"AWQ {s} g64": Recipe(method="awq", scheme=s, group_size=64) for s in ("w4a16", "w3a16")},
+                **{f"AWQ {s} g64 full range": Recipe(method="awq", scheme=s, group_size=64, full_range=True)
+                   for s in ("w4a16", "w3a16")}},
         "smoothquant": sq,
         "smooth-all": smooth_all,
         "fp8": {"FP8 (per-channel weights, per-token activations)": Recipe(method="fp8", scheme="fp8")},

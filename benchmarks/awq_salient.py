@@ -3,7 +3,7 @@ each layer's input channels kept in 16 bits, chosen by activation magnitude, by 
 
 The paper (OPT-6.7B, INT3 g128, WikiText-2 perplexity): 43.2 with plain RTN, 13.0 keeping 1% of the channels
 by activation magnitude; keeping them by weight magnitude or at random helps far less. Here: every linear layer
-of the decoder blocks, symmetric INT3 in groups of 64 with the full-range scale (lowbit's default); activation
+of the decoder blocks, symmetric INT3 in groups of 64 with the full-range scale (lowbit's default for RTN); activation
 magnitude = mean |x_j| over the calibration tokens (C4, 64 × 512) on the float model; weight magnitude = mean
 |W_:j|; random with seed 0. Each candidate is a float model (fake-quantized weights with the kept columns
 restored), evaluated like the other tables (KL on 80 prompts, 20 WikiText-2 windows by default).
