@@ -128,6 +128,12 @@ class Override:
             check_scheme(self.scheme)
 
 
+# Methods whose symmetric grids default to the restricted scale, which puts ±max|w| exactly on a code. AWQ scales
+# its salient channels up until they are their groups' maxima; on SmolLM2-135M the full range costs it KL 0.258 →
+# 0.346 (w4a16 g64) and perplexity 82 → 122 (w3a16 g64) (BENCHMARKS.md).
+RESTRICTED_GRID_METHODS = frozenset({"awq"})
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Method, scheme and the choice of layers. Validated on construction."""
@@ -206,10 +212,8 @@ class Recipe:
 
     @property
     def uses_full_range(self) -> bool:
-        """The recipe's choice, else the measured default: full range everywhere except AWQ, whose scales make the
-        salient channels their groups' maxima — the restricted grid keeps those exactly (BENCHMARKS.md: AWQ
-        w4a16/w3a16 g64 on SmolLM2-135M, KL 0.258 against 0.346 and 1.127 against 1.216 in prefill)."""
-        return self.full_range if self.full_range is not None else self.method != "awq"
+        """The recipe's choice, else the full range for every method but those in RESTRICTED_GRID_METHODS."""
+        return self.full_range if self.full_range is not None else self.method not in RESTRICTED_GRID_METHODS
 
     def _spec(self, scheme: str, group_size: int | None, symmetric: bool, clip: bool, zero_point: str) -> LayerSpec:
         if group_size is None and self.method == "spqr":

@@ -79,14 +79,14 @@ def prepare_block(block: nn.Module, masters: dict[str, torch.Tensor], specs: dic
         flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in gi.x])
         x_amax = flat.abs().amax(0).float()
         layers = [n for n in gi.group.layers if n in specs]
-        weights = [masters[f"{n}.weight"].float().to(flat.device) for n in gi.group.layers]
-        w_amax = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
+        weights = {n: masters[f"{n}.weight"].float().to(flat.device) for n in gi.group.layers}
+        w_amax = torch.stack([w.abs().amax(0) for w in weights.values()]).amax(0)
         if cfg.alpha is not None:
             alpha = cfg.alpha
         else:
             x = flat[:: max(1, flat.shape[0] // cfg.search_tokens)].float()
-            planned = [masters[f"{n}.weight"].float().to(flat.device) for n in layers]
-            errors = {a / ALPHA_GRID: quantized_product_error(x, planned, [specs[n] for n in layers],
+            planned, planned_specs = [weights[n] for n in layers], [specs[n] for n in layers]
+            errors = {a / ALPHA_GRID: quantized_product_error(x, planned, planned_specs,
                                                               smoothing_scale(x_amax, w_amax, a / ALPHA_GRID))
                       for a in range(ALPHA_GRID + 1)}
             alpha = min(errors, key=errors.get)
