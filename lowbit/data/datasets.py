@@ -68,10 +68,22 @@ def calibration_texts(name: str) -> list[str]:
                       f".txt, .json or .jsonl file.")
 
 
+def wikitext2_test_rows() -> list[str]:
+    """The Hugging Face rows of `wikitext-2-raw-v1` test, rebuilt from the raw file (data/SOURCES.md).
+
+    Each line keeps its trailing newline (row 1 is ' = Robert Boulter = \\n'); a blank line, whitespace only in
+    the file (' \\n'), is the empty row ''.
+    """
+    raw = _read(data_root() / "wikitext-2-raw" / "wiki.test.raw")
+    lines = raw.split("\n")
+    rows = [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
+    return ["" if not row.strip() else row for row in rows]
+
+
 def wikitext2_test_text() -> str:
-    """WikiText-2 raw test split as the GPTQ protocol joins it: the file's lines joined by blank lines."""
-    rows = _read(data_root() / "wikitext-2-raw" / "wiki.test.raw").split("\n")
-    return "\n\n".join(rows)
+    """WikiText-2 raw test as the GPTQ protocol joins it (and AutoGPTQ and GPTQModel after it): the Hugging Face
+    rows joined by "\\n\\n"."""
+    return "\n\n".join(wikitext2_test_rows())
 
 
 C4_EVAL_DOCS = range(512, 1025)
