@@ -13,7 +13,7 @@ def test_rows_are_the_hugging_face_rows():
     rows = wikitext2_test_rows()
     assert len(rows) == 4358
     assert rows[:3] == ["", " = Robert Boulter = \n", ""]
-    assert rows[3].startswith(" Robert Boulter is an English film") and rows[3].endswith(" Royal Court Theatre .\n")
+    assert rows[3].startswith(" Robert Boulter is an English film") and rows[3].endswith(" and Dominic Hall . \n")
     # every non-empty row keeps exactly one trailing newline; blank rows are '' (never ' ' or '\n')
     assert all(r == "" or (r.endswith("\n") and "\n" not in r[:-1] and r.strip()) for r in rows)
     raw_lines = (data_root() / "wikitext-2-raw" / "wiki.test.raw").read_text().splitlines()
@@ -23,7 +23,7 @@ def test_rows_are_the_hugging_face_rows():
 def test_joined_text_and_its_tokens(stories_tokenizer):
     text = wikitext2_test_text()
     assert text.startswith("\n\n = Robert Boulter = \n\n\n\n\n Robert Boulter is an English film")
-    assert text.endswith(" Eddie Pelkey .\n\n\n")
+    assert text.endswith(" Eddie Pelkey . \n\n\n")
     ids = stories_tokenizer(text, verbose=False).input_ids
     assert ids[:12] == [1, 410, 13, 13, 410, 64, 410, 461, 414, 430, 285, 413]
     assert len(ids) == 815070
