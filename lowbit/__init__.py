@@ -3,5 +3,6 @@
 __version__ = "0.1.0"
 
 from lowbit.api import fake_quantize_model, load, load_tokenizer, quantize, save
+from lowbit.io.export import export
 
-__all__ = ["__version__", "fake_quantize_model", "load", "load_tokenizer", "quantize", "save"]
+__all__ = ["__version__", "export", "fake_quantize_model", "load", "load_tokenizer", "quantize", "save"]

@@ -104,7 +104,7 @@ def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, c
             raise LowbitError(f"{source!r} is already a lowbit checkpoint; quantize the original float model instead "
                               f"(its lowbit.json names it under source_model).")
         if tokenizer is None and (calib is not None or get_method(recipe.method).needs_calibration
-                                  or recipe.act_static):
+                                  or recipe.act_static or recipe.kv_static):
             tokenizer = load_tokenizer(model)
         model = load(model)
     method = get_method(recipe.method)
@@ -128,7 +128,7 @@ def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, c
     if outside:
         raise LowbitError(f"static activation scales are calibrated inside the decoder blocks; {outside[0]} lies "
                           f"outside them. Give it dynamic scales (a recipe override with another scheme) or skip it.")
-    if calib is None and (method.needs_calibration or static):
+    if calib is None and (method.needs_calibration or static or recipe.kv_static):
         calib = CalibConfig()
     if calib is not None:
         if tokenizer is None:
@@ -137,12 +137,16 @@ def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, c
         offload = activation_device(model, ids.numel(), dev, cdtype)
         inputs = capture_block_inputs(model, family, ids, dev, offload=offload, dtype=cdtype)
     else:
-        offload = torch.device("cpu")
+        ids, offload = None, torch.device("cpu")
     result = quantize_model(model, family, plan, method, inputs, dev, offload, progress=progress,
                             cfg=method.module.configure(recipe), compute_dtype=cdtype,
                             transform_cfg=method.transform.configure(recipe) if method.transform else None)
+    static_kv = None
+    if recipe.kv_static:
+        static_kv = kvcache.attention_modules(model, family.blocks)
+        kvcache.calibrate_static_scales(model, static_kv, recipe.kv_cache, ids, store_dtype)
     if recipe.kv_cache:
-        kvcache.enable(model, recipe.kv_cache, attention="attention" in recipe.parts)
+        kvcache.enable(model, recipe.kv_cache, attention="attention" in recipe.parts, static=static_kv)
     if method.transform is not None:  # the folded scales changed float tensors: keep what the checkpoint keeps
         round_unquantized(model, store_dtype, set(plan))
     if "lm_head" in plan and getattr(model.config, "tie_word_embeddings", False):

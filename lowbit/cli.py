@@ -20,7 +20,7 @@ def _recipe_from_args(args: argparse.Namespace):
     scheme = args.scheme or ("fp8" if args.method == "fp8" else None)
     if scheme is None and (args.method or "").startswith("smoothquant") and recipe.scheme not in ("w8a8", "fp8"):
         scheme = "w8a8"
-    return recipe.with_options(
+    recipe = recipe.with_options(
         method=args.method, scheme=scheme, group_size=args.group_size,
         symmetric=False if (args.asym or args.zero_point) else None, clip=True if args.clip else None,
         zero_point=args.zero_point,
@@ -32,7 +32,11 @@ def _recipe_from_args(args: argparse.Namespace):
         act_granularity=args.act_granularity, act_static=True if args.act_static else None, alpha=args.alpha,
         smooth_all=True if args.smooth_all else None,
         awq_clip=False if args.no_awq_clip else None, parts=_names(args.parts) or None, kv_cache=args.kv_cache,
+        kv_static=True if args.kv_static else None,
     )
+    if getattr(args, "format", "lowbit") == "compressed-tensors" and recipe.kv_cache and not recipe.kv_static:
+        recipe = recipe.with_options(kv_static=True)  # vLLM reads static k_scale / v_scale: calibrate them
+    return recipe
 
 
 def _calib_from_args(args: argparse.Namespace):
@@ -61,7 +65,7 @@ def _describe(spec) -> str:
 def print_summary(result, header: dict, out: Path) -> None:
     s = result.sizes
     by_type = ", ".join(f"{k} {v:.3f}" for k, v in s["bits_per_weight_by_type"].items())
-    weights = (out / "model.safetensors").stat().st_size
+    weights = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     errors = [b.output_error for b in result.pipeline.blocks if b.output_error is not None]
     recipe, dtype = result.recipe, str(result.dtype).removeprefix("torch.")
     lines = [
@@ -86,16 +90,31 @@ def print_summary(result, header: dict, out: Path) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit import api
-    from lowbit.io.atomic import check_output_dir
+    from lowbit.io.export import check_recipe, check_writable, export
 
-    out = check_output_dir(args.out, args.overwrite)
+    out = check_writable(args.out, args.overwrite)
     recipe = _recipe_from_args(args)
+    if args.format == "compressed-tensors":
+        check_recipe(recipe)  # refuse what the format cannot hold before quantizing
     calib = _calib_from_args(args)
     tokenizer = api.load_tokenizer(args.model)
     result = api.quantize(args.model, recipe, tokenizer=tokenizer, calib=calib, device=args.device, dtype=args.dtype,
                           compute_dtype=args.compute_dtype, progress=not args.quiet)
-    header = api.save(result, out, tokenizer=tokenizer, overwrite=args.overwrite)
+    if args.format == "compressed-tensors":
+        header = export(result, "compressed-tensors", out, tokenizer=tokenizer, overwrite=args.overwrite)
+    else:
+        header = api.save(result, out, tokenizer=tokenizer, overwrite=args.overwrite)
     print_summary(result, header, out)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lowbit.io.export import export
+
+    written = export(args.checkpoint, args.to, args.out, overwrite=args.overwrite,
+                     max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    print(f"exported {args.checkpoint} as {args.to}: {len(written['files'])} files, "
+          f"{written['bytes_on_disk'] / 1e6:.1f} MB in {args.out}")
     return 0
 
 
@@ -192,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "kv_cache, attention; or a Fireworks level L1..L4 (default: every linear layer "
                                    "of the decoder blocks)")
     q.add_argument("--kv-cache", choices=("int8", "fp8"), help="store keys and values quantized")
+    q.add_argument("--kv-static", action="store_true",
+                   help="calibrate one KV scale per layer for keys and one for values (vLLM's k_scale / v_scale) "
+                        "instead of computing one per token and head at run time")
     q.add_argument("--recipe", help="YAML recipe; command-line options override its fields")
     q.add_argument("--targets", action="append", metavar="REGEX", help="quantize linear layers whose name matches")
     q.add_argument("--ignore", action="append", metavar="REGEX", help="leave matching layers in 16 bits")
@@ -206,8 +228,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "AMX, else float32), float32, bfloat16, float16; statistics stay float32")
     q.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    q.add_argument("--format", choices=("lowbit", "compressed-tensors"), default="lowbit",
+                   help="what --out holds: a lowbit checkpoint (default) or a compressed-tensors directory that vLLM, "
+                        "SGLang and transformers load (with --kv-cache fp8 the KV scales are then calibrated)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_quantize)
+
+    x = sub.add_parser("export", help="write a lowbit checkpoint in a format other engines load")
+    x.add_argument("checkpoint", help="a lowbit checkpoint directory")
+    x.add_argument("--to", required=True, help="compressed-tensors (vLLM, SGLang, transformers)")
+    x.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    x.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard in GiB (5)")
+    x.set_defaults(func=cmd_export)
 
     e = sub.add_parser("eval", help="compare a candidate with its reference: KL, perplexity, tasks")
     e.add_argument("--reference", help="reference model (built-in name, Hugging Face directory, .gguf)")

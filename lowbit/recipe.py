@@ -162,6 +162,7 @@ class Recipe:
     awq_clip: bool = True  # AWQ: search each group's clipping range on the calibration activations
     parts: tuple[str, ...] = ()  # which parts are quantized (lowbit.model.parts); () = every block linear layer
     kv_cache: str | None = None  # int8 or fp8: keys and values stored quantized
+    kv_static: bool = False  # KV scales calibrated once per layer (vLLM's k_scale / v_scale), not per token and head
     targets: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
     overrides: tuple[Override, ...] = field(default_factory=tuple)
@@ -181,6 +182,9 @@ class Recipe:
             raise LowbitError(f"the migration strength alpha must lie in [0, 1], got {self.alpha}.")
         if self.kv_cache is not None:
             check_kv_kind(self.kv_cache)
+        if self.kv_static and self.kv_cache is None:
+            raise LowbitError("--kv-static calibrates the KV cache's scales, but the KV cache is not quantized: add "
+                              "--kv-cache fp8 (or int8).")
         for p in self.targets:
             _compile(p, "target pattern")
         for p in self.ignore:
@@ -195,11 +199,16 @@ class Recipe:
 
     def layer_spec(self, name: str) -> LayerSpec | None:
         """The spec for a targeted layer after overrides, or None when an override skips it."""
+        return self._with_overrides([o for o in self.overrides if re.search(o.pattern, name)])
+
+    def override_spec(self, override: Override) -> LayerSpec | None:
+        """The spec of a layer that only this override matches (None when it skips)."""
+        return self._with_overrides([override])
+
+    def _with_overrides(self, matching: list[Override]) -> LayerSpec | None:
         scheme, group_size, symmetric = self.scheme, self.group_size, self.symmetric
         clip, zero_point = self.clip, self.zero_point
-        for o in self.overrides:
-            if not re.search(o.pattern, name):
-                continue
+        for o in matching:
             if o.skip:
                 return None
             if o.scheme is not None and o.scheme != scheme:

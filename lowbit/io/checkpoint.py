@@ -148,9 +148,14 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, verify
     if verify:
         verify_files(path, header)
     config = AutoConfig.from_pretrained(path)
-    family_for(config.model_type)
+    family = family_for(config.model_type)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    recipe = header.get("recipe") or {}
+    static_kv = kvcache.attention_modules(model, family.blocks) if recipe.get("kv_static") else None
+    for attn in static_kv or ():
+        attn.register_buffer("k_scale", torch.empty((), device="meta"))
+        attn.register_buffer("v_scale", torch.empty((), device="meta"))
     for name, layer in header["layers"].items():
         spec = LayerSpec.from_dict(layer["spec"])
         set_module(model, name, QuantLinear(layer["in_features"], layer["out_features"], spec, layer["bias"],
@@ -175,9 +180,12 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, verify
     leftover = [n for n, t in model.state_dict().items() if t.is_meta]
     if leftover:
         raise LowbitError(f"checkpoint {str(path)!r} left tensors uninitialized: {leftover[:3]}.")
-    recipe = header.get("recipe") or {}
+    for attn in static_kv or ():
+        attn.k_scale, attn.v_scale = attn.k_scale.float(), attn.v_scale.float()
     if recipe.get("kv_cache"):
-        kvcache.enable(model, recipe["kv_cache"], attention="attention" in (recipe.get("parts") or ()))
+        kvcache.enable(model, recipe["kv_cache"], attention="attention" in (recipe.get("parts") or ()),
+                       static=static_kv)
+    model.lowbit_header = header
     return model.eval()
 
 

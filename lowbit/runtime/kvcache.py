@@ -11,7 +11,12 @@ per-head format; decode steps keep 16-bit queries), through an attention functio
 AttentionInterface that rounds the queries and calls transformers' SDPA attention (whose masks it is registered
 with). The softmax probabilities stay in 16 bits.
 
-`enable(model, kind, attention)` installs both on a model: a forward pre-hook hands the model a
+With static scales (what vLLM reads from a compressed-tensors checkpoint: one `k_scale` and one `v_scale` per
+attention module, calibrated once), keys and values are rounded with those instead: x̂ = e4m3(x / s)·s, s = max|x|
+over the calibration set / 448. `calibrate_static_scales` measures them; they live as `k_scale` / `v_scale`
+buffers on the attention modules, so a checkpoint keeps them.
+
+`enable(model, kind, attention, static)` installs both on a model: a forward pre-hook hands the model a
 QuantizedKVCache whenever it would otherwise run without a cache or with a fresh DynamicCache (generate()).
 """
 
@@ -25,7 +30,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from lowbit.errors import LowbitError
-from lowbit.formats.activation import ACT_KINDS, ActFormat, check_kv_kind, fake_quantize_activation
+from lowbit.formats.activation import ACT_KINDS, QMAX, ActFormat, check_kv_kind, fake_quantize_activation
 
 
 def quantize_kv(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -47,12 +52,58 @@ _LAYER_CLASSES = {kind: type(f"QuantizedKVLayer_{kind}", (QuantizedKVLayer,), {"
 
 
 class QuantizedKVCache(DynamicCache):
-    """transformers' DynamicCache with every layer quantizing what it stores (see the module docstring)."""
+    """transformers' DynamicCache with every layer quantizing what it stores (see the module docstring); with
+    `scales` ([(k_scale, v_scale)] per layer) the scales are static, else one per token and head."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
         check_kv_kind(kind)
-        super(DynamicCache, self).__init__(layer_class_to_replicate=_LAYER_CLASSES[kind])
-        self.kind = kind
+        super(DynamicCache, self).__init__(layer_class_to_replicate=DynamicLayer if scales else _LAYER_CLASSES[kind])
+        self.kind, self.scales = kind, scales
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.scales is not None:
+            k_scale, v_scale = self.scales[layer_idx]
+            key_states = quantize_kv_static(key_states, self.kind, k_scale)
+            value_states = quantize_kv_static(value_states, self.kind, v_scale)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+def quantize_kv_static(x: torch.Tensor, kind: str, scale: torch.Tensor) -> torch.Tensor:
+    """Round keys or values with one calibrated scale for the whole tensor."""
+    return fake_quantize_activation(x, ActFormat(kind, "tensor", static=True), scale.to(x.device))
+
+
+class _AmaxCache(DynamicCache):
+    """A plain DynamicCache that records max |k| and max |v| per layer as they are stored."""
+
+    def __init__(self, amax: dict[int, list[float]]) -> None:
+        super().__init__()
+        self.amax = amax
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        seen = self.amax.setdefault(layer_idx, [0.0, 0.0])
+        seen[0] = max(seen[0], key_states.detach().abs().max().item())
+        seen[1] = max(seen[1], value_states.detach().abs().max().item())
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+@torch.no_grad()
+def calibrate_static_scales(model: nn.Module, attention: list[nn.Module], kind: str, ids: torch.Tensor,
+                            dtype: torch.dtype, batch: int = 8) -> None:
+    """Set `k_scale` / `v_scale` buffers (float32 scalars, rounded through `dtype`, the checkpoint's) on each
+    attention module from max |k|, max |v| over the calibration windows `ids` [n, seqlen], run through `model`."""
+    check_kv_kind(kind)
+    amax: dict[int, list[float]] = {}
+    device = next(model.parameters()).device
+    for chunk in ids.split(batch):
+        model(input_ids=chunk.to(device), past_key_values=_AmaxCache(amax), use_cache=True)
+    if sorted(amax) != list(range(len(attention))):
+        raise LowbitError(f"KV-cache calibration saw {len(amax)} cached layers for {len(attention)} attention "
+                          f"modules; this architecture's cache is laid out differently.")
+    for i, attn in enumerate(attention):
+        for name, a in zip(("k_scale", "v_scale"), amax[i], strict=True):
+            s = torch.tensor(a / QMAX[kind], dtype=torch.float32).clamp(min=torch.finfo(torch.float32).tiny)
+            attn.register_buffer(name, s.to(dtype).float())
 
 
 def _quantized_query_attention(kind: str):
@@ -75,23 +126,34 @@ for _kind in ACT_KINDS:
     ALL_MASK_ATTENTION_FUNCTIONS.register(f"lowbit_q{_kind}", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
-def _cache_hook(kind: str):
+def _cache_hook(kind: str, static: list[nn.Module] | None):
     def hook(_module, args, kwargs):
         pkv = kwargs.get("past_key_values")
         fresh = pkv is None or (type(pkv) is DynamicCache and pkv.get_seq_length() == 0)
         if fresh:
-            kwargs["past_key_values"] = QuantizedKVCache(kind)
+            scales = [(a.k_scale, a.v_scale) for a in static] if static is not None else None
+            kwargs["past_key_values"] = QuantizedKVCache(kind, scales)
         return args, kwargs
 
     return hook
 
 
-def enable(model: nn.Module, kind: str, attention: bool = False) -> nn.Module:
-    """Quantize the model's KV cache (and, with `attention`, its attention queries) from now on, in place."""
+def attention_modules(model: nn.Module, blocks: str) -> list[nn.Module]:
+    """Each decoder block's attention module (`self_attn`), in layer order: where static KV scales live."""
+    return [block.get_submodule("self_attn") for block in model.get_submodule(blocks)]
+
+
+def enable(model: nn.Module, kind: str, attention: bool = False, static: list[nn.Module] | None = None) -> nn.Module:
+    """Quantize the model's KV cache (and, with `attention`, its attention queries) from now on, in place.
+
+    `static`: the attention modules, in layer order, whose `k_scale` / `v_scale` buffers hold static scales.
+    """
     check_kv_kind(kind)
     if getattr(model, "lowbit_kv_cache", None) is not None:
         raise LowbitError("this model already quantizes its KV cache.")
-    model.register_forward_pre_hook(_cache_hook(kind), with_kwargs=True)
+    if static is not None and not all(hasattr(a, "k_scale") and hasattr(a, "v_scale") for a in static):
+        raise LowbitError("static KV-cache scales were asked for but are not calibrated (no k_scale / v_scale).")
+    model.register_forward_pre_hook(_cache_hook(kind, static), with_kwargs=True)
     model.lowbit_kv_cache = kind
     if attention:
         model.config._attn_implementation = f"lowbit_q{kind}"

@@ -1,0 +1,137 @@
+"""`lowbit export`: write a quantized model in a format other engines load (compressed-tensors for vLLM, SGLang and
+transformers). Everything is checked before anything is written; the output appears atomically or not at all."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.io.atomic import atomic_directory, check_output_dir
+from lowbit.io.checkpoint import quantized_layers, sha256
+from lowbit.io.compressed_tensors import (
+    Mapped,
+    UnsupportedExport,
+    build_config,
+    export_tensors,
+    map_spec,
+    write_safetensors,
+)
+from lowbit.recipe import Recipe
+
+TARGETS = ("compressed-tensors",)
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+def check_target(to: str) -> str:
+    if to == "gguf":
+        raise LowbitError("GGUF export is not built yet (lowbit's llama.cpp block formats come first); export to "
+                          "compressed-tensors for vLLM, SGLang and transformers.")
+    if to not in TARGETS:
+        raise LowbitError(f"unknown export format {to!r}: use {', '.join(TARGETS)}.")
+    return to
+
+
+def check_writable(out: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing output (without overwrite) or a location that cannot be written, before any work."""
+    out = check_output_dir(out, overwrite)
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LowbitError(f"cannot write {str(out)!r}: {str(parent)!r} is not writable. Choose another --out.")
+    return out
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Refuse, before quantizing, a recipe whose result compressed-tensors cannot hold."""
+    map_spec("(every targeted layer)", recipe.default_spec, recipe.act_order)
+    for o in recipe.overrides:
+        spec = recipe.override_spec(o)
+        if spec is not None:
+            map_spec(f"matching {o.pattern!r}", spec, recipe.act_order)
+    check_kv(recipe)
+
+
+def check_kv(recipe: Recipe) -> bool:
+    """Whether the KV cache is exported; refuses what vLLM's kv_cache_scheme cannot hold."""
+    if "attention" in recipe.parts:
+        raise UnsupportedExport("the `attention` part quantizes attention queries, which compressed-tensors has no "
+                                "place for; the nearest exportable choice is --parts L3 (KV cache, 16-bit queries).")
+    if not recipe.kv_cache:
+        return False
+    if recipe.kv_cache != "fp8":
+        raise UnsupportedExport("an int8 KV cache cannot be served from compressed-tensors (vLLM stores KV in fp8); "
+                                "the nearest exportable choice is --kv-cache fp8.")
+    if not recipe.kv_static:
+        raise UnsupportedExport("this KV cache has dynamic per-token scales, but vLLM reads one static k_scale and "
+                                "v_scale per layer; re-quantize with --kv-static (`lowbit quantize --format "
+                                "compressed-tensors` calibrates them itself).")
+    return True
+
+
+def _source(source, tokenizer):
+    """(model, recipe, storage dtype, tokenizer) from a checkpoint path, a QuantizeResult or a loaded model."""
+    from lowbit.api import QuantizeResult, load_tokenizer
+    from lowbit.io.checkpoint import load_checkpoint
+    from lowbit.model.sources import resolve
+
+    if isinstance(source, QuantizeResult):
+        return source.model, source.recipe, source.dtype, tokenizer
+    if isinstance(source, nn.Module):
+        header = getattr(source, "lowbit_header", None)
+        if header is None:
+            raise LowbitError("this model was not made by lowbit (no header): quantize it with lowbit.quantize(), or "
+                              "pass the checkpoint directory.")
+    else:
+        src = resolve(source)
+        if src.kind != "lowbit":
+            raise LowbitError(f"{str(source)!r} is not a lowbit checkpoint; export takes what `lowbit quantize` wrote "
+                              f"(quantize the model first).")
+        source = load_checkpoint(src.path)
+        header = source.lowbit_header
+        tokenizer = tokenizer or load_tokenizer(src.path)
+    recipe = Recipe.from_dict(header.get("recipe") or {})
+    return source, recipe, getattr(torch, header["dtype"]), tokenizer
+
+
+def export(source, to: str, out: str | Path, *, tokenizer=None, overwrite: bool = False,
+           max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
+    """Write `source` (a lowbit checkpoint directory, a QuantizeResult or a model lowbit loaded) as `to` in `out`.
+
+    Returns {"files": {name: sha256}, "bytes_on_disk": n}. Refuses, before writing anything, what the format
+    cannot express.
+    """
+    check_target(to)
+    out = check_writable(out, overwrite)
+    model, recipe, dtype, tokenizer = _source(source, tokenizer)
+    qlayers = quantized_layers(model)
+    if not qlayers:
+        raise LowbitError("the model has no quantized layer; there is nothing for compressed-tensors to describe.")
+    mapped: dict[str, Mapped] = {name: map_spec(name, m.spec, recipe.act_order) for name, m in qlayers.items()}
+    kv = check_kv(recipe)
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or n in qlayers]
+    kv_scales = {}
+    if kv:
+        for n, m in model.named_modules():
+            if hasattr(m, "k_scale") and hasattr(m, "v_scale"):
+                kv_scales[f"{n}.k_scale"], kv_scales[f"{n}.v_scale"] = m.k_scale, m.v_scale
+    tensors = export_tensors(model, mapped, dtype, kv_scales)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config["quantization_config"] = build_config(mapped, linear_names, kv)
+    with atomic_directory(out, overwrite) as tmp:
+        write_safetensors(tensors, tmp, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        files = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        size = sum((tmp / f).stat().st_size for f in files)
+    return {"files": files, "bytes_on_disk": size}
