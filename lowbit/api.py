@@ -16,6 +16,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats import fake_quantize, fake_quantize_activation
 from lowbit.hardware import resolve_compute_dtype, resolve_device
 from lowbit.io.checkpoint import is_packed, quantized_layers, save_checkpoint, unique_state_dict
+from lowbit.io.foreign import READABLE, load_foreign
 from lowbit.methods.registry import get_method
 from lowbit.model.capture import capture_block_inputs
 from lowbit.model.loading import family_of, load_float, tokenizer_dir_or_gguf
@@ -32,13 +33,16 @@ FP16_MAX = 65504.0
 def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32, verify: bool = True) -> nn.Module:
     """The one way in: a lowbit checkpoint, a Hugging Face directory, a .gguf file or a built-in name.
 
-    A lowbit checkpoint comes back with QuantLinear layers that keep packed weights; the others as float models.
+    A lowbit checkpoint, and a compressed-tensors, GPTQ or AWQ directory, come back with QuantLinear layers that keep
+    packed weights; the others as float models.
     """
     source = resolve(name_or_path)
     if source.kind == "lowbit":
         from lowbit.io.checkpoint import load_checkpoint
 
         return load_checkpoint(source.path, dtype, verify)
+    if source.kind in READABLE:
+        return load_foreign(source.path, source.kind, dtype)
     return load_float(source, dtype)
 
 
@@ -100,9 +104,12 @@ def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, c
     start = time.perf_counter()
     source = str(model) if not isinstance(model, nn.Module) else getattr(model, "name_or_path", "")
     if not isinstance(model, nn.Module):
-        if resolve(model).kind == "lowbit":
-            raise LowbitError(f"{source!r} is already a lowbit checkpoint; quantize the original float model instead "
-                              f"(its lowbit.json names it under source_model).")
+        kind = resolve(model).kind
+        if kind in ("lowbit", *READABLE):
+            made = "lowbit checkpoint (its lowbit.json names the source model under source_model)" \
+                if kind == "lowbit" else f"{kind} checkpoint"
+            raise LowbitError(f"{source!r} is already quantized, a {made}; quantize the original float model "
+                              f"instead.")
         if tokenizer is None and (calib is not None or get_method(recipe.method).needs_calibration
                                   or recipe.act_static or recipe.kv_static):
             tokenizer = load_tokenizer(model)

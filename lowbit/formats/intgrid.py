@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.formats.granularity import Granularity, PerChannel, granularity_from_dict
+from lowbit.formats.granularity import Granularity, PerChannel, PerGroup, granularity_from_dict
 
 SCALE_DTYPE = torch.float16
 _SMALLEST_SCALE = 2.0**-24  # the smallest positive float16 (subnormal)
@@ -42,6 +42,7 @@ class IntFormat:
     clip: bool = False
     zero_point: str = "int"
     full_range: bool = False  # symmetric only: spread max|w| over all 2^b codes
+    g_idx: bool = False  # groups given by a stored column → group map (GPTQ act-order without static groups)
 
     kind = "int"
 
@@ -53,6 +54,8 @@ class IntFormat:
                               f"(llama.cpp Q4_1-style minimum).")
         if self.symmetric and self.zero_point == "float":
             raise LowbitError("a float zero point only applies to asymmetric grids: add --asym.")
+        if self.g_idx and not isinstance(self.granularity, PerGroup):
+            raise LowbitError("a column → group map (g_idx) needs groups: give a group size.")
         if self.full_range and not self.symmetric:
             raise LowbitError("--full-range applies to symmetric grids (an asymmetric grid uses every code already).")
 
@@ -67,13 +70,14 @@ class IntFormat:
     def to_dict(self) -> dict:
         return {"kind": "int", "bits": self.bits, "symmetric": self.symmetric,
                 "granularity": self.granularity.to_dict(), "clip": self.clip, "zero_point": self.zero_point,
-                "full_range": self.full_range}
+                "full_range": self.full_range, **({"g_idx": True} if self.g_idx else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> IntFormat:
         return cls(bits=int(d["bits"]), symmetric=bool(d["symmetric"]),
                    granularity=granularity_from_dict(d["granularity"]), clip=bool(d.get("clip", False)),
-                   zero_point=d.get("zero_point", "int"), full_range=bool(d.get("full_range", False)))
+                   zero_point=d.get("zero_point", "int"), full_range=bool(d.get("full_range", False)),
+                   g_idx=bool(d.get("g_idx", False)))
 
 
 def exact_div(x: torch.Tensor, d: float) -> torch.Tensor:

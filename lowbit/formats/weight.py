@@ -34,13 +34,16 @@ def format_from_dict(d: dict) -> WeightFormat:
 class QuantizedWeight:
     """Codes [out, in] (uint8 for integer grids, float8 for fp8), scale and zero [rows, groups].
 
-    `zero` is None for symmetric and fp8 formats (the zero point is implicit).
+    `zero` is None for symmetric and fp8 formats (the zero point is implicit). `g_idx` [in] (int32), for formats
+    with `g_idx`, maps each input column to its group (GPTQ act-order checkpoints); otherwise groups are
+    consecutive columns.
     """
 
     fmt: WeightFormat
     codes: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor | None = None
+    g_idx: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -52,6 +55,9 @@ class QuantizedWeight:
             cg = grouped(self.codes, self.fmt.granularity)
             return fp8_decode(cg, self.scale.unsqueeze(-1)).reshape(self.shape)
         zero = self.zero if self.zero is not None else _implicit_zero(self.scale, self.fmt)
+        if self.g_idx is not None:  # one "group" per column, its statistics gathered through the map
+            g = self.g_idx.long()
+            return decode(self.codes.unsqueeze(-1), self.scale[:, g], zero[:, g], self.fmt).reshape(self.shape)
         return decode(grouped(self.codes, self.fmt.granularity), self.scale, zero, self.fmt).reshape(self.shape)
 
     def packed(self) -> dict[str, torch.Tensor]:
@@ -63,6 +69,8 @@ class QuantizedWeight:
             out["zeros"] = self.zero
         elif self.zero is not None:
             out["qzeros"] = pack(self.zero.reshape(-1), self.fmt.bits)
+        if self.g_idx is not None:
+            out["g_idx"] = self.g_idx
         return out
 
     @classmethod
@@ -75,14 +83,14 @@ class QuantizedWeight:
         zero = tensors.get("zeros")
         if "qzeros" in tensors:
             zero = unpack(tensors["qzeros"], fmt.bits, scale.numel()).reshape(scale.shape)
-        return cls(fmt, codes, scale, zero)
+        return cls(fmt, codes, scale, zero, tensors.get("g_idx"))
 
     def split_rows(self, sizes: list[int]) -> list[QuantizedWeight]:
         """The weights of layers whose rows were stacked into this one (per-row statistics only)."""
         if self.scale.shape[0] != self.codes.shape[0]:
             raise LowbitError("only per-channel or per-group weights can be split by rows.")
         zeros = self.zero.split(sizes) if self.zero is not None else [None] * len(sizes)
-        return [QuantizedWeight(self.fmt, c, s, z)
+        return [QuantizedWeight(self.fmt, c, s, z, self.g_idx)
                 for c, s, z in zip(self.codes.split(sizes), self.scale.split(sizes), zeros, strict=True)]
 
     def stored_bits(self) -> int:
@@ -108,6 +116,8 @@ def packed_shapes(fmt: WeightFormat, shape: tuple[int, int],
         out["zeros"] = ((rows, groups), INT_SCALE)
     elif not fmt.symmetric:
         out["qzeros"] = ((packed_length(rows * groups, fmt.bits),), torch.int32)
+    if fmt.g_idx:
+        out["g_idx"] = ((shape[1],), torch.int32)
     return out
 
 

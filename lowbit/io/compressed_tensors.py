@@ -122,6 +122,10 @@ def map_spec(name: str, spec: LayerSpec, act_order: bool = False) -> Mapped:
         raise UnsupportedExport(f"{where} has float zero points (llama.cpp Q4_1 style, ŵ = c·s + m); "
                                 f"compressed-tensors stores integer zero points only: the nearest exportable choice "
                                 f"is --zero-point int.")
+    if w.g_idx:
+        raise UnsupportedExport(f"{where} has act-order groups given by a column map (g_idx), which "
+                                f"compressed-tensors 0.20 no longer stores; the nearest exportable choice is "
+                                f"re-quantizing with lowbit's --method gptq --act-order (static groups).")
     if w.bits not in SERVED_WEIGHT_BITS:
         raise UnsupportedExport(f"{where} has {w.bits}-bit weights, for which vLLM has no compressed-tensors kernel "
                                 f"(it serves 4 and 8 bits); the nearest exportable choice is "
@@ -263,3 +267,101 @@ def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path, max_sha
     (directory / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     return names
+
+
+# --- reading ----------------------------------------------------------------------------------------------------
+
+
+def _matches(name: str, targets: list[str]) -> bool:
+    """compressed-tensors' target rule for linear layers: a module name, `re:` + a regex, or the class `Linear`."""
+    for t in targets:
+        if t == "Linear" or t == name or (t.startswith("re:") and re.match(t[3:], name)):
+            return True
+    return False
+
+
+def _granularity(args) -> PerTensor | PerChannel | PerGroup:
+    if args.strategy == "group":
+        return PerGroup(int(args.group_size))
+    if args.strategy == "channel":
+        return PerChannel()
+    if args.strategy == "tensor":
+        return PerTensor()
+    raise LowbitError(f"compressed-tensors weight strategy {args.strategy!r} cannot be read by lowbit yet (it reads "
+                      f"tensor, channel and group).")
+
+
+def _read_layer(name: str, scheme, fmt: str, t: dict[str, torch.Tensor]) -> tuple[QuantizedWeight, LayerSpec]:
+    w = scheme.weights
+    gran = _granularity(w)
+    scale = t["weight_scale"]
+    scale = scale.reshape(1, 1) if isinstance(gran, PerTensor) else scale
+    act = scheme.input_activations
+    act_fmt = None
+    if act is not None:
+        if act.num_bits != 8 or act.strategy not in ("token", "tensor") or not act.symmetric:
+            raise LowbitError(f"{name}: input activations {act.type}{act.num_bits} {act.strategy} cannot be read by "
+                              f"lowbit (it reads symmetric 8-bit per-token or per-tensor activations).")
+        act_fmt = ActFormat("fp8" if act.type == "float" else "int8", act.strategy, not act.dynamic)
+    if w.type == "float":
+        if w.num_bits != 8 or fmt != FORMAT_FLOAT:
+            raise LowbitError(f"{name}: float{w.num_bits} weights stored as {fmt} cannot be read by lowbit (it reads "
+                              f"fp8 e4m3 float-quantized weights).")
+        return QuantizedWeight(FP8Format(gran), t["weight"], scale), LayerSpec(FP8Format(gran), act_fmt)
+    ifmt = IntFormat(w.num_bits, bool(w.symmetric), gran)
+    if fmt == FORMAT_PACKED:
+        codes = stored_codes(t, fmt, w.num_bits)
+    elif fmt in (FORMAT_INT, "naive-quantized") and w.num_bits == 8:
+        codes = stored_codes(t, FORMAT_INT, 8)
+    else:
+        raise LowbitError(f"{name}: int{w.num_bits} weights stored as {fmt!r} cannot be read by lowbit (it reads "
+                          f"pack-quantized and int-quantized).")
+    zero = None
+    if not w.symmetric:
+        zp = t["weight_zero_point"]
+        if fmt == FORMAT_PACKED:
+            from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+            zp = unpack_from_int32(zp, w.num_bits, torch.Size(scale.shape), packed_dim=0)
+        zero = (zp.reshape(scale.shape).to(torch.int16) + 2 ** (w.num_bits - 1)).to(torch.uint8)
+    return QuantizedWeight(ifmt, codes, scale, zero), LayerSpec(ifmt, act_fmt)
+
+
+def read_layers(qconfig: dict, tensors: dict[str, torch.Tensor], where: str) -> tuple[dict, dict]:
+    """Quantized layers {name: (QuantizedWeight, LayerSpec, input_scale | None)} and static KV scales
+    {attention module: (k_scale, v_scale)} of a compressed-tensors checkpoint; their tensors are taken out of
+    `tensors`, so what is left are the model's plain tensors."""
+    check_version(qconfig.get("version"), where)
+    q = _ct()
+    try:
+        config = q.QuantizationConfig.model_validate({k: v for k, v in qconfig.items() if k in
+                                                      q.QuantizationConfig.model_fields})
+    except Exception as e:  # pydantic's ValidationError, or a removed option such as actorder="group"
+        raise LowbitError(f"{where}: its compressed-tensors quantization_config cannot be read: "
+                          f"{str(e).splitlines()[0]}") from None
+    if config.quantization_status != "compressed":
+        raise LowbitError(f"{where}: quantization_status is {config.quantization_status!r}; lowbit reads compressed "
+                          f"checkpoints (the ones llm-compressor saves with save_compressed=True).")
+    prefixes = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_scale")})
+    layers = {}
+    for name in prefixes:
+        if _matches(name, config.ignore or []):
+            continue
+        groups = [s for s in config.config_groups.values() if _matches(name, s.targets)]
+        if not groups:
+            raise LowbitError(f"{where}: layer {name} has quantized tensors but no config group targets it.")
+        scheme = groups[-1]
+        local = {k[len(name) + 1:]: tensors.pop(k) for k in [k for k in tensors if k.startswith(name + ".")]}
+        qw, spec = _read_layer(name, scheme, scheme.format or config.format, local)
+        layers[name] = (qw, spec, local.get("bias"), local.get("input_scale"))
+    kv = {}
+    if config.kv_cache_scheme is not None:
+        args = config.kv_cache_scheme
+        if args.type != "float" or args.num_bits != 8 or args.strategy != "tensor" or args.dynamic:
+            raise LowbitError(f"{where}: KV-cache scheme {args.type}{args.num_bits} {args.strategy} "
+                              f"{'dynamic' if args.dynamic else 'static'} cannot be read by lowbit (it reads static "
+                              f"per-tensor fp8 k_scale / v_scale).")
+        for key in [k for k in tensors if k.endswith(".k_scale")]:
+            attn = key[: -len(".k_scale")]
+            kv[attn] = (tensors.pop(key).float().reshape(()), tensors.pop(f"{attn}.v_scale").float().reshape(()))
+    return layers, kv

@@ -13,7 +13,7 @@ CHECKPOINT_HEADER = "lowbit.json"
 
 @dataclass(frozen=True)
 class Source:
-    kind: str  # "builtin" | "lowbit" | "hf" | "gguf"
+    kind: str  # "builtin" | "lowbit" | "hf" | "gguf" | a foreign quant_method: "compressed-tensors" | "gptq" | "awq"
     path: Path
     name: str
 
@@ -27,7 +27,9 @@ def resolve(name_or_path: str | Path) -> Source:
         if (path / CHECKPOINT_HEADER).is_file():
             return Source("lowbit", path, text)
         if (path / "config.json").is_file():
-            return Source("hf", path, text)
+            from lowbit.io.foreign import quant_method
+
+            return Source(quant_method(path / "config.json") or "hf", path, text)
         raise LowbitError(f"directory {text!r} is neither a lowbit checkpoint (no {CHECKPOINT_HEADER}) nor a Hugging "
                           f"Face model (no config.json).")
     if path.is_file():
