@@ -30,6 +30,7 @@ from lowbit.eval.divergence import (
 from lowbit.eval.forward import DEFAULT_BATCH_TOKENS
 from lowbit.eval.prompts import load_prompts
 from lowbit.eval.record import ReferenceRecord, model_fingerprint, tokenizer_fingerprint
+from lowbit.io.foreign import READABLE
 from lowbit.model.sources import resolve
 
 
@@ -72,8 +73,9 @@ def _size(name: str) -> dict | None:
                 "method": header.get("method"), "scheme": header.get("scheme")}
     if source.kind == "gguf":
         return {"bits_per_weight": None, "bytes": source.path.stat().st_size}
-    if source.kind == "hf":
-        return {"bits_per_weight": None, "bytes": sum(p.stat().st_size for p in source.path.glob("*.safetensors"))}
+    if source.kind in ("hf", *READABLE):
+        return {"bits_per_weight": None, "bytes": sum(p.stat().st_size for p in source.path.glob("*.safetensors")),
+                **({"format": source.kind} if source.kind != "hf" else {})}
     return None
 
 

@@ -1,0 +1,135 @@
+"""lowbit's GPTQ and AWQ against llm-compressor's, w4a16 groups of 64 on SmolLM2-135M, every candidate a checkpoint on
+disk read by the same `lowbit eval`: lowbit's own checkpoints, lowbit's compressed-tensors exports of them, and the
+compressed-tensors directories llm-compressor saves (read into lowbit's packed runtime).
+
+It also checks the reader: each llm-compressor directory is loaded by transformers (compressed-tensors decompresses
+it), saved as a plain float directory and evaluated too; its KL must equal the one lowbit's reader gives.
+
+llm-compressor lives in its own environment (.venv-llmcompressor: torch==2.13.0 first, then llmcompressor==0.14.0.1);
+it is never a dependency of lowbit. Calibration: the same C4 windows for every run (lowbit's drawing).
+
+    .venv/bin/python benchmarks/llmcompressor_ct.py [--samples 64] [--seqlen 512] [--max-prompts 160] [--windows 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import lowbit
+from lowbit.data.calibration import CalibConfig, calibration_ids
+from lowbit.eval.runner import EvalConfig, evaluate
+from lowbit.model.builtin import builtin_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from llmcompressor_gptq import ensure_env  # noqa: E402
+
+
+def timed(cmd: list[str]) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - t
+
+
+def transformers_copy(ct_dir: Path, out: Path) -> Path:
+    """The weights transformers (with compressed-tensors) makes of a compressed directory, saved as float."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    if out.exists():
+        return out
+    model = AutoModelForCausalLM.from_pretrained(ct_dir, dtype=torch.float32)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2]]))  # the first forward decompresses
+    out.mkdir(parents=True)
+    state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()
+             if not k.endswith(("_scale", "_zero_point", "_shape", "_packed"))}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((ct_dir / "config.json").read_text())
+    config.pop("quantization_config")
+    config["dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    for f in ct_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "generation_config")):
+            (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--max-prompts", type=int, default=160)
+    p.add_argument("--windows", type=int, default=10)
+    p.add_argument("--out", default="out/bench/ct")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    py = ensure_env()
+    model_dir = builtin_checkpoint("smollm2-135m")
+    tok = lowbit.load_tokenizer("smollm2-135m")
+    ids = calibration_ids(tok, CalibConfig("c4", args.samples, args.seqlen))
+    torch.save(ids, out / "calib_ids.pt")
+    lowbit_cli = str(ROOT / ".venv" / "bin" / "lowbit")
+    calib = ["--calib-samples", str(args.samples), "--calib-seqlen", str(args.seqlen), "--device", "cpu", "--quiet"]
+    runs: dict[str, tuple[Path, float | None]] = {}
+    for method, extra in (("gptq", ["--act-order"]), ("awq", [])):
+        d = out / f"lowbit-{method}"
+        if not d.exists():
+            runs[f"lowbit {method}"] = (d, timed([lowbit_cli, "quantize", "smollm2-135m", "--method", method,
+                                                  "--scheme", "w4a16", "--group-size", "64", *extra, *calib,
+                                                  "--out", str(d)]))
+        else:
+            runs[f"lowbit {method}"] = (d, None)
+        ct = out / f"lowbit-{method}-ct"
+        if not ct.exists():
+            subprocess.run([lowbit_cli, "export", str(d), "--to", "compressed-tensors", "--out", str(ct)], check=True)
+        runs[f"lowbit {method} → compressed-tensors"] = (ct, None)
+        llmc = out / f"llmcompressor-{method}"
+        seconds = None
+        if not llmc.exists():
+            seconds = timed([str(py), str(ROOT / "benchmarks" / "_llmcompressor_worker.py"), "--model",
+                             str(model_dir), "--ids", str(out / "calib_ids.pt"), "--method", method, "--compressed",
+                             "--out", str(llmc)])
+        runs[f"llm-compressor {method}"] = (llmc, seconds)
+        runs[f"llm-compressor {method} via transformers"] = (transformers_copy(llmc, out / f"{llmc.name}-tf"), None)
+
+    record = out / "reference.safetensors"
+    rows = {}
+    for name, (cand, seconds) in runs.items():
+        cfg = EvalConfig(reference="smollm2-135m", candidate=str(cand), kl=True, ppl=("wikitext2",),
+                         max_prompts=args.max_prompts, max_windows=args.windows, max_new_tokens=256,
+                         reference_record=str(record) if record.exists() else None,
+                         save_reference=None if record.exists() else str(record), progress=False)
+        r = evaluate(cfg)
+        kl, ppl = r["kl"], r["ppl"]["wikitext2"]
+        rows[name] = {"kl_prefill": kl["prefill"]["mean"], "kl_prefill_ci": kl["prefill"]["ci95"],
+                      "kl_generation": kl["generation"]["mean"], "kl_generation_ci": kl["generation"]["ci95"],
+                      "rejection_generation": kl["generation"]["token_rejection_rate"],
+                      "ppl": ppl["candidate"], "ppl_reference": ppl["reference"], "wall_s": seconds}
+        print(name, json.dumps(rows[name]), flush=True)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    print(f"\ncalibration {args.samples} x {args.seqlen} C4 tokens; KL on {args.max_prompts} prompts; "
+          f"perplexity on {args.windows} WikiText-2 windows of 2048 (reference {rows[next(iter(rows))]['ppl_reference']:.3f})")
+    print(f"{'candidate':44}{'KL prefill':>11}{'KL gen':>9}{'rej gen':>9}{'ppl':>9}{'wall s':>8}")
+    for name, r in rows.items():
+        wall = f"{r['wall_s']:.0f}" if r["wall_s"] else ""
+        print(f"{name:44}{r['kl_prefill']:11.4f}{r['kl_generation']:9.4f}{r['rejection_generation']:9.4f}"
+              f"{r['ppl']:9.3f}{wall:>8}")
+    for method in ("gptq", "awq"):
+        a, b = rows[f"llm-compressor {method}"], rows[f"llm-compressor {method} via transformers"]
+        print(f"reader check, llm-compressor {method}: KL prefill lowbit {a['kl_prefill']:.6f} vs transformers "
+              f"{b['kl_prefill']:.6f}; generation {a['kl_generation']:.6f} vs {b['kl_generation']:.6f}")
+
+
+if __name__ == "__main__":
+    main()
