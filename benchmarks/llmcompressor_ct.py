@@ -118,8 +118,9 @@ def main() -> None:
                       "ppl": ppl["candidate"], "ppl_reference": ppl["reference"], "wall_s": seconds}
         print(name, json.dumps(rows[name]), flush=True)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
+    ref_ppl = next(iter(rows.values()))["ppl_reference"]
     print(f"\ncalibration {args.samples} x {args.seqlen} C4 tokens; KL on {args.max_prompts} prompts; "
-          f"perplexity on {args.windows} WikiText-2 windows of 2048 (reference {rows[next(iter(rows))]['ppl_reference']:.3f})")
+          f"perplexity on {args.windows} WikiText-2 windows of 2048 (reference {ref_ppl:.3f})")
     print(f"{'candidate':44}{'KL prefill':>11}{'KL gen':>9}{'rej gen':>9}{'ppl':>9}{'wall s':>8}")
     for name, r in rows.items():
         wall = f"{r['wall_s']:.0f}" if r["wall_s"] else ""

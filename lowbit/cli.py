@@ -154,11 +154,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from lowbit.io.checkpoint import read_header, verify_files
+    from lowbit.model.sources import resolve
 
+    source = resolve(args.checkpoint)
+    if source.kind != "lowbit":
+        print(json.dumps(_model_info(args.checkpoint, source), indent=1))
+        return 0
     header = read_header(args.checkpoint)
     verify_files(Path(args.checkpoint), header)
     print(json.dumps({k: v for k, v in header.items() if k not in ("layers", "files", "blocks")}, indent=1))
     return 0
+
+
+def _model_info(name: str, source) -> dict:
+    """What any other model argument holds: its format, quantized layers by format, bits per weight, bytes."""
+    from collections import Counter
+
+    from lowbit import api
+    from lowbit.io.checkpoint import quantized_layers
+
+    model = api.load(name)
+    sizes = api.size_report(model, torch_dtype_of(model))
+    formats = Counter(_describe(m.spec) for m in quantized_layers(model).values())
+    files = [source.path] if source.kind == "gguf" else list(source.path.glob("*.safetensors")) \
+        if source.kind != "builtin" else []
+    return {"format": source.kind, "model_type": model.config.model_type,
+            "quantized_layers": sizes["quantized_layers"], "bits_per_weight": sizes["bits_per_weight"],
+            "layer_formats": dict(formats), "kv_cache": getattr(model, "lowbit_kv_cache", None),
+            "bytes_on_disk": sum(f.stat().st_size for f in files) or None}
+
+
+def torch_dtype_of(model):
+    import torch
+
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -277,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
 
-    i = sub.add_parser("info", help="show a checkpoint's header after checking its files")
+    i = sub.add_parser("info", help="show a checkpoint's header after checking its files (or, for a compressed-"
+                                    "tensors, GPTQ, AWQ, Hugging Face or .gguf model, what it holds)")
     i.add_argument("checkpoint")
     i.set_defaults(func=cmd_info)
     return p

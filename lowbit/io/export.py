@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -42,8 +43,11 @@ def check_writable(out: str | Path, overwrite: bool) -> Path:
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise LowbitError(f"cannot write {str(out)!r}: {str(parent)!r} is not writable. Choose another --out.")
+    try:  # the real test (permission bits do not bind root): create and remove a probe directory
+        os.rmdir(tempfile.mkdtemp(prefix=".lowbit-probe-", dir=parent))
+    except OSError as e:
+        raise LowbitError(f"cannot write {str(out)!r}: {str(parent)!r} is not a writable directory ({e.strerror}). "
+                          f"Choose another --out.") from None
     return out
 
 
