@@ -137,3 +137,49 @@ def test_perplexity_equals_a_plain_transformers_loop(smollm):
         losses = [smollm(w.unsqueeze(0), labels=w.unsqueeze(0)).loss.item() for w in wins]
     plain = math.exp(sum(losses) / len(losses))
     assert ppl(token_nll(smollm, wins, progress=False)) == pytest.approx(plain, rel=1e-4)
+
+
+@pytest.mark.parametrize("args", [
+    ["--method", "rtn", "--scheme", "w4a16", "--group-size", "64"],
+    ["--method", "gptq", "--scheme", "w4a16", "--group-size", "64", "--act-order"],
+    ["--method", "rtn", "--scheme", "w4a16", "--group-size", "64", "--asym"],
+    ["--preset", "smoothquant-o3"],
+    ["--method", "fp8", "--scheme", "fp8"],
+], ids=["rtn-w4g64", "gptq-w4g64-act-order", "rtn-w4g64-asym", "smoothquant-o3", "fp8"])
+def test_compressed_tensors_export_on_smollm2(args, wikitext_window, tmp_path):
+    """transformers (with compressed-tensors) gives lowbit's logits; lowbit reads the export back identically.
+
+    With quantized activations the comparison is with lowbit's fake-quantized form of the same checkpoint (each
+    QuantLinear as a float Linear holding ŵ, its input rounded first), which computes what transformers computes
+    (ŵ and x̂ in float32, then F.linear). lowbit's runtime multiplies the codes instead (exact sums, scales after): over 30 blocks the last-bit
+    differences flip some activation roundings, and its logits differ from either by a few percent (fp8: 8%)."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    ckpt, ct = tmp_path / "lowbit", tmp_path / "ct"
+    assert cli.main(["quantize", "smollm2-135m", *args, "--calib-samples", "8", "--calib-seqlen", "256",
+                     "--out", str(ckpt), "--quiet"]) == 0
+    assert cli.main(["export", str(ckpt), "--to", "compressed-tensors", "--out", str(ct)]) == 0
+    ids = wikitext_window[:, :256]
+    asym = "--asym" in args  # transformers 5.x loads packed asymmetric zero points only with dequantize=True
+    dtype = torch.float16 if asym else torch.float32
+    extra = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if asym else {}
+    theirs = AutoModelForCausalLM.from_pretrained(ct, dtype=dtype, **extra).eval()
+    ours = lowbit.load(ckpt, dtype=dtype)
+    layers = quantized_layers(ours)
+    reference = ours
+    if any(m.spec.act is not None for m in layers.values()):  # (SmoothQuant's folded norms come with the checkpoint)
+        from lowbit.formats import fake_quantize_activation
+        from lowbit.runtime.qlinear import set_module
+
+        reference = lowbit.load(ckpt, dtype=dtype)
+        for name, m in quantized_layers(reference).items():
+            linear = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            linear.weight = torch.nn.Parameter(m.dequantized_weight(), requires_grad=False)
+            linear.register_forward_pre_hook(
+                lambda _m, a, act=m.spec.act, s=m.input_scale: (fake_quantize_activation(a[0], act, s),))
+            set_module(reference, name, linear)
+    with torch.no_grad():
+        want = reference(ids).logits.float()
+        got = theirs(ids).logits.float()
+        assert ((got - want).norm() / want.norm()).item() < 1e-4
+        assert torch.equal(lowbit.load(ct, dtype=dtype)(ids).logits, ours(ids).logits)
