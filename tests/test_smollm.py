@@ -151,7 +151,8 @@ def test_compressed_tensors_export_on_smollm2(args, wikitext_window, tmp_path):
 
     With quantized activations the comparison is with lowbit's fake-quantized form of the same checkpoint (each
     QuantLinear as a float Linear holding ŵ, its input rounded first), which computes what transformers computes
-    (ŵ and x̂ in float32, then F.linear). lowbit's runtime multiplies the codes instead (exact sums, scales after): over 30 blocks the last-bit
+    (ŵ and x̂ in float32, then F.linear).
+    lowbit's runtime multiplies the codes instead (exact sums, scales after): over 30 blocks the last-bit
     differences flip some activation roundings, and its logits differ from either by a few percent (fp8: 8%)."""
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
