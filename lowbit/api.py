@@ -106,10 +106,9 @@ def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, c
     if not isinstance(model, nn.Module):
         kind = resolve(model).kind
         if kind in ("lowbit", *READABLE):
-            made = "lowbit checkpoint (its lowbit.json names the source model under source_model)" \
-                if kind == "lowbit" else f"{kind} checkpoint"
-            raise LowbitError(f"{source!r} is already quantized, a {made}; quantize the original float model "
-                              f"instead.")
+            what = "already a lowbit checkpoint (its lowbit.json names the source model under source_model)" \
+                if kind == "lowbit" else f"already quantized (a {kind} checkpoint)"
+            raise LowbitError(f"{source!r} is {what}; quantize the original float model instead.")
         if tokenizer is None and (calib is not None or get_method(recipe.method).needs_calibration
                                   or recipe.act_static or recipe.kv_static):
             tokenizer = load_tokenizer(model)
