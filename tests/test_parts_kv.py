@@ -64,8 +64,8 @@ def test_attention_quantizes_queries_in_prefill_only(stories, story_ids):
 def test_fresh_dynamic_cache_is_replaced_but_a_filled_one_is_kept(stories):
     model = kvcache.enable(stories, "fp8")
     seen = []
-    model.model.register_forward_pre_hook(lambda m, a, kw: seen.append(type(kw.get("past_key_values"))),
-                                          with_kwargs=True)
+    model.model.register_forward_pre_hook(  # transformers ≥ 5.24 names the argument `cache`
+        lambda m, a, kw: seen.append(type(kw.get("cache", kw.get("past_key_values")))), with_kwargs=True)
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3]]), past_key_values=DynamicCache())
     assert seen == [kvcache.QuantizedKVCache]

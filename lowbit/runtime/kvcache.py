@@ -22,6 +22,8 @@ QuantizedKVCache whenever it would otherwise run without a cache or with a fresh
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from transformers import AttentionInterface, DynamicCache
@@ -96,7 +98,7 @@ def calibrate_static_scales(model: nn.Module, attention: list[nn.Module], kind: 
     amax: dict[int, list[float]] = {}
     device = next(model.parameters()).device
     for chunk in ids.split(batch):
-        model(input_ids=chunk.to(device), past_key_values=_AmaxCache(amax), use_cache=True)
+        model(input_ids=chunk.to(device), use_cache=True, **{cache_kwarg(model): _AmaxCache(amax)})
     if sorted(amax) != list(range(len(attention))):
         raise LowbitError(f"KV-cache calibration saw {len(amax)} cached layers for {len(attention)} attention "
                           f"modules; this architecture's cache is laid out differently.")
@@ -126,13 +128,21 @@ for _kind in ACT_KINDS:
     ALL_MASK_ATTENTION_FUNCTIONS.register(f"lowbit_q{_kind}", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
-def _cache_hook(kind: str, static: list[nn.Module] | None):
+def cache_kwarg(model: nn.Module) -> str:
+    """The name the model's forward takes its cache by: `cache` (transformers ≥ 5.24, which still accepts the old
+    name with a deprecation warning) or `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_hook(kind: str, static: list[nn.Module] | None, name: str):
     def hook(_module, args, kwargs):
-        pkv = kwargs.get("past_key_values")
+        given = [k for k in ("cache", "past_key_values") if kwargs.get(k) is not None]
+        pkv = kwargs.pop(given[0]) if given else None
         fresh = pkv is None or (type(pkv) is DynamicCache and pkv.get_seq_length() == 0)
         if fresh:
             scales = [(a.k_scale, a.v_scale) for a in static] if static is not None else None
-            kwargs["past_key_values"] = QuantizedKVCache(kind, scales)
+            pkv = QuantizedKVCache(kind, scales)
+        kwargs[name] = pkv
         return args, kwargs
 
     return hook
@@ -153,7 +163,7 @@ def enable(model: nn.Module, kind: str, attention: bool = False, static: list[nn
         raise LowbitError("this model already quantizes its KV cache.")
     if static is not None and not all(hasattr(a, "k_scale") and hasattr(a, "v_scale") for a in static):
         raise LowbitError("static KV-cache scales were asked for but are not calibrated (no k_scale / v_scale).")
-    model.register_forward_pre_hook(_cache_hook(kind, static), with_kwargs=True)
+    model.register_forward_pre_hook(_cache_hook(kind, static, cache_kwarg(model)), with_kwargs=True)
     model.lowbit_kv_cache = kind
     if attention:
         model.config._attn_implementation = f"lowbit_q{kind}"
