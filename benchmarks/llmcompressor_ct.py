@@ -17,7 +17,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,13 +28,7 @@ from lowbit.model.builtin import builtin_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from llmcompressor_gptq import ensure_env  # noqa: E402
-
-
-def timed(cmd: list[str]) -> float:
-    t = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    return time.perf_counter() - t
+from llmcompressor_gptq import ensure_env, timed  # noqa: E402
 
 
 def transformers_copy(ct_dir: Path, out: Path) -> Path:

@@ -174,7 +174,7 @@ def _model_info(name: str, source) -> dict:
     from lowbit.io.checkpoint import quantized_layers
 
     model = api.load(name)
-    sizes = api.size_report(model, torch_dtype_of(model))
+    sizes = api.size_report(model, _dtype_of(model))
     formats = Counter(_describe(m.spec) for m in quantized_layers(model).values())
     files = [source.path] if source.kind == "gguf" else list(source.path.glob("*.safetensors")) \
         if source.kind != "builtin" else []
@@ -184,7 +184,7 @@ def _model_info(name: str, source) -> dict:
             "bytes_on_disk": sum(f.stat().st_size for f in files) or None}
 
 
-def torch_dtype_of(model):
+def _dtype_of(model):
     import torch
 
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)

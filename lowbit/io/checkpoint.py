@@ -165,12 +165,25 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, verify
     except (SafetensorError, OSError) as e:
         raise LowbitError(f"could not read {str(path / WEIGHTS)!r}: {e}") from None
     tied = header.get("tied", {})
-    expected = set(model.state_dict()) - set(tied)
+    assign_tensors(model, tensors, set(model.state_dict()) - set(tied), tied,
+                   tuple(n + "." for n in header["layers"]), dtype, f"checkpoint {str(path)!r}")
+    for attn in static_kv or ():
+        attn.k_scale, attn.v_scale = attn.k_scale.float(), attn.v_scale.float()
+    if recipe.get("kv_cache"):
+        kvcache.enable(model, recipe["kv_cache"], attention="attention" in (recipe.get("parts") or ()),
+                       static=static_kv)
+    model.lowbit_header = header
+    return model.eval()
+
+
+def assign_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], expected: set[str], tied: dict[str, str],
+                   qprefixes: tuple[str, ...], dtype: torch.dtype, where: str) -> None:
+    """Second phase of a two-phase load: check that `tensors` has exactly the `expected` keys, cast floats outside
+    packed buffers to `dtype`, assign them, tie {dropped: kept} tensors, and refuse anything left on meta."""
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
-        raise LowbitError(f"checkpoint {str(path)!r} does not match its config: missing {missing[:3]}, unexpected "
-                          f"{unexpected[:3]}. It may come from another lowbit or transformers version.")
-    qprefixes = tuple(n + "." for n in header["layers"])
+        raise LowbitError(f"{where} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}. "
+                          f"It may come from another version of the tool that wrote it or of transformers.")
     for key, t in tensors.items():
         if t.is_floating_point() and not is_packed(key, qprefixes):
             tensors[key] = t.to(dtype)
@@ -179,14 +192,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, verify
         _tie(model, dropped, kept)
     leftover = [n for n, t in model.state_dict().items() if t.is_meta]
     if leftover:
-        raise LowbitError(f"checkpoint {str(path)!r} left tensors uninitialized: {leftover[:3]}.")
-    for attn in static_kv or ():
-        attn.k_scale, attn.v_scale = attn.k_scale.float(), attn.v_scale.float()
-    if recipe.get("kv_cache"):
-        kvcache.enable(model, recipe["kv_cache"], attention="attention" in (recipe.get("parts") or ()),
-                       static=static_kv)
-    model.lowbit_header = header
-    return model.eval()
+        raise LowbitError(f"{where} left tensors uninitialized: {leftover[:3]}.")
 
 
 def _tie(model: nn.Module, dropped: str, kept: str) -> None:

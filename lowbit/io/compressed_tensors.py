@@ -217,20 +217,18 @@ def build_config(layers: dict[str, Mapped], linear_names: list[str], kv_cache: b
 def export_tensors(model: nn.Module, layers: dict[str, Mapped], dtype: torch.dtype,
                    kv_scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every tensor of the exported checkpoint: compressed layers, other tensors in `dtype`, KV scales."""
-    from lowbit.io.checkpoint import quantized_layers, storage_state_dict
+    from lowbit.io.checkpoint import is_packed, quantized_layers, storage_state_dict
 
-    tensors, _ = storage_state_dict(model, dtype)
+    tensors, _ = storage_state_dict(model, dtype)  # biases of quantized layers are cast there too
     qlayers = quantized_layers(model)
-    out = {k: v for k, v in tensors.items() if not any(k.startswith(n + ".") for n in qlayers)}
-    out = {k: v for k, v in out.items() if not k.endswith((".k_scale", ".v_scale"))}
+    qprefixes = tuple(n + "." for n in qlayers)
+    out = {k: v for k, v in tensors.items() if not is_packed(k, qprefixes) and k not in kv_scales}
     for name, m in qlayers.items():
         for key, t in compress_layer(m.quantized_weight(), layers[name], name).items():
             out[f"{name}.{key}"] = t.contiguous()
-        if m.bias is not None:
-            out[f"{name}.bias"] = m.bias.detach().to(dtype).contiguous()
         if m.input_scale is not None:
             out[f"{name}.input_scale"] = m.input_scale.detach().float().reshape(1).clone()
-    for key, t in kv_scales.items():
+    for key, t in kv_scales.items():  # compressed-tensors keeps static scales as float32 [1]
         out[key] = t.detach().float().reshape(1).clone()
     return out
 

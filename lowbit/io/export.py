@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -22,7 +23,9 @@ from lowbit.io.compressed_tensors import (
     map_spec,
     write_safetensors,
 )
+from lowbit.model.loading import family_of
 from lowbit.recipe import Recipe
+from lowbit.runtime import kvcache
 
 TARGETS = ("compressed-tensors",)
 DEFAULT_SHARD_BYTES = 5 * 1024**3
@@ -78,14 +81,20 @@ def check_kv(recipe: Recipe) -> bool:
     return True
 
 
-def _source(source, tokenizer):
-    """(model, recipe, storage dtype, tokenizer) from a checkpoint path, a QuantizeResult or a loaded model."""
-    from lowbit.api import QuantizeResult, load_tokenizer
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt",
+                   "chat_template.*")
+
+
+def _source(source):
+    """(model, recipe, storage dtype, checkpoint directory or None) from a checkpoint path, a QuantizeResult or a
+    loaded model."""
+    from lowbit.api import QuantizeResult
     from lowbit.io.checkpoint import load_checkpoint
     from lowbit.model.sources import resolve
 
     if isinstance(source, QuantizeResult):
-        return source.model, source.recipe, source.dtype, tokenizer
+        return source.model, source.recipe, source.dtype, None
+    directory = None
     if isinstance(source, nn.Module):
         header = getattr(source, "lowbit_header", None)
         if header is None:
@@ -96,23 +105,24 @@ def _source(source, tokenizer):
         if src.kind != "lowbit":
             raise LowbitError(f"{str(source)!r} is not a lowbit checkpoint; export takes what `lowbit quantize` wrote "
                               f"(quantize the model first).")
-        source = load_checkpoint(src.path)
+        directory = src.path
+        source = load_checkpoint(directory)
         header = source.lowbit_header
-        tokenizer = tokenizer or load_tokenizer(src.path)
     recipe = Recipe.from_dict(header.get("recipe") or {})
-    return source, recipe, getattr(torch, header["dtype"]), tokenizer
+    return source, recipe, getattr(torch, header["dtype"]), directory
 
 
 def export(source, to: str, out: str | Path, *, tokenizer=None, overwrite: bool = False,
            max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
-    """Write `source` (a lowbit checkpoint directory, a QuantizeResult or a model lowbit loaded) as `to` in `out`.
+    """Write `source` (a lowbit checkpoint directory, a QuantizeResult or a model lowbit loaded) as `to` in `out`,
+    with `tokenizer` or else the checkpoint directory's tokenizer files.
 
     Returns {"files": {name: sha256}, "bytes_on_disk": n}. Refuses, before writing anything, what the format
     cannot express.
     """
     check_target(to)
     out = check_writable(out, overwrite)
-    model, recipe, dtype, tokenizer = _source(source, tokenizer)
+    model, recipe, dtype, directory = _source(source)
     qlayers = quantized_layers(model)
     if not qlayers:
         raise LowbitError("the model has no quantized layer; there is nothing for compressed-tensors to describe.")
@@ -121,9 +131,10 @@ def export(source, to: str, out: str | Path, *, tokenizer=None, overwrite: bool 
     linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or n in qlayers]
     kv_scales = {}
     if kv:
-        for n, m in model.named_modules():
-            if hasattr(m, "k_scale") and hasattr(m, "v_scale"):
-                kv_scales[f"{n}.k_scale"], kv_scales[f"{n}.v_scale"] = m.k_scale, m.v_scale
+        names = {id(m): n for n, m in model.named_modules()}
+        for attn in kvcache.attention_modules(model, family_of(model).blocks):
+            kv_scales[f"{names[id(attn)]}.k_scale"], kv_scales[f"{names[id(attn)]}.v_scale"] = \
+                attn.k_scale, attn.v_scale
     tensors = export_tensors(model, mapped, dtype, kv_scales)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
@@ -136,6 +147,9 @@ def export(source, to: str, out: str | Path, *, tokenizer=None, overwrite: bool 
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        elif directory is not None:  # the checkpoint's own tokenizer files, as they are
+            for f in {f for pattern in TOKENIZER_FILES for f in directory.glob(pattern)}:
+                shutil.copyfile(f, tmp / f.name)
         files = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         size = sum((tmp / f).stat().st_size for f in files)
     return {"files": files, "bytes_on_disk": size}

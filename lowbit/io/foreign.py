@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.io.checkpoint import assign_tensors
 from lowbit.model.architectures import family_for
 from lowbit.runtime import kvcache
 from lowbit.runtime.qlinear import QuantLinear, set_module
@@ -108,20 +109,11 @@ def load_foreign(path: str | Path, method: str, dtype: torch.dtype = torch.float
     qprefixes = tuple(n + "." for n in layers)
     expected = {k for k in model.state_dict() if not k.startswith(qprefixes)
                 and not k.endswith((".k_scale", ".v_scale"))}
-    tied = bool(getattr(config, "tie_word_embeddings", False)) and "lm_head.weight" not in tensors
-    if tied:
-        expected.discard("lm_head.weight")
-    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    if missing or unexpected:
-        raise LowbitError(f"{str(path)!r} does not match its config: missing {missing[:3]}, unexpected "
-                          f"{unexpected[:3]}.")
-    model.load_state_dict({k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()},
-                          strict=False, assign=True)
-    if tied:
-        model.lm_head.weight = model.get_input_embeddings().weight
-    leftover = [n for n, t in model.state_dict().items() if t.is_meta]
-    if leftover:
-        raise LowbitError(f"{str(path)!r} left tensors uninitialized: {leftover[:3]}.")
+    tied = {}
+    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in tensors:
+        embed = model.get_input_embeddings()
+        tied = {"lm_head.weight": next(n for n, m in model.named_modules() if m is embed) + ".weight"}
+    assign_tensors(model, tensors, expected - set(tied), tied, qprefixes, dtype, repr(str(path)))
     if static is not None:
         kvcache.enable(model, "fp8", static=static)
     model.lowbit_foreign = method

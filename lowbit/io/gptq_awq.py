@@ -51,9 +51,6 @@ def _weight(codes, scale, zero, bits, group_size, sym_claimed, g_idx) -> tuple[Q
     """A QuantizedWeight in lowbit's orientation; symmetric when every zero point is the grid's middle."""
     in_f = codes.shape[1]
     mid = 2 ** (bits - 1)
-    if zero.max() >= 2**bits:
-        raise LowbitError(f"a zero point of {int(zero.max())} does not fit {bits} bits (the GPTQ v1 format's z − 1 "
-                          f"overflow); re-save the checkpoint in the gptq_v2 format.")
     symmetric = sym_claimed and bool((zero == mid).all())
     plain = g_idx is None or torch.equal(g_idx.long(), torch.arange(in_f) // max(group_size, 1))
     fmt = _format(bits, group_size, in_f, symmetric, g_idx is not None and not plain)
