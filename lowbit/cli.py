@@ -80,7 +80,9 @@ def print_summary(result, header: dict, out: Path) -> None:
     ]
     if recipe.kv_cache:
         queries = " and attention queries" if "attention" in recipe.parts else ""
-        lines.append(f"  kv cache     {recipe.kv_cache}, one scale per token and head{queries}")
+        scales = "one calibrated scale per layer for keys and one for values" if recipe.kv_static \
+            else "one scale per token and head"
+        lines.append(f"  kv cache     {recipe.kv_cache}, {scales}{queries}")
     if errors:
         lines.append(f"  block error  relative output MSE on a calibration batch: first {errors[0]:.2e}, "
                      f"max {max(errors):.2e}, last {errors[-1]:.2e}")
