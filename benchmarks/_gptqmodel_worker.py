@@ -4,7 +4,8 @@
         GPTQModel quantizes stories260K's attention layers (its MLP width, 172, is not a multiple of the 8 codes a
         word holds) on CPU and saves OUT in the GPTQ or AWQ layout.
     logits DIR IDS OUT
-        GPTQModel loads DIR with its torch kernels and writes the logits of the token windows IDS [n, seqlen].
+        GPTQModel loads DIR with its torch kernels and writes the logits of the token windows IDS [n, seqlen] and
+        each layer's weight as its own dequantization gives it.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def logits(a) -> None:
     model = GPTQModel.load(a.dir, backend=BACKEND.TORCH if "gptq" in a.kind else BACKEND.AWQ_TORCH, device="cpu")
     ids = torch.load(a.ids)
     out = torch.cat([model.model(input_ids=w.unsqueeze(0)).logits.float() for w in ids])
-    torch.save(out, a.out)
+    weights = {n: m.dequantize_weight().float() for n, m in model.model.named_modules() if hasattr(m, "qweight")}
+    torch.save({"logits": out, "weights": weights}, a.out)
 
 
 def main() -> None:

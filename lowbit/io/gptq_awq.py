@@ -7,7 +7,8 @@ and dequantize ŵ = (c − z)·s, transposed against torch's [out, in]:
   inputs (the layout of lowbit's own packing, so 3-bit codes straddle words the same way); `qzeros`
   [groups, out·b/32] packed along the output dimension; `scales` [groups, out]; `g_idx` [in], the group of each
   input column (act-order checkpoints permute it). "gptq_v2" stores z; the original format ("gptq", v1) stores the
-  packed zeros minus 0x11…1 as one 32-bit subtraction (GPTQModel), so a zero of 0 borrows from its neighbour.
+  packed zeros minus 0x11…1 as one 32-bit subtraction (GPTQModel), so a zero of 0 borrows from its neighbour; 3-bit
+  fields, which straddle words, are decremented one by one (modulo 8).
 - AWQ GEMM: `qweight` [in, out/8] and `qzeros` [groups, out/8], eight 4-bit codes per word along the output
   dimension in the interleaved order 0, 2, 4, 6, 1, 3, 5, 7 (nibble i holds column ORDER[i] of its block of
   eight); `scales` [groups, out]; z is stored as is.
@@ -74,10 +75,11 @@ def read_gptq(qconfig: dict, tensors: dict[str, torch.Tensor], where: str) -> tu
         groups, out_f = t["scales"].shape
         in_f = t["qweight"].shape[0] * 32 // bits
         codes = unpack(t["qweight"].t().contiguous(), bits, in_f)
-        qzeros = t["qzeros"]
-        if fmt_name == "gptq":  # v1: packed(z) − 0x11111111 word-wise (GPTQModel): undo with a word-wise add
-            qzeros = _add_ones(qzeros, bits)
+        v1 = fmt_name == "gptq"  # v1 stores z − 1: 2/4/8 bits as one 32-bit subtraction, 3 bits field by field
+        qzeros = _add_ones(t["qzeros"], bits) if v1 and 32 % bits == 0 else t["qzeros"]
         zero = unpack(qzeros, bits, out_f).t().to(torch.int16)
+        if v1 and 32 % bits:
+            zero = (zero + 1) % 2**bits
         size = in_f // groups if group_size in (-1, 0) else group_size
         g_idx = t.get("g_idx")
         qw, spec = _weight(codes, scale, zero, bits, size if groups > 1 else -1, bool(qconfig.get("sym", True)),
@@ -87,10 +89,8 @@ def read_gptq(qconfig: dict, tensors: dict[str, torch.Tensor], where: str) -> tu
 
 
 def _add_ones(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """Add 1 to every b-bit field of the words as one 32-bit addition (the inverse of GPTQ v1's subtraction, carries
-    included); 3-bit fields straddle words, so they get the per-field +1 after unpacking instead."""
-    if 32 % bits:
-        raise LowbitError(f"{bits}-bit GPTQ v1 zero points cannot be read by lowbit; re-save them as gptq_v2.")
+    """Add 1 to every b-bit field of the words as one 32-bit addition: the inverse of GPTQ v1's subtraction, carries
+    included (b divides 32)."""
     ones = sum(1 << (bits * j) for j in range(32 // bits))
     w = (words.to(torch.int64) + ones) & 0xFFFFFFFF
     return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
