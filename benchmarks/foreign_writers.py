@@ -5,7 +5,9 @@ GEMM). For each checkpoint, on the same WikiText-2 windows:
 - `lowbit eval --kl-text` with the checkpoint as candidate (lowbit's reader);
 - the logits GPTQModel's own torch kernels give for the same checkpoint, against lowbit's (relative difference),
   and the exact full-vocabulary KL to the float model computed the same way from both;
-- each layer's weight as GPTQModel dequantizes it (in float16) against lowbit's, rounded to float16.
+- each layer's weight as GPTQModel dequantizes it, against lowbit's codes, scales and zero points put through
+  GPTQModel's arithmetic (bfloat16 scales and products): identical or not. The logits differ by GPTQModel's
+  bfloat16 compute; lowbit's reader computes in float32.
 
 GPTQModel lives in its own environment (.venv-gptqmodel: torch==2.13.0 first, then gptqmodel==7.6.0, the last
 release that accepts torch 2.13; GPTQMODEL_VENV overrides); it is never a dependency of lowbit.
@@ -26,6 +28,7 @@ import torch
 import lowbit
 from lowbit.eval.perplexity import windows
 from lowbit.eval.runner import EvalConfig, evaluate
+from lowbit.formats import QuantizedWeight
 from lowbit.io.checkpoint import quantized_layers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +77,7 @@ def main() -> None:
     with torch.no_grad():
         ref_logits = torch.cat([reference(w.unsqueeze(0)).logits for w in wins])
     print(f"{'checkpoint':32}{'lowbit eval KL':>16}{'KL lowbit':>11}{'KL GPTQModel':>14}{'rel Δ logits':>14}"
-          f"{'max rel Δ ŵ':>13}")
+          f"{'ŵ identical':>13}")
     for name, extra in CASES.items():
         d = out / name.replace(" ", "-")
         if not d.exists():
@@ -86,18 +89,18 @@ def main() -> None:
         got = torch.load(theirs_file)
         theirs = got["logits"]
         ours_model = lowbit.load(d)
-        worst = 0.0  # GPTQModel dequantizes in float16: lowbit's exact ŵ rounded to float16 must be its ŵ
+        same = True  # GPTQModel dequantizes in bfloat16 (scales cast to it, then (c − z)·s rounded to it), [in, out]
         for n, m in quantized_layers(ours_model).items():
-            w, ref = m.dequantized_weight().half().float(), got["weights"][n]
-            ref = ref.t() if ref.shape != w.shape else ref
-            worst = max(worst, ((w - ref).abs().max() / ref.abs().max()).item())
+            qw = m.quantized_weight()
+            ours_bf16 = QuantizedWeight(qw.fmt, qw.codes, qw.scale.to(torch.bfloat16), qw.zero, qw.g_idx)
+            same &= torch.equal(ours_bf16.dequantize().to(torch.bfloat16).float(), got["weights"][n].t())
         with torch.no_grad():
             ours = torch.cat([ours_model(w.unsqueeze(0)).logits for w in wins])
         r = evaluate(EvalConfig(reference=str(STORIES), candidate=str(d), kl_text=("wikitext2",),
                                 max_windows=args.windows, progress=False))
         rel = ((ours - theirs).norm() / theirs.norm()).item()
         print(f"{name:32}{r['kl_text']['wikitext2']['all']['mean_full']:16.5f}{full_kl(ref_logits, ours):11.5f}"
-              f"{full_kl(ref_logits, theirs):14.5f}{rel:14.2e}{worst:13.2e}", flush=True)
+              f"{full_kl(ref_logits, theirs):14.5f}{rel:14.2e}{'yes' if same else 'NO':>13}", flush=True)
 
 
 if __name__ == "__main__":
