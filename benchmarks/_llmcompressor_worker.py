@@ -44,6 +44,10 @@ def main() -> None:
                               actorder="static")
     else:  # llm-compressor's AWQ default: asymmetric groups
         from llmcompressor.modifiers.awq import AWQModifier
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        if not torch.cuda.is_available():  # 0.14.0.1's AWQ pins CPU memory, which needs a GPU: skip the pinning
+            IntermediatesCache.pin_memory = lambda self, *a, **k: None
 
         recipe = AWQModifier(config_groups=groups, ignore=["lm_head"])
     oneshot(model=model, dataset=data, recipe=recipe, num_calibration_samples=ids.shape[0],
