@@ -55,8 +55,18 @@ def logits(a) -> None:
     model = GPTQModel.load(a.dir, backend=BACKEND.TORCH if "gptq" in a.kind else BACKEND.AWQ_TORCH, device="cpu")
     ids = torch.load(a.ids)
     out = torch.cat([model.model(input_ids=w.unsqueeze(0)).logits.float() for w in ids])
-    weights = {n: m.dequantize_weight().float() for n, m in model.model.named_modules() if hasattr(m, "qweight")}
+    weights = {n: _dequantized(m).float() for n, m in model.model.named_modules() if hasattr(m, "qweight")}
     torch.save({"logits": out, "weights": weights}, a.out)
+
+
+def _dequantized(module) -> torch.Tensor:
+    """The layer's weight [in, out] as GPTQModel's own kernels rebuild it (AWQ layers: the GEMM dequantization)."""
+    if hasattr(module, "dequantize_weight"):
+        return module.dequantize_weight()
+    from gptqmodel.nn_modules.qlinear import torch_awq
+
+    return torch_awq.dequantize_gemm(qweight=module.qweight, qzeros=module.qzeros, scales=module.scales,
+                                     bits=module.bits, group_size=module.group_size)
 
 
 def main() -> None:
