@@ -1,7 +1,8 @@
 """QuantLinear: a linear layer that keeps packed quantized weights and dequantizes them on the fly.
 
-This is the plain-torch reference runtime (CPU and any device): ŵ = (c − z)·s is rebuilt from the packed
-codes at each call, then `F.linear`; its output equals that of an nn.Linear holding dequantize(quantize(W)).
+On CUDA inputs, formats with a Triton kernel (lowbit.kernels) run it on the packed buffers as they are. Elsewhere
+this is the plain-torch reference runtime: ŵ = (c − z)·s is rebuilt from the packed codes at each call, then
+`F.linear`; its output equals that of an nn.Linear holding dequantize(quantize(W)).
 
 With an activation format (w8a8, fp8), the input is quantized first (lowbit.formats.activation) and, where
 the weight has one scale per output channel or tensor, the product runs on the codes (lowbit.runtime.lowp):
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit import kernels
 from lowbit.errors import LowbitError
 from lowbit.formats import QuantizedWeight, SpQRWeight, fake_quantize_activation, from_packed, packed_shapes
 from lowbit.recipe import LayerSpec
@@ -72,6 +74,10 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if kernels.wanted_for(x):
+            y = self._kernel_forward(x, bias)
+            if y is not None:
+                return y
         act = self.spec.act
         if act is not None:
             operand = self._codes_operand()
@@ -81,6 +87,18 @@ class QuantLinear(nn.Module):
                 return y if bias is None else y + bias
             x = fake_quantize_activation(x, act, self.input_scale)
         return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+
+    def _kernel_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        from lowbit.kernels.linear import unsupported, wxa16_linear
+
+        reason = unsupported(self.spec.weight, self.spec.act)
+        if reason is None and x.dtype not in (torch.float16, torch.bfloat16):
+            reason = f"{x.dtype} activations (the kernels take float16 or bfloat16)"
+        if reason is not None:
+            kernels.say_fallback("this layer format", reason)
+            return None
+        return wxa16_linear(x, self.spec.weight, self.qweight, self.scales, getattr(self, "qzeros", None), bias,
+                            self.out_features)
 
     def _codes_operand(self):
         """The weight as a codes-matmul operand (lowbit.runtime.lowp), built once per set of buffers."""

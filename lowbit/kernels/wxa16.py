@@ -1,0 +1,152 @@
+"""Weight-only matmul on packed integer codes: y = x · ŵᵀ with ŵ = (c − z)·s rebuilt in registers (Triton).
+
+The weight stays in the checkpoint's own layout (lowbit.formats.packing): qweight [N, K·b/32] int32 holding
+P = 32/b codes of consecutive input columns per word (b = 2, 4, 8), scales [N, K/G] float16, and for asymmetric
+grids the zero points packed flat at b bits ([N·K/G] codes). Nothing is repacked, so nothing is stored twice.
+
+A tile of words [BN, BW] is loaded once (wide, coalesced loads) and taken apart one code position j < P at a
+time: plane j holds the codes of columns k = P·w + j, so it meets the activations x[:, P·w + j] (a strided
+load of a small, cache-resident x). Working plane by plane keeps every tensor in the layout it was loaded in.
+
+Dequantization per code, exact in float32 (the "magic number" conversion: 2^23 + c has c in its mantissa):
+    f = bitcast_f32(c | 0x4B000000) − (2^23 + z) = c − z.
+
+- `gemv_kernel` (one row of x, CUDA-core FMAs): Σ_j f_j·x_j is accumulated per word, and the word's scale is
+  applied once per word, y_n = Σ_w s_n,g(w) · Σ_j (c_nwj − z)·x_(Pw+j).
+- `dot_kernel` (any M, tensor cores): ŵ_j = f_j·s is rounded to the activation dtype, and y += x_j · ŵ_jᵀ.
+- `dequant_kernel` writes ŵ [N, K] in the activation dtype, for large M where one dequantization followed by a
+  cuBLAS matmul beats rebuilding the weight in every tile.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _stats(s_ptr, z_ptr, rn, kw, N, NG, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
+           PER_TILE: tl.constexpr):
+    """Scale and 2^23 + z for rows rn and the words whose first column is kw (float32). PER_TILE: one group
+    covers the whole tile, so kw is its first column (a scalar) and the result is [BN, 1]; else kw is [BW]."""
+    if GROUP == 0:
+        g = kw * 0
+    else:
+        g = kw // GROUP
+    if PER_TILE:
+        idx = rn * NG + g
+        ok = rn < N
+    else:
+        idx = rn[:, None] * NG + g[None, :]
+        ok = (rn[:, None] < N) & (g[None, :] < NG)
+    s = tl.load(s_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+    if HAS_ZERO:
+        PER: tl.constexpr = 32 // BITS
+        zw = tl.load(z_ptr + idx // PER, mask=ok, other=0)
+        z = ((zw >> ((idx % PER) * BITS)) & ((1 << BITS) - 1)).to(tl.float32) + 8388608.0
+    else:
+        z = s * 0.0 + (8388608.0 + (1 << (BITS - 1)))
+    if PER_TILE:
+        return s[:, None], z[:, None]
+    return s, z
+
+
+@triton.jit
+def _plane(words, j: tl.constexpr, BITS: tl.constexpr, z):
+    """c − z (float32, exact) for code position j of every word."""
+    c = (words >> (j * BITS)) & ((1 << BITS) - 1)
+    return (c | 0x4B000000).to(tl.float32, bitcast=True) - z
+
+
+@triton.jit
+def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, KW, NG, stride_xm, stride_ym,
+                BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                BN: tl.constexpr, BW: tl.constexpr):
+    """One program: BN outputs of one row of x, over the whole of K."""
+    PER: tl.constexpr = 32 // BITS
+    BK: tl.constexpr = BW * PER
+    PER_TILE: tl.constexpr = GROUP == 0 or GROUP >= BK
+    pid_m = tl.program_id(1)
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    x_row = x_ptr + pid_m * stride_xm
+    acc = tl.zeros((BN, BW), tl.float32)
+    for k0 in tl.range(0, K, BK):
+        rw = k0 // PER + tl.arange(0, BW)
+        words = tl.load(w_ptr + rn[:, None] * KW + rw[None, :], mask=(rn[:, None] < N) & (rw[None, :] < KW),
+                        other=0)
+        if PER_TILE:
+            s, z = _stats(s_ptr, z_ptr, rn, k0, N, NG, GROUP, BITS, HAS_ZERO, True)
+        else:
+            s, z = _stats(s_ptr, z_ptr, rn, rw * PER, N, NG, GROUP, BITS, HAS_ZERO, False)
+        part = tl.zeros((BN, BW), tl.float32)
+        for j in tl.static_range(PER):
+            kx = rw * PER + j
+            xj = tl.load(x_row + kx, mask=kx < K, other=0.0).to(tl.float32)
+            part += _plane(words, j, BITS, z) * xj[None, :]
+        acc += part * s
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    tl.store(y_ptr + pid_m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+
+
+@triton.jit
+def dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, NG, stride_xm, stride_ym,
+               BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, SPLIT_K: tl.constexpr):
+    """One program: a BM × BN tile of y over K (or over its share of K, with SPLIT_K > 1)."""
+    PER: tl.constexpr = 32 // BITS
+    BK: tl.constexpr = BW * PER
+    PER_TILE: tl.constexpr = GROUP == 0 or GROUP >= BK
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    pid_k = tl.program_id(2)
+    k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BK) * BK
+    k_lo = pid_k * k_chunk
+    k_hi = tl.minimum(k_lo + k_chunk, K)
+    acc = tl.zeros((BM, BN), tl.float32)
+    for k0 in tl.range(k_lo, k_hi, BK):
+        rw = k0 // PER + tl.arange(0, BW)
+        words = tl.load(w_ptr + rn[:, None] * KW + rw[None, :], mask=(rn[:, None] < N) & (rw[None, :] < KW),
+                        other=0)
+        if PER_TILE:
+            s, z = _stats(s_ptr, z_ptr, rn, k0, N, NG, GROUP, BITS, HAS_ZERO, True)
+        else:
+            s, z = _stats(s_ptr, z_ptr, rn, rw * PER, N, NG, GROUP, BITS, HAS_ZERO, False)
+        for j in tl.static_range(PER):
+            kx = rw * PER + j
+            xj = tl.load(x_ptr + rm[:, None] * stride_xm + kx[None, :], mask=(rm[:, None] < M) & (kx[None, :] < K),
+                         other=0.0)
+            wj = (_plane(words, j, BITS, z) * s).to(xj.dtype)
+            acc = tl.dot(xj, tl.trans(wj), acc)
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    out = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    ok = (rm[:, None] < M) & (rn[None, :] < N)
+    if SPLIT_K == 1:
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.atomic_add(out, acc, mask=ok, sem="relaxed")
+
+
+@triton.jit
+def dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, KW, NG, BITS: tl.constexpr, GROUP: tl.constexpr,
+                   HAS_ZERO: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
+    """ŵ [N, K] = (c − z)·s in out's dtype, one BN × (BW·P) tile per program."""
+    PER: tl.constexpr = 32 // BITS
+    BK: tl.constexpr = BW * PER
+    PER_TILE: tl.constexpr = GROUP == 0 or GROUP >= BK
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    k0 = tl.program_id(1) * BK
+    rw = k0 // PER + tl.arange(0, BW)
+    words = tl.load(w_ptr + rn[:, None] * KW + rw[None, :], mask=(rn[:, None] < N) & (rw[None, :] < KW), other=0)
+    if PER_TILE:
+        s, z = _stats(s_ptr, z_ptr, rn, k0, N, NG, GROUP, BITS, HAS_ZERO, True)
+    else:
+        s, z = _stats(s_ptr, z_ptr, rn, rw * PER, N, NG, GROUP, BITS, HAS_ZERO, False)
+    for j in tl.static_range(PER):
+        kx = rw * PER + j
+        wj = _plane(words, j, BITS, z) * s
+        tl.store(out_ptr + rn[:, None] * K + kx[None, :], wj.to(out_ptr.dtype.element_ty),
+                 mask=(rn[:, None] < N) & (kx[None, :] < K))
