@@ -25,20 +25,8 @@ import triton.language as tl
 
 
 @triton.jit
-def _stats(s_ptr, z_ptr, rn, kw, N, NG, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
-           PER_TILE: tl.constexpr):
-    """Scale and 2^23 + z for rows rn and the words whose first column is kw (float32). PER_TILE: one group
-    covers the whole tile, so kw is its first column (a scalar) and the result is [BN, 1]; else kw is [BW]."""
-    if GROUP == 0:
-        g = kw * 0
-    else:
-        g = kw // GROUP
-    if PER_TILE:
-        idx = rn * NG + g
-        ok = rn < N
-    else:
-        idx = rn[:, None] * NG + g[None, :]
-        ok = (rn[:, None] < N) & (g[None, :] < NG)
+def _stats_at(s_ptr, z_ptr, idx, ok, BITS: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """Scale and 2^23 + z (float32) at flat statistic indices idx (row · NG + group)."""
     s = tl.load(s_ptr + idx, mask=ok, other=0.0).to(tl.float32)
     if HAS_ZERO:
         PER: tl.constexpr = 32 // BITS
@@ -46,8 +34,24 @@ def _stats(s_ptr, z_ptr, rn, kw, N, NG, GROUP: tl.constexpr, BITS: tl.constexpr,
         z = ((zw >> ((idx % PER) * BITS)) & ((1 << BITS) - 1)).to(tl.float32) + 8388608.0
     else:
         z = s * 0.0 + (8388608.0 + (1 << (BITS - 1)))
+    return s, z
+
+
+@triton.jit
+def _stats(s_ptr, z_ptr, rn, rw, k0, N, NG, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
+           PER_TILE: tl.constexpr):
+    """Scale and 2^23 + z for rows rn and the words rw of the tile starting at column k0: [BN, 1] when one group
+    covers the whole tile (PER_TILE), else [BN, BW] (one per word)."""
+    PER: tl.constexpr = 32 // BITS
     if PER_TILE:
-        return s[:, None], z[:, None]
+        g = k0 * 0
+        if GROUP > 0:
+            g = k0 // GROUP
+        s, z = _stats_at(s_ptr, z_ptr, (rn * NG + g)[:, None], (rn < N)[:, None], BITS, HAS_ZERO)
+    else:
+        g = (rw * PER) // GROUP
+        s, z = _stats_at(s_ptr, z_ptr, rn[:, None] * NG + g[None, :], (rn[:, None] < N) & (g[None, :] < NG), BITS,
+                         HAS_ZERO)
     return s, z
 
 
@@ -74,10 +78,7 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, KW, NG, stride_x
         rw = k0 // PER + tl.arange(0, BW)
         words = tl.load(w_ptr + rn[:, None] * KW + rw[None, :], mask=(rn[:, None] < N) & (rw[None, :] < KW),
                         other=0)
-        if PER_TILE:
-            s, z = _stats(s_ptr, z_ptr, rn, k0, N, NG, GROUP, BITS, HAS_ZERO, True)
-        else:
-            s, z = _stats(s_ptr, z_ptr, rn, rw * PER, N, NG, GROUP, BITS, HAS_ZERO, False)
+        s, z = _stats(s_ptr, z_ptr, rn, rw, k0, N, NG, GROUP, BITS, HAS_ZERO, PER_TILE)
         part = tl.zeros((BN, BW), tl.float32)
         for j in tl.static_range(PER):
             kx = rw * PER + j
@@ -109,10 +110,7 @@ def dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, NG, stride
         rw = k0 // PER + tl.arange(0, BW)
         words = tl.load(w_ptr + rn[:, None] * KW + rw[None, :], mask=(rn[:, None] < N) & (rw[None, :] < KW),
                         other=0)
-        if PER_TILE:
-            s, z = _stats(s_ptr, z_ptr, rn, k0, N, NG, GROUP, BITS, HAS_ZERO, True)
-        else:
-            s, z = _stats(s_ptr, z_ptr, rn, rw * PER, N, NG, GROUP, BITS, HAS_ZERO, False)
+        s, z = _stats(s_ptr, z_ptr, rn, rw, k0, N, NG, GROUP, BITS, HAS_ZERO, PER_TILE)
         for j in tl.static_range(PER):
             kx = rw * PER + j
             xj = tl.load(x_ptr + rm[:, None] * stride_xm + kx[None, :], mask=(rm[:, None] < M) & (kx[None, :] < K),
@@ -141,10 +139,7 @@ def dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, KW, NG, BITS: tl.constexp
     k0 = tl.program_id(1) * BK
     rw = k0 // PER + tl.arange(0, BW)
     words = tl.load(w_ptr + rn[:, None] * KW + rw[None, :], mask=(rn[:, None] < N) & (rw[None, :] < KW), other=0)
-    if PER_TILE:
-        s, z = _stats(s_ptr, z_ptr, rn, k0, N, NG, GROUP, BITS, HAS_ZERO, True)
-    else:
-        s, z = _stats(s_ptr, z_ptr, rn, rw * PER, N, NG, GROUP, BITS, HAS_ZERO, False)
+    s, z = _stats(s_ptr, z_ptr, rn, rw, k0, N, NG, GROUP, BITS, HAS_ZERO, PER_TILE)
     for j in tl.static_range(PER):
         kx = rw * PER + j
         wj = _plane(words, j, BITS, z) * s
