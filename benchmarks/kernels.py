@@ -22,10 +22,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lowbit.formats import IntFormat, PerChannel, PerGroup, quantize
-from lowbit.kernels.check import check_all
-from lowbit.kernels.linear import Tiles, choose_tiles, wxa16_linear
+# the repository root instead of this folder: a benchmarks/kernels.py on the path would shadow the `kernels`
+# package that transformers looks for
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+from lowbit.formats import IntFormat, PerChannel, PerGroup, quantize  # noqa: E402
+from lowbit.kernels.check import check_all  # noqa: E402
+from lowbit.kernels.linear import Tiles, choose_tiles, wxa16_linear  # noqa: E402
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate/up": (4096, 14336), "down": (14336, 4096)}
 MS = (1, 4, 16, 64, 256, 2048)
@@ -145,7 +147,7 @@ def shape_rows(name: str, k: int, n: int, bw: float, sweep: bool, rows: list, sw
                "tiles": choose_tiles(m, n, k, 4, 132).__dict__}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        if sweep and name in ("gate/up", "down") and m in (1, 16, 2048):
+        if sweep and name in ("gate/up", "down") and m in (1, 16, 256, 2048):
             best = None
             for t in candidate_tiles(m):
                 try:
@@ -162,22 +164,21 @@ def shape_rows(name: str, k: int, n: int, bw: float, sweep: bool, rows: list, sw
 def candidate_tiles(m: int) -> list[Tiles]:
     out = []
     if m == 1:
-        for bn in (4, 8, 16, 32):
-            for bw in (16, 32, 64):
-                for warps in (4, 8):
+        for bn in (4, 8, 16):
+            for bw in (32, 64, 128):
+                for warps in (2, 4, 8):
                     out.append(Tiles("gemv", 1, bn, bw, 1, warps, 3))
-    if m <= 16:
-        for bn in (32, 64, 128):
+    elif m <= 16:
+        for bn in (64, 128):
             for bw in (16, 32):
-                for split in (1, 2, 4, 8):
+                for split in (4, 8, 16):
                     out.append(Tiles("dot", 16, bn, bw, split, 4, 3))
     else:
-        for bn in (16, 32, 64):
-            for bw in (16, 32):
-                out.append(Tiles("dequant", 0, bn, bw, 1, 4))
-        for bm, bn, bw in ((128, 128, 16), (128, 256, 16), (128, 128, 32)):
-            for stages in (3, 4):
-                out.append(Tiles("dot", bm, bn, bw, 1, 8, stages))
+        for bn, bw in ((16, 16), (32, 16), (16, 32)):
+            out.append(Tiles("dequant", 0, bn, bw, 1, 4))
+        for bm, bn, bw, split in ((64, 128, 16, 1), (64, 64, 16, 2), (128, 128, 16, 1), (64, 128, 16, 2)):
+            out.append(Tiles("dot", bm, bn, bw, split, 4, 3))
+            out.append(Tiles("dot", bm, bn, bw, split, 8, 3))
     return out
 
 

@@ -56,23 +56,19 @@ def _pow2_at_least(n: int) -> int:
 
 
 def choose_tiles(m: int, n: int, k: int, bits: int, sms: int) -> Tiles:
-    """A launch shape for M×K · K×N: one row is a GEMV over many small row blocks, a few rows are memory-bound
-    tensor-core tiles (K split until the grid covers the GPU twice), many rows dequantize once for cuBLAS."""
-    per = 32 // bits
+    """A launch shape for M×K · K×N (from benchmarks/kernels.py --sweep on an H200): one row is a GEMV over
+    blocks of 4 outputs; a few rows are tensor-core tiles with K split until the grid covers the GPU four times;
+    many rows dequantize once for cuBLAS."""
     if m == 1:
-        bn = 4
-        while bn < 32 and n // (bn * 2) >= 4 * sms:
-            bn *= 2
-        return Tiles("gemv", 1, bn, max(1, 256 // per), warps=4, stages=4)
+        return Tiles("gemv", 1, 4, 128, warps=4)
     if m <= 64:
-        bm = max(16, _pow2_at_least(m))
-        bw = max(16, 128 // per)
-        tiles = -(-n // 64) * -(-m // bm)
+        bm, bn, bw = max(16, _pow2_at_least(m)), 128, 16
+        tiles = -(-n // bn) * -(-m // bm)
         split = 1
-        while tiles * split < 2 * sms and k // (bw * per * split * 2) >= 4:
+        while tiles * split < 4 * sms and k // (bw * (32 // bits) * split * 2) >= 4:
             split *= 2
-        return Tiles("dot", bm, 64, bw, split, warps=4, stages=4)
-    return Tiles("dequant", 0, 32, max(1, 128 // per), warps=4)
+        return Tiles("dot", bm, bn, bw, split, warps=4, stages=3)
+    return Tiles("dequant", 0, 16, 16, warps=4)
 
 
 def _group(fmt: IntFormat) -> int:

@@ -4,16 +4,15 @@ The weight stays in the checkpoint's own layout (lowbit.formats.packing): qweigh
 P = 32/b codes of consecutive input columns per word (b = 2, 4, 8), scales [N, K/G] float16, and for asymmetric
 grids the zero points packed flat at b bits ([N·K/G] codes). Nothing is repacked, so nothing is stored twice.
 
-A tile of words [BN, BW] is loaded once (wide, coalesced loads) and taken apart one code position j < P at a
-time: plane j holds the codes of columns k = P·w + j, so it meets the activations x[:, P·w + j] (a strided
-load of a small, cache-resident x). Working plane by plane keeps every tensor in the layout it was loaded in.
+A tile of words [BN, BW] is loaded once (wide, coalesced loads) and broadcast against the P shifts into codes
+[BN, BW, P], which meet the activations loaded as [BW, P] (contiguous): no reshape on the GEMV path.
 
 Dequantization per code, exact in float32 (the "magic number" conversion: 2^23 + c has c in its mantissa):
     f = bitcast_f32(c | 0x4B000000) − (2^23 + z) = c − z.
 
-- `gemv_kernel` (one row of x, CUDA-core FMAs): Σ_j f_j·x_j is accumulated per word, and the word's scale is
+- `gemv_kernel` (one row of x, CUDA-core FMAs): Σ_j (c − z)·x is summed within each word, and the word's scale
   applied once per word, y_n = Σ_w s_n,g(w) · Σ_j (c_nwj − z)·x_(Pw+j).
-- `dot_kernel` (any M, tensor cores): ŵ_j = f_j·s is rounded to the activation dtype, and y += x_j · ŵ_jᵀ.
+- `dot_kernel` (any M, tensor cores): ŵ = (c − z)·s is rounded to the activation dtype, and y += x · ŵᵀ.
 - `dequant_kernel` writes ŵ [N, K] in the activation dtype, for large M where one dequantization followed by a
   cuBLAS matmul beats rebuilding the weight in every tile.
 """
@@ -56,10 +55,20 @@ def _stats(s_ptr, z_ptr, rn, rw, k0, N, NG, GROUP: tl.constexpr, BITS: tl.conste
 
 
 @triton.jit
-def _plane(words, j: tl.constexpr, BITS: tl.constexpr, z):
-    """c − z (float32, exact) for code position j of every word."""
-    c = (words >> (j * BITS)) & ((1 << BITS) - 1)
-    return (c | 0x4B000000).to(tl.float32, bitcast=True) - z
+def _unpacked(words, z, BITS: tl.constexpr):
+    """c − z (float32, exact) for every code of every word: [BN, BW] words → [BN, BW, P], z broadcast per word."""
+    PER: tl.constexpr = 32 // BITS
+    shifts = tl.arange(0, PER) * BITS
+    c = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+    return (c | 0x4B000000).to(tl.float32, bitcast=True) - z[:, :, None]
+
+
+@triton.jit
+def _x_tile(x_ptr, rows, M, rw, K, PER: tl.constexpr):
+    """Activations [len(rows), BW, P] for the columns of words rw (contiguous loads)."""
+    kx = rw[:, None] * PER + tl.arange(0, PER)[None, :]
+    return tl.load(x_ptr + rows[:, None, None] + kx[None, :, :], mask=(rows < M)[:, None, None] &
+                   (kx < K)[None, :, :], other=0.0)
 
 
 @triton.jit
@@ -72,19 +81,16 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, KW, NG, stride_x
     PER_TILE: tl.constexpr = GROUP == 0 or GROUP >= BK
     pid_m = tl.program_id(1)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
-    x_row = x_ptr + pid_m * stride_xm
     acc = tl.zeros((BN, BW), tl.float32)
     for k0 in tl.range(0, K, BK):
         rw = k0 // PER + tl.arange(0, BW)
         words = tl.load(w_ptr + rn[:, None] * KW + rw[None, :], mask=(rn[:, None] < N) & (rw[None, :] < KW),
                         other=0)
         s, z = _stats(s_ptr, z_ptr, rn, rw, k0, N, NG, GROUP, BITS, HAS_ZERO, PER_TILE)
-        part = tl.zeros((BN, BW), tl.float32)
-        for j in tl.static_range(PER):
-            kx = rw * PER + j
-            xj = tl.load(x_row + kx, mask=kx < K, other=0.0).to(tl.float32)
-            part += _plane(words, j, BITS, z) * xj[None, :]
-        acc += part * s
+        # x broadcast over the BN rows in the load itself: the 3-D tile then keeps each word's P codes in one
+        # thread (the reduction over P stays in registers)
+        x = _x_tile(x_ptr + pid_m * stride_xm, rn * 0, 1, rw, K, PER).to(tl.float32)
+        acc += tl.sum(_unpacked(words, z, BITS) * x, axis=2) * s
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
@@ -111,12 +117,11 @@ def dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, NG, stride
         words = tl.load(w_ptr + rn[:, None] * KW + rw[None, :], mask=(rn[:, None] < N) & (rw[None, :] < KW),
                         other=0)
         s, z = _stats(s_ptr, z_ptr, rn, rw, k0, N, NG, GROUP, BITS, HAS_ZERO, PER_TILE)
-        for j in tl.static_range(PER):
-            kx = rw * PER + j
-            xj = tl.load(x_ptr + rm[:, None] * stride_xm + kx[None, :], mask=(rm[:, None] < M) & (kx[None, :] < K),
-                         other=0.0)
-            wj = (_plane(words, j, BITS, z) * s).to(xj.dtype)
-            acc = tl.dot(xj, tl.trans(wj), acc)
+        rk = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
+                    other=0.0)
+        w = tl.reshape((_unpacked(words, z, BITS) * s[:, :, None]).to(x.dtype), (BN, BK))
+        acc = tl.dot(x, tl.trans(w), acc)
     if HAS_BIAS:
         if pid_k == 0:
             acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
@@ -140,8 +145,7 @@ def dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, KW, NG, BITS: tl.constexp
     rw = k0 // PER + tl.arange(0, BW)
     words = tl.load(w_ptr + rn[:, None] * KW + rw[None, :], mask=(rn[:, None] < N) & (rw[None, :] < KW), other=0)
     s, z = _stats(s_ptr, z_ptr, rn, rw, k0, N, NG, GROUP, BITS, HAS_ZERO, PER_TILE)
-    for j in tl.static_range(PER):
-        kx = rw * PER + j
-        wj = _plane(words, j, BITS, z) * s
-        tl.store(out_ptr + rn[:, None] * K + kx[None, :], wj.to(out_ptr.dtype.element_ty),
-                 mask=(rn[:, None] < N) & (kx[None, :] < K))
+    w = _unpacked(words, z, BITS) * s[:, :, None]
+    kx = rw[:, None] * PER + tl.arange(0, PER)[None, :]
+    tl.store(out_ptr + rn[:, None, None] * K + kx[None, :, :], w.to(out_ptr.dtype.element_ty),
+             mask=(rn < N)[:, None, None] & (kx < K)[None, :, :])
