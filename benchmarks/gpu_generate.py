@@ -15,11 +15,9 @@ from pathlib import Path
 
 import torch
 
-# the repository root instead of this folder: a benchmarks/kernels.py on the path would shadow the `kernels`
-# package that transformers looks for
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-import lowbit  # noqa: E402
-from lowbit import kernels  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lowbit from this checkout
+import lowbit
+from lowbit import kernels
 
 PROMPTS = ["Once upon a time", "Lily and Tom went to the park", "The little dog", "One day, a girl named Sue",
            "The sun was hot and", "Ben had a big red ball", "In the forest there was", "Mom said"]
@@ -48,12 +46,13 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=32)
     args = p.parse_args()
     tok = lowbit.load_tokenizer(args.checkpoint)
-    cpu = generate(lowbit.load(args.checkpoint), tok, "cpu", args.tokens)
-    gpu_model = lowbit.load(args.checkpoint, dtype=torch.float16).to("cuda")
-    gpu = generate(gpu_model, tok, "cuda", args.tokens)
-    kernels.set_enabled(False)
-    gpu_ref = generate(gpu_model, tok, "cuda", args.tokens)
+    gpu = generate(lowbit.load(args.checkpoint, dtype=torch.float16, device="cuda"), tok, "cuda", args.tokens)
+    print("GPU kernels done", flush=True)
+    kernels.set_enabled(False)  # the reference on the checkpoint's own layout (moved, not readied for kernels)
+    gpu_ref = generate(lowbit.load(args.checkpoint, dtype=torch.float16).to("cuda"), tok, "cuda", args.tokens)
     kernels.set_enabled(True)
+    print("GPU reference done", flush=True)
+    cpu = generate(lowbit.load(args.checkpoint), tok, "cpu", args.tokens)
     bad = 0
     for prompt, c, g, r in zip(PROMPTS, cpu, gpu, gpu_ref, strict=True):
         n, nr = agree(c, g), agree(r, g)

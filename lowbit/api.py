@@ -30,20 +30,56 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 FP16_MAX = 65504.0
 
 
-def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32, verify: bool = True) -> nn.Module:
+def load(name_or_path: str | Path, dtype: torch.dtype | None = None, verify: bool = True,
+         device: str | torch.device = "cpu") -> nn.Module:
     """The one way in: a lowbit checkpoint, a Hugging Face directory, a .gguf file or a built-in name.
 
     A lowbit checkpoint, and a compressed-tensors, GPTQ or AWQ directory, come back with QuantLinear layers that keep
-    packed weights; the others as float models.
+    packed weights; the others as float models. `device="cuda"` moves the model to the GPU and readies the packed
+    layers for lowbit's kernels (lowbit.kernels); there the default dtype is the checkpoint's 16-bit dtype
+    (bfloat16 if it has none), since the kernels take 16-bit activations. On the CPU the default is float32.
     """
+    dev = resolve_device(device)
+    if dtype is None:
+        dtype = torch.float32 if dev.type == "cpu" else None
     source = resolve(name_or_path)
+    load_dtype = dtype or torch.float32
     if source.kind == "lowbit":
         from lowbit.io.checkpoint import load_checkpoint
 
-        return load_checkpoint(source.path, dtype, verify)
-    if source.kind in READABLE:
-        return load_foreign(source.path, source.kind, dtype)
-    return load_float(source, dtype)
+        model = load_checkpoint(source.path, load_dtype, verify)
+    elif source.kind in READABLE:
+        model = load_foreign(source.path, source.kind, load_dtype)
+    else:
+        model = load_float(source, load_dtype)
+    if dev.type != "cpu":
+        model = to_device(model, dev, dtype or storage_dtype(model, "auto", prefer=torch.bfloat16))
+    return model
+
+
+def to_device(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Move a loaded model to `device` in `dtype` (floating tensors; packed codes keep theirs) and, on a GPU, put
+    every quantized layer that has a kernel into the kernels' layout once."""
+    from lowbit.runtime.qlinear import QuantLinear
+
+    model.to(device=device)
+    for module in model.modules():
+        for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if t is not None and t.is_floating_point() and t.dtype != dtype and not _keeps_dtype(module, name):
+                t.data = t.data.to(dtype)
+    model.config.dtype = dtype
+    if device.type == "cuda":
+        for module in model.modules():
+            if isinstance(module, QuantLinear):
+                module.prepare_kernels()
+    return model
+
+
+def _keeps_dtype(module: nn.Module, name: str) -> bool:
+    """Quantization statistics keep their stored dtype (scales, fp8 codes, static input scales)."""
+    from lowbit.runtime.qlinear import QuantLinear
+
+    return isinstance(module, QuantLinear) and name != "bias"
 
 
 def load_tokenizer(name_or_path: str | Path):
@@ -55,8 +91,9 @@ def load_tokenizer(name_or_path: str | Path):
     return AutoTokenizer.from_pretrained(directory)
 
 
-def storage_dtype(model: nn.Module, requested: str = "auto") -> torch.dtype:
-    """16-bit dtype for unquantized tensors: the model's own 16-bit dtype, else float16 when every value fits."""
+def storage_dtype(model: nn.Module, requested: str = "auto", prefer: torch.dtype | None = None) -> torch.dtype:
+    """16-bit dtype for unquantized tensors: the model's own 16-bit dtype, else `prefer` if given, else float16
+    when every value fits."""
     if requested != "auto":
         if requested not in _DTYPES:
             raise LowbitError(f"unknown --dtype {requested!r}: use auto, {', '.join(_DTYPES)}.")
@@ -64,6 +101,8 @@ def storage_dtype(model: nn.Module, requested: str = "auto") -> torch.dtype:
     own = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
     if own in (torch.float16, torch.bfloat16, "float16", "bfloat16"):
         return _DTYPES[str(own).removeprefix("torch.")]
+    if prefer is not None:
+        return prefer
     fits = all(t.abs().max().item() <= FP16_MAX for t in model.state_dict().values()
                if t.is_floating_point() and t.numel())
     return torch.float16 if fits else torch.bfloat16

@@ -134,7 +134,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         prompts=args.prompts, max_prompts=args.max_prompts, max_new_tokens=args.max_new_tokens, top_n=args.top_n,
         save_reference=args.save_reference, reference_record=args.reference_record, record_dtype=args.record_dtype,
         seqlen=args.seqlen, max_windows=args.max_windows, limit=args.limit, batch_tokens=args.batch_tokens,
-        seed=args.seed, progress=not args.quiet)
+        seed=args.seed, device=args.device, progress=not args.quiet)
     result = evaluate(cfg)
     print(text_report(result))
     if args.json:
@@ -298,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, help="tasks: an evenly spaced subset of N items")
     e.add_argument("--batch-tokens", type=int, default=2048, help="tokens per forward batch")
     e.add_argument("--seed", type=int, default=0, help="seed of the bootstrap confidence intervals")
+    e.add_argument("--device", default="cpu",
+                   help="cpu (default: float32, the reference runtime) or cuda / cuda:N (both models in 16 bits, "
+                        "quantized layers on lowbit's GPU kernels)")
     e.add_argument("--json", metavar="FILE", help="write the results as JSON")
     e.add_argument("--report", metavar="FILE.html", help="write a self-contained HTML report with plots")
     e.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -54,6 +54,7 @@ class EvalConfig:
     limit: int | None = None
     batch_tokens: int = DEFAULT_BATCH_TOKENS
     seed: int = 0
+    device: str = "cpu"
     progress: bool = True
     timings: dict = field(default_factory=dict)
 
@@ -106,8 +107,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     record = ReferenceRecord.load(cfg.reference_record) if cfg.reference_record else None
 
     t = time.perf_counter()
-    reference = api.load(cfg.reference) if cfg.reference else None
-    candidate = api.load(cfg.candidate) if cfg.candidate else None
+    # on a GPU both models run in 16 bits (the candidate's quantized layers on lowbit's kernels)
+    reference = api.load(cfg.reference, device=cfg.device) if cfg.reference else None
+    candidate = api.load(cfg.candidate, device=cfg.device) if cfg.candidate else None
     tokenizer = api.load_tokenizer(cfg.reference or cfg.candidate)
     cfg.timings["load"] = time.perf_counter() - t
     if record is not None:

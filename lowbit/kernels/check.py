@@ -1,8 +1,10 @@
 """Kernel against reference on random inputs: the check the tests (Triton's interpreter on CPU) and the GPU
 benchmark (compiled, on the H200) both run.
 
-The reference is float64: x · dequantize(quantize(W))ᵀ + b, from lowbit.formats. Every case draws fresh weights,
-activations and bias, poisons the output buffer's memory first (NaN), and reports ‖y − ref‖ / ‖ref‖.
+The reference is float64: x · dequantize(quantize(W))ᵀ + b (lowbit.formats) for the weight-only kernels, and
+(X_q · W_qᵀ)·s_x·s_w + b with the activation codes from lowbit.formats.activation for W8A8. Every case draws
+fresh weights, activations and bias, poisons the output buffer's memory first (NaN), and reports
+‖y − ref‖ / ‖ref‖.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.formats import IntFormat, PerChannel, PerGroup, quantize
-from lowbit.kernels.linear import Tiles, wxa16_linear
+from lowbit.formats import FP8Format, IntFormat, PerChannel, PerGroup, PerTensor, quantize
+from lowbit.formats.activation import ActFormat, activation_scale, dynamic_amax, encode_activation
+from lowbit.kernels.linear import Tiles, to_kernel_layout, w8a8_linear, wxa16_linear
 
 # Output rounding dominates: float16 keeps 11 significant bits, bfloat16 8 (the dot variant also rounds ŵ).
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
@@ -31,8 +34,8 @@ class Case:
         f = self.fmt
         grid = "asym" if not f.symmetric else ("sym-full" if f.full_range else "sym")
         g = f"g{f.granularity.size}" if isinstance(f.granularity, PerGroup) else "per-channel"
-        t = "auto" if self.tiles is None else (f"{self.tiles.mode} {self.tiles.bm}x{self.tiles.bn}x"
-                                               f"{self.tiles.bw}w split {self.tiles.split_k}")
+        t = "auto" if self.tiles is None else (f"{self.tiles.mode} {self.tiles.bm}x{self.tiles.bn} "
+                                               f"split {self.tiles.split_k}")
         return f"w{f.bits} {grid} {g} M={self.m} N={self.n} K={self.k}{' +bias' if self.bias else ''} [{t}]"
 
 
@@ -52,7 +55,8 @@ def run_case(case: Case, device: str, dtype: torch.dtype, seed: int) -> float:
     x = torch.randn(case.m, case.k, generator=g).to(device, dtype)
     b = (torch.randn(case.n, generator=g) * 0.1).to(device, dtype) if case.bias else None
     torch.empty(case.m * case.n * 4, device=device, dtype=torch.float32).fill_(float("nan"))  # poison the pool
-    y = wxa16_linear(x, case.fmt, packed["qweight"], packed["scales"], packed.get("qzeros"), b, case.n, case.tiles)
+    kweight = to_kernel_layout(packed["qweight"], case.fmt, case.k)
+    y = wxa16_linear(x, case.fmt, kweight, packed["scales"], packed.get("qzeros"), b, case.n, case.tiles)
     ref = x.double().cpu() @ qw.dequantize().double().T
     if b is not None:
         ref += b.double().cpu()
@@ -64,8 +68,8 @@ def run_case(case: Case, device: str, dtype: torch.dtype, seed: int) -> float:
 
 def standard_cases(small: bool) -> list[Case]:
     """Every format the kernel covers, ragged shapes, and each tile variant (forced) at least once."""
-    variants = [None, Tiles("gemv", 1, 16, 8), Tiles("dot", 16, 32, 16, 2), Tiles("gemv", 1, 8, 32),
-                Tiles("dot", 32, 64, 32, 1), Tiles("dequant", 0, 16, 16)]
+    variants = [None, Tiles("gemv", 1, 16, 1, 4, 3, 4), Tiles("dot", 16, 32, 2), Tiles("gemv", 1, 8, 3),
+                Tiles("dot", 32, 64, 1), Tiles("dequant", 0, 16)]
     shapes = [(1, 96, 256), (3, 80, 384), (19, 64, 640)] if small else \
         [(1, 4096, 4096), (5, 1000, 1536), (16, 1024, 4096), (77, 512, 2048), (300, 768, 1536)]
     cases = []
@@ -77,7 +81,7 @@ def standard_cases(small: bool) -> list[Case]:
                 cases.append(Case(fmt(bits, grid, group), m, n, k, bias=i % 3 == 0, tiles=variants[i % len(variants)]))
                 i += 1
     # K not a multiple of 32 (padded words) and of any block, per-channel
-    cases.append(Case(fmt(4, "asym", 0), 2, 48, 200, tiles=Tiles("dot", 16, 16, 16, 2)))
+    cases.append(Case(fmt(4, "asym", 0), 2, 48, 200, tiles=Tiles("dot", 16, 16, 2)))
     cases.append(Case(fmt(4, "sym", 0), 20, 48, 200, tiles=None))
     return cases
 
@@ -87,5 +91,84 @@ def check_all(device: str, dtype: torch.dtype, small: bool = False, seed: int = 
     out = []
     for i, case in enumerate(standard_cases(small)):
         err = run_case(case, device, dtype, seed + i)
+        out.append((case.describe(), err, err <= TOLERANCE[dtype]))
+    return out
+
+
+@dataclass(frozen=True)
+class W8A8Case:
+    weight: str  # "int8" (symmetric, 8-bit codes) or "fp8"
+    act: ActFormat
+    m: int
+    n: int
+    k: int
+    per_tensor_weight: bool = False
+    bias: bool = False
+    cublas: bool = False
+    tiles: Tiles | None = None
+
+    def describe(self) -> str:
+        w = f"{self.weight} {'per-tensor' if self.per_tensor_weight else 'per-channel'}"
+        split = f" split {self.tiles.split_k}" if self.tiles else ""
+        return (f"w8a8 {w} × {self.act.describe()} M={self.m} N={self.n} K={self.k}"
+                f"{' +bias' if self.bias else ''} [{'cublas' if self.cublas else 'triton'}{split}]")
+
+
+def run_w8a8_case(case: W8A8Case, device: str, dtype: torch.dtype, seed: int) -> float:
+    """Relative error of w8a8_linear against float64 (X_q · W_qᵀ)·s_x·s_w computed from lowbit.formats on CPU."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(case.n, case.k, generator=g) * 0.02
+    gran = PerTensor() if case.per_tensor_weight else PerChannel()
+    if case.weight == "int8":
+        qw = quantize(w, IntFormat(8, symmetric=True, granularity=gran))
+        wq = qw.packed()["qweight"].view(torch.uint8).reshape(case.n, -1)
+        w_codes = qw.codes.double() - 128
+    else:
+        qw = quantize(w, FP8Format(granularity=gran))
+        wq = qw.codes
+        w_codes = qw.codes.double()
+    sw = qw.scale.float().reshape(1, -1)
+    x = (torch.randn(case.m, case.k, generator=g) * torch.rand(case.m, 1, generator=g) * 4).to(dtype)
+    input_scale = activation_scale(dynamic_amax(x.float(), case.act), case.act) * 0.8 if case.act.static else None
+    b = (torch.randn(case.n, generator=g) * 0.1).to(dtype) if case.bias else None
+    xq, sx = encode_activation(x.float(), case.act, input_scale)
+    ref = (xq.double() @ w_codes.T) * sx.double() * sw.double()
+    if b is not None:
+        ref += b.double()
+    y = w8a8_linear(x.to(device), case.act, None if input_scale is None else input_scale.to(device), wq.to(device),
+                    sw.to(device), None if b is None else b.to(device), use_cublas_fp8=case.cublas, tiles=case.tiles)
+    y = y.double().cpu()
+    if not torch.isfinite(y).all():
+        return float("nan")
+    return float((y - ref).norm() / ref.norm())
+
+
+def w8a8_cases(small: bool, cublas: bool, kinds: tuple[str, ...] = ("int8", "fp8")) -> list[W8A8Case]:
+    """Both weight kinds, dynamic per-token, dynamic per-tensor and static activations, ragged M and K."""
+    shapes = [(1, 64, 200), (5, 96, 256), (33, 160, 384)] if small else \
+        [(1, 4096, 4096), (16, 1024, 4096), (77, 512, 2000), (512, 1536, 1024)]
+    acts = [ActFormat("int8"), ActFormat("int8", "tensor"), ActFormat("int8", "tensor", static=True),
+            ActFormat("fp8"), ActFormat("fp8", "tensor", static=True)]
+    acts = [a for a in acts if a.kind in kinds]
+    cases = []
+    for i, act in enumerate(acts):
+        for j, (m, n, k) in enumerate(shapes):
+            split = Tiles("dot", 16, 32, 3) if (i + j) % 4 == 1 else None  # K split three ways, fp32 atomics
+            cases.append(W8A8Case(act.kind, act, m, n, k, per_tensor_weight=(i + j) % 3 == 2, bias=j % 2 == 0,
+                                  tiles=split))
+    if cublas and "fp8" in kinds:
+        cases += [W8A8Case("fp8", ActFormat("fp8"), 32, 256, 512, cublas=True, bias=True),
+                  W8A8Case("fp8", ActFormat("fp8", "tensor", static=True), 2048, 512, 1024, cublas=True)]
+    return cases
+
+
+def check_w8a8(device: str, dtype: torch.dtype, small: bool = False, seed: int = 0,
+               kinds: tuple[str, ...] = ("int8", "fp8")) -> list[tuple[str, float, bool]]:
+    """(description, relative error, passed) for every W8A8 case of these kinds; cuBLASLt's fp8 cases only on a
+    CUDA device with bfloat16."""
+    cublas = device.startswith("cuda") and dtype == torch.bfloat16
+    out = []
+    for i, case in enumerate(w8a8_cases(small, cublas, kinds)):
+        err = run_w8a8_case(case, device, dtype, seed + i)
         out.append((case.describe(), err, err <= TOLERANCE[dtype]))
     return out

@@ -1,8 +1,9 @@
 """QuantLinear: a linear layer that keeps packed quantized weights and dequantizes them on the fly.
 
-On CUDA inputs, formats with a Triton kernel (lowbit.kernels) run it on the packed buffers as they are. Elsewhere
-this is the plain-torch reference runtime: ŵ = (c − z)·s is rebuilt from the packed codes at each call, then
-`F.linear`; its output equals that of an nn.Linear holding dequantize(quantize(W)).
+On CUDA inputs, formats with a Triton kernel (lowbit.kernels) run it; weight-only codes are re-ordered once into
+the kernels' layout (`prepare_kernels`, in place: the checkpoint layout is restored whenever the weights are saved
+or read back). Elsewhere this is the plain-torch reference runtime: ŵ = (c − z)·s is rebuilt from the packed
+codes at each call, then `F.linear`; its output equals that of an nn.Linear holding dequantize(quantize(W)).
 
 With an activation format (w8a8, fp8), the input is quantized first (lowbit.formats.activation) and, where
 the weight has one scale per output channel or tensor, the product runs on the codes (lowbit.runtime.lowp):
@@ -11,13 +12,15 @@ torch's int8 or scaled-fp8 matmul where the platform has it, else an exact emula
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lowbit import kernels
 from lowbit.errors import LowbitError
-from lowbit.formats import QuantizedWeight, SpQRWeight, fake_quantize_activation, from_packed, packed_shapes
+from lowbit.formats import PerGroup, QuantizedWeight, SpQRWeight, fake_quantize_activation, from_packed, packed_shapes
 from lowbit.recipe import LayerSpec
 from lowbit.runtime.lowp import codes_matmul, weight_operand
 
@@ -37,6 +40,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None)
         static = spec.act is not None and spec.act.static
         self.register_buffer("input_scale", torch.ones((), device=device) if static else None)
+        self.kernel_layout = False  # qweight holds the kernels' layout (lowbit.kernels.layout), not the checkpoint's
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight | SpQRWeight, spec: LayerSpec,
@@ -59,7 +63,39 @@ class QuantLinear(nn.Module):
 
     def quantized_weight(self) -> QuantizedWeight | SpQRWeight:
         tensors = {name: getattr(self, name) for name in self._buffers_spec()}
+        if self.kernel_layout:
+            tensors["qweight"] = self._checkpoint_qweight()
         return from_packed(self.spec.weight, self.shape, tensors)
+
+    def prepare_kernels(self) -> bool:
+        """Re-order the codes once into the GPU kernels' layout, in place; False when this format has no kernel."""
+        from lowbit.kernels.linear import to_kernel_layout, unsupported
+
+        if self.kernel_layout:
+            return True
+        if unsupported(self.spec.weight, self.spec.act) is not None:
+            return False
+        self.qweight = to_kernel_layout(self.qweight, self.spec.weight, self.in_features)
+        self.kernel_layout = True
+        return True
+
+    def _checkpoint_qweight(self) -> torch.Tensor:
+        from lowbit.kernels.layout import deinterleave, slice_words
+        from lowbit.kernels.linear import group_size
+
+        fmt = self.spec.weight
+        return deinterleave(self.qweight, fmt.bits, self.in_features, slice_words(fmt.bits, group_size(fmt)))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.kernel_layout:
+            destination[prefix + "qweight"] = self._checkpoint_qweight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.kernel_layout:  # what is loaded is in the checkpoint layout
+            self.qweight = self._checkpoint_qweight()
+            self.kernel_layout = False
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -67,7 +103,7 @@ class QuantLinear(nn.Module):
 
     def stored_bits(self) -> int:
         """Bits of the packed weight buffers (codes, scales, zeros), as stored; the bias is not counted."""
-        return sum(getattr(self, n).numel() * getattr(self, n).element_size() * 8 for n in self._buffers_spec())
+        return sum(math.prod(shape) * dtype.itemsize * 8 for shape, dtype in self._buffers_spec().values())
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.quantized_weight().dequantize()
@@ -89,16 +125,46 @@ class QuantLinear(nn.Module):
         return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
 
     def _kernel_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-        from lowbit.kernels.linear import unsupported, wxa16_linear
+        from lowbit.kernels.linear import unsupported, w8a8_linear, wxa16_linear
 
-        reason = unsupported(self.spec.weight, self.spec.act)
-        if reason is None and x.dtype not in (torch.float16, torch.bfloat16):
+        act = self.spec.act
+        reason = None
+        if x.dtype not in (torch.float16, torch.bfloat16):
             reason = f"{x.dtype} activations (the kernels take float16 or bfloat16)"
+        elif act is not None:
+            operand = self._w8a8_operand()
+            if operand is None:
+                reason = (f"{self.spec.weight.kind} weights with {act.kind} activations (W8A8 kernels: int8 "
+                          "symmetric or fp8 weights, one scale per channel or tensor)")
+            else:
+                return w8a8_linear(x, act, self.input_scale, *operand, bias)
+        else:
+            reason = unsupported(self.spec.weight, act)
         if reason is not None:
             kernels.say_fallback("this layer format", reason)
             return None
+        self.prepare_kernels()
         return wxa16_linear(x, self.spec.weight, self.qweight, self.scales, getattr(self, "qzeros", None), bias,
                             self.out_features)
+
+    def _w8a8_operand(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The packed weight as the W8A8 kernels read it, without a copy of the codes: a symmetric 8-bit
+        checkpoint's words viewed as bytes (one code each), or the fp8 codes; with the scales as float32 [1, N]."""
+        fmt, act = self.spec.weight, self.spec.act
+        if isinstance(getattr(fmt, "granularity", None), PerGroup):
+            return None
+        if act.kind == "int8" and getattr(fmt, "kind", None) == "int" and fmt.bits == 8 and fmt.symmetric \
+                and not fmt.g_idx:
+            codes, scale = self.qweight.view(torch.uint8).reshape(self.out_features, -1), self.scales
+        elif act.kind == "fp8" and fmt.kind == "fp8":
+            codes, scale = self.weight, self.weight_scale
+        else:
+            return None
+        key = scale.data_ptr()
+        if getattr(self, "_w_scale_key", None) != key:
+            self._w_scale = scale.float().reshape(1, -1)
+            self._w_scale_key = key
+        return codes, self._w_scale
 
     def _codes_operand(self):
         """The weight as a codes-matmul operand (lowbit.runtime.lowp), built once per set of buffers."""

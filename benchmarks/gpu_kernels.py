@@ -1,14 +1,18 @@
-"""lowbit's weight-only GPU kernels against cuBLAS bf16, torch's tinygemm int4 kernel and the memory floor, on
-Llama-3-8B's linear shapes (generated weights), plus the correctness check of every kernel variant.
+"""lowbit's GPU kernels against cuBLAS bf16, torch's tinygemm int4 kernel and the memory floor, on Llama-3-8B's
+linear shapes (generated weights), plus the correctness check of every kernel variant.
 
-    python3 benchmarks/kernels.py [--sweep] [--out DIR]      (on a CUDA machine with Triton; PYTHONPATH=.)
+    python3 benchmarks/gpu_kernels.py [--sweep] [--out DIR]      (on a CUDA machine with Triton; PYTHONPATH=.)
 
 1. Copy bandwidth: a 4 GiB device-to-device copy, bytes read + written; the floor of a layer is the bytes it
    must move (codes, scales, x, y) over that rate.
-2. Correctness: lowbit.kernels.check on bf16 and fp16, every format and tile variant (fails the run if any is off).
+2. Correctness: lowbit.kernels.check on bf16 and fp16, every format and tile variant, weight-only and W8A8 (fails
+   the run if any is off).
 3. Timing: each op is captured 50× into a CUDA graph over 8 rotating weight copies (more than the 60 MB L2), the
    graph replayed and timed with CUDA events; the median of 5 replays, per call.
-4. --sweep: tile shapes for w4 g128 tried at M = 1, 16 and 2048 on gate/up and down; the best of each is printed.
+   Columns: w4 g128 and w8 per-channel weight-only; W8A8 int8 (lowbit's Triton kernel) and fp8 (cuBLASLt's
+   row-wise scaled matmul where it applies, else lowbit's kernel), both with dynamic per-token activation scales,
+   the activation quantization included.
+4. --sweep: tile shapes for w4 g128 tried at M = 1, 16, 256 and 2048 on gate/up and down; the best is printed.
 """
 
 from __future__ import annotations
@@ -22,12 +26,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-# the repository root instead of this folder: a benchmarks/kernels.py on the path would shadow the `kernels`
-# package that transformers looks for
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-from lowbit.formats import IntFormat, PerChannel, PerGroup, quantize  # noqa: E402
-from lowbit.kernels.check import check_all  # noqa: E402
-from lowbit.kernels.linear import Tiles, choose_tiles, wxa16_linear  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lowbit from this checkout
+from lowbit.formats import IntFormat, PerChannel, PerGroup, quantize
+from lowbit.formats.activation import ActFormat
+from lowbit.kernels.check import check_all, check_w8a8
+from lowbit.kernels.linear import Tiles, choose_tiles, to_kernel_layout, w8a8_linear, wxa16_linear
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate/up": (4096, 14336), "down": (14336, 4096)}
 MS = (1, 4, 16, 64, 256, 2048)
@@ -83,7 +86,8 @@ def packed_layers(k: int, n: int, fmt: IntFormat) -> list[dict]:
     out = []
     w = torch.randn(n, k, device="cuda") * 0.02
     qw = quantize(w, fmt)
-    base = {name: t for name, t in qw.packed().items()}
+    base = dict(qw.packed())
+    base["qweight"] = to_kernel_layout(base["qweight"], fmt, k)
     for i in range(COPIES):
         layer = {name: t.clone() for name, t in base.items()}
         if i:  # different codes per copy, same statistics: a rotation of the words
@@ -129,6 +133,11 @@ def shape_rows(name: str, k: int, n: int, bw: float, sweep: bool, rows: list, sw
     q4 = packed_layers(k, n, fmt4)
     q8 = packed_layers(k, n, fmt8)
     tg = tinygemm_layers(k, n, 128)
+    i8 = [(torch.randint(0, 256, (n, k), dtype=torch.uint8, device="cuda"),
+           torch.rand(1, n, device="cuda") * 1e-3) for _ in range(COPIES)]
+    f8 = [((torch.randn(n, k, device="cuda") * 50).to(torch.float8_e4m3fn), torch.rand(1, n, device="cuda") * 1e-3)
+          for _ in range(COPIES)]
+    a8, af8 = ActFormat("int8"), ActFormat("fp8")
     for m in MS:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
 
@@ -139,15 +148,19 @@ def shape_rows(name: str, k: int, n: int, bw: float, sweep: bool, rows: list, sw
         t_w4 = graph_time(w4)
         t_w8 = graph_time(lambda i, x=x: wxa16_linear(x, fmt8, q8[i]["qweight"], q8[i]["scales"], None, None, n))
         t_tg = graph_time(lambda i, x=x: torch._weight_int4pack_mm(x, tg[i][0], 128, tg[i][1])) if tg else None
+        t_i8 = graph_time(lambda i, x=x: w8a8_linear(x, a8, None, *i8[i], None))
+        t_f8 = graph_time(lambda i, x=x: w8a8_linear(x, af8, None, *f8[i], None))
+        t_f8t = graph_time(lambda i, x=x: w8a8_linear(x, af8, None, *f8[i], None, use_cublas_fp8=False))
         row = {"layer": name, "K": k, "N": n, "M": m, "bf16_us": t_bf16 * 1e6, "w4_us": t_w4 * 1e6,
-               "w8_us": t_w8 * 1e6, "tinygemm_us": t_tg * 1e6 if t_tg else None,
+               "w8_us": t_w8 * 1e6, "tinygemm_us": t_tg * 1e6 if t_tg else None, "w8a8_int8_us": t_i8 * 1e6,
+               "fp8_us": t_f8 * 1e6, "fp8_triton_us": t_f8t * 1e6,
                "floor_w4_us": layer_bytes(k, n, m, 4, 128) / bw * 1e6,
                "floor_w8_us": layer_bytes(k, n, m, 8, 0) / bw * 1e6,
                "floor_bf16_us": (n * k * 2 + m * k * 2 + m * n * 2) / bw * 1e6,
                "tiles": choose_tiles(m, n, k, 4, 132).__dict__}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        if sweep and name in ("gate/up", "down") and m in (1, 16, 256, 2048):
+        if sweep and name in ("gate/up", "down") and m in (1, 4, 16, 256, 2048):
             best = None
             for t in candidate_tiles(m):
                 try:
@@ -163,22 +176,23 @@ def shape_rows(name: str, k: int, n: int, bw: float, sweep: bool, rows: list, sw
 
 def candidate_tiles(m: int) -> list[Tiles]:
     out = []
-    if m == 1:
-        for bn in (4, 8, 16):
-            for bw in (32, 64, 128):
-                for warps in (2, 4, 8):
-                    out.append(Tiles("gemv", 1, bn, bw, 1, warps, 3))
-    elif m <= 16:
+    if m <= 4:
+        for bn in (8, 16, 32):
+            for warps in (4, 8):
+                for split in (1, 2, 4):
+                    for unroll in (1, 2, 4):
+                        out.append(Tiles("gemv", 1, bn, split, warps, 3, unroll))
+    if 1 < m <= 16:
         for bn in (64, 128):
-            for bw in (16, 32):
-                for split in (4, 8, 16):
-                    out.append(Tiles("dot", 16, bn, bw, split, 4, 3))
-    else:
-        for bn, bw in ((16, 16), (32, 16), (16, 32)):
-            out.append(Tiles("dequant", 0, bn, bw, 1, 4))
-        for bm, bn, bw, split in ((64, 128, 16, 1), (64, 64, 16, 2), (128, 128, 16, 1), (64, 128, 16, 2)):
-            out.append(Tiles("dot", bm, bn, bw, split, 4, 3))
-            out.append(Tiles("dot", bm, bn, bw, split, 8, 3))
+            for split in (2, 4, 8, 16):
+                for warps in (4, 8):
+                    out.append(Tiles("dot", 16, bn, split, warps, 3))
+    if m > 16:
+        for bn in (16, 32, 64):
+            out.append(Tiles("dequant", 0, bn, 1, 4))
+        for bm, bn, split in ((64, 128, 1), (64, 64, 2), (128, 128, 1), (64, 128, 2), (128, 64, 1)):
+            out.append(Tiles("dot", bm, bn, split, 4, 3))
+            out.append(Tiles("dot", bm, bn, split, 8, 3))
     return out
 
 
@@ -192,7 +206,7 @@ def main() -> None:
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     failed = 0
     for dtype in (torch.bfloat16, torch.float16):
-        for desc, err, ok in check_all("cuda", dtype):
+        for desc, err, ok in check_all("cuda", dtype) + check_w8a8("cuda", dtype):
             failed += not ok
             if not ok:
                 print(f"FAILED {dtype} {desc}: rel err {err:.3e}")
@@ -203,12 +217,14 @@ def main() -> None:
     (out / "kernels.json").write_text(json.dumps({"bandwidth": bw, "rows": rows, "sweeps": sweeps,
                                                    "failures": failed}, indent=1))
     print(f"\n{'layer':8}{'M':>6}{'bf16':>9}{'tinygemm':>10}{'w4 g128':>9}{'floor':>8}{'w8':>9}"
-          f"{'w4/bf16':>9}{'w4/tg':>7}{'floor/w4':>9}   (µs; ratios are speed-ups)")
+          f"{'w4/bf16':>9}{'w4/tg':>7}{'floor/w4':>9}{'i8a8':>9}{'fp8':>9}{'fp8 tri':>9}{'fp8/bf16':>9}"
+          "   (µs; ratios are speed-ups)")
     for r in rows:
         tg = f"{r['tinygemm_us']:10.1f}" if r["tinygemm_us"] else f"{'n/a':>10}"
         vs_tg = f"{r['tinygemm_us'] / r['w4_us']:7.2f}" if r["tinygemm_us"] else f"{'':7}"
         print(f"{r['layer']:8}{r['M']:6d}{r['bf16_us']:9.1f}{tg}{r['w4_us']:9.1f}{r['floor_w4_us']:8.1f}"
-              f"{r['w8_us']:9.1f}{r['bf16_us'] / r['w4_us']:9.2f}{vs_tg}{r['floor_w4_us'] / r['w4_us']:9.2f}")
+              f"{r['w8_us']:9.1f}{r['bf16_us'] / r['w4_us']:9.2f}{vs_tg}{r['floor_w4_us'] / r['w4_us']:9.2f}"
+              f"{r['w8a8_int8_us']:9.1f}{r['fp8_us']:9.1f}{r['fp8_triton_us']:9.1f}{r['bf16_us'] / r['fp8_us']:9.2f}")
     sys.exit(1 if failed else 0)
 
 
