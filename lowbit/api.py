@@ -36,12 +36,10 @@ def load(name_or_path: str | Path, dtype: torch.dtype | None = None, verify: boo
 
     A lowbit checkpoint, and a compressed-tensors, GPTQ or AWQ directory, come back with QuantLinear layers that keep
     packed weights; the others as float models. `device="cuda"` moves the model to the GPU and readies the packed
-    layers for lowbit's kernels (lowbit.kernels); there the default dtype is the checkpoint's 16-bit dtype
-    (bfloat16 if it has none), since the kernels take 16-bit activations. On the CPU the default is float32.
+    layers for lowbit's kernels (lowbit.kernels); there the default dtype is bfloat16, since the kernels take
+    16-bit activations. On the CPU the default is float32.
     """
     dev = resolve_device(device)
-    if dtype is None:
-        dtype = torch.float32 if dev.type == "cpu" else None
     source = resolve(name_or_path)
     load_dtype = dtype or torch.float32
     if source.kind == "lowbit":
@@ -53,7 +51,7 @@ def load(name_or_path: str | Path, dtype: torch.dtype | None = None, verify: boo
     else:
         model = load_float(source, load_dtype)
     if dev.type != "cpu":
-        model = to_device(model, dev, dtype or storage_dtype(model, "auto", prefer=torch.bfloat16))
+        model = to_device(model, dev, dtype or torch.bfloat16)
     return model
 
 
@@ -91,9 +89,8 @@ def load_tokenizer(name_or_path: str | Path):
     return AutoTokenizer.from_pretrained(directory)
 
 
-def storage_dtype(model: nn.Module, requested: str = "auto", prefer: torch.dtype | None = None) -> torch.dtype:
-    """16-bit dtype for unquantized tensors: the model's own 16-bit dtype, else `prefer` if given, else float16
-    when every value fits."""
+def storage_dtype(model: nn.Module, requested: str = "auto") -> torch.dtype:
+    """16-bit dtype for unquantized tensors: the model's own 16-bit dtype, else float16 when every value fits."""
     if requested != "auto":
         if requested not in _DTYPES:
             raise LowbitError(f"unknown --dtype {requested!r}: use auto, {', '.join(_DTYPES)}.")
@@ -101,8 +98,6 @@ def storage_dtype(model: nn.Module, requested: str = "auto", prefer: torch.dtype
     own = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
     if own in (torch.float16, torch.bfloat16, "float16", "bfloat16"):
         return _DTYPES[str(own).removeprefix("torch.")]
-    if prefer is not None:
-        return prefer
     fits = all(t.abs().max().item() <= FP16_MAX for t in model.state_dict().values()
                if t.is_floating_point() and t.numel())
     return torch.float16 if fits else torch.bfloat16

@@ -14,6 +14,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from lowbit.kernels.epilogue import bias_and_store
+
 
 @triton.jit
 def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, QMAX: tl.constexpr, IS_FP8: tl.constexpr,
@@ -80,12 +82,5 @@ def scaled_mm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, y_ptr, M, N, K, str
     sa = tl.load(sa_ptr + rm, mask=rm < M, other=0.0) if SA_ROWS else tl.load(sa_ptr + rm * 0)
     sb = tl.load(sb_ptr + rn, mask=rn < N, other=0.0) if SB_COLS else tl.load(sb_ptr + rn * 0)
     y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
-    if HAS_BIAS:
-        if pid_k == 0:
-            y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    out = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    ok = (rm[:, None] < M) & (rn[None, :] < N)
-    if SPLIT_K == 1:
-        tl.store(out, y.to(y_ptr.dtype.element_ty), mask=ok)
-    else:
-        tl.atomic_add(out, y, mask=ok, sem="relaxed")
+    bias_and_store(y, bias_ptr, rn, N, y_ptr + rm[:, None] * stride_ym + rn[None, :],
+                   (rm[:, None] < M) & (rn[None, :] < N), pid_k, HAS_BIAS, SPLIT_K)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from lowbit.kernels.epilogue import bias_and_store
+
 
 @triton.jit
 def _group_stats(s_ptr, z_ptr, rn, g, N, NG, BITS: tl.constexpr, HAS_ZERO: tl.constexpr):
@@ -92,14 +94,7 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, KW, NG, stride_x
     if GROUP == 0:
         acc = acc * s
     y = tl.sum(tl.sum(acc, axis=2), axis=0)
-    if HAS_BIAS:
-        if pid_k == 0:
-            y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-    out = y_ptr + pid_m * stride_ym + rn
-    if SPLIT_K == 1:
-        tl.store(out, y.to(y_ptr.dtype.element_ty), mask=rn < N)
-    else:
-        tl.atomic_add(out, y, mask=rn < N, sem="relaxed")
+    bias_and_store(y, b_ptr, rn, N, y_ptr + pid_m * stride_ym + rn, rn < N, pid_k, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -133,15 +128,8 @@ def dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, NG, stride
                         other=0.0)
             w = ((_field(words, j, BITS) - z) * s).to(x.dtype)
             acc = tl.dot(x, tl.trans(w), acc)
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    out = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    ok = (rm[:, None] < M) & (rn[None, :] < N)
-    if SPLIT_K == 1:
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=ok)
-    else:
-        tl.atomic_add(out, acc, mask=ok, sem="relaxed")
+    bias_and_store(acc, b_ptr, rn, N, y_ptr + rm[:, None] * stride_ym + rn[None, :],
+                   (rm[:, None] < M) & (rn[None, :] < N), pid_k, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit

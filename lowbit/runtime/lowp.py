@@ -30,19 +30,26 @@ def set_matmul_mode(mode: str) -> None:
     _mode["value"] = mode
 
 
-def weight_operand(qw, act: ActFormat) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(codes [N, K] as int8 or float8, scale float32 [1, N] or [1, 1]) when the weight can enter a codes matmul
-    with activations of this kind: symmetric int8 with int8 activations, fp8 with fp8, one scale per row or per
-    tensor. None otherwise (groups of columns, fewer bits): the caller then works on dequantized values."""
-    fmt = qw.fmt
+def codes_kind(fmt, act: ActFormat) -> str | None:
+    """"int8" or "fp8" when a weight of this format can enter a codes matmul with activations of this kind:
+    symmetric 8-bit integers (no g_idx) with int8 activations, fp8 with fp8, one scale per row or per tensor.
+    None otherwise (groups of columns, fewer bits)."""
     if isinstance(getattr(fmt, "granularity", None), PerGroup):
         return None
-    if isinstance(fmt, IntFormat) and fmt.bits == 8 and fmt.symmetric and act.kind == "int8":
-        codes = (qw.codes.to(torch.int16) - 128).to(torch.int8)
-    elif isinstance(fmt, FP8Format) and act.kind == "fp8":
-        codes = qw.codes
-    else:
+    if isinstance(fmt, IntFormat) and fmt.bits == 8 and fmt.symmetric and not fmt.g_idx and act.kind == "int8":
+        return "int8"
+    if isinstance(fmt, FP8Format) and act.kind == "fp8":
+        return "fp8"
+    return None
+
+
+def weight_operand(qw, act: ActFormat) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(codes [N, K] as int8 or float8, scale float32 [1, N] or [1, 1]) when `codes_kind` allows a codes matmul;
+    None otherwise: the caller then works on dequantized values."""
+    kind = codes_kind(qw.fmt, act)
+    if kind is None:
         return None
+    codes = (qw.codes.to(torch.int16) - 128).to(torch.int8) if kind == "int8" else qw.codes
     return codes, qw.scale.float().reshape(1, -1)
 
 

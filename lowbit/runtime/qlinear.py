@@ -20,9 +20,9 @@ from torch import nn
 
 from lowbit import kernels
 from lowbit.errors import LowbitError
-from lowbit.formats import PerGroup, QuantizedWeight, SpQRWeight, fake_quantize_activation, from_packed, packed_shapes
+from lowbit.formats import QuantizedWeight, SpQRWeight, fake_quantize_activation, from_packed, packed_shapes
 from lowbit.recipe import LayerSpec
-from lowbit.runtime.lowp import codes_matmul, weight_operand
+from lowbit.runtime.lowp import codes_kind, codes_matmul, weight_operand
 
 
 class QuantLinear(nn.Module):
@@ -150,16 +150,13 @@ class QuantLinear(nn.Module):
     def _w8a8_operand(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The packed weight as the W8A8 kernels read it, without a copy of the codes: a symmetric 8-bit
         checkpoint's words viewed as bytes (one code each), or the fp8 codes; with the scales as float32 [1, N]."""
-        fmt, act = self.spec.weight, self.spec.act
-        if isinstance(getattr(fmt, "granularity", None), PerGroup):
+        kind = codes_kind(self.spec.weight, self.spec.act)
+        if kind is None:
             return None
-        if act.kind == "int8" and getattr(fmt, "kind", None) == "int" and fmt.bits == 8 and fmt.symmetric \
-                and not fmt.g_idx:
+        if kind == "int8":
             codes, scale = self.qweight.view(torch.uint8).reshape(self.out_features, -1), self.scales
-        elif act.kind == "fp8" and fmt.kind == "fp8":
-            codes, scale = self.weight, self.weight_scale
         else:
-            return None
+            codes, scale = self.weight, self.weight_scale
         key = scale.data_ptr()
         if getattr(self, "_w_scale_key", None) != key:
             self._w_scale = scale.float().reshape(1, -1)
