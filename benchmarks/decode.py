@@ -1,15 +1,16 @@
 """End to end on the GPU: a Llama-3-8B-shaped model (generated weights) in bf16 and in lowbit's formats, the same
 greedy loop for all: prefill into a static KV cache, then one decode step per token replayed from a CUDA graph.
 
-    python3 benchmarks/decode.py [--formats bf16,w4a16,w8a16,w8a8,fp8] [--tiny] [--out DIR]   (PYTHONPATH=.)
+    python3 benchmarks/decode.py [--formats bf16,w4a16,w8a16,w8a8,fp8,spqr] [--tiny] [--out DIR]   (PYTHONPATH=.)
 
 For each format: decode tokens/s at batch 1 and 16 (a 128-token prompt, then 128 new tokens; the graph of one
 step is captured once and replayed), the time of a 2048-token prefill at batch 1, the GPU memory the model takes
 (weights) and the peak during the runs. Quantized layers are made by lowbit's round-to-nearest on the generated
 bf16 weights (w4a16: int4 symmetric groups of 128; w8a16: int8 per channel; w8a8: int8 per channel with dynamic
 per-token int8 activations; fp8: per-channel fp8 weights with dynamic per-token fp8 activations), lm_head
-included, embeddings kept in bf16. --tiny runs a two-layer model of the same family (a smoke test; CPU works).
-SpQR is not in the table: it has no GPU kernel yet, and its reference path dequantizes every weight per step.
+included, embeddings kept in bf16. SpQR needs calibration to quantize; its layers here hold random codes and
+statistics in their valid ranges (3-bit weights and statistics, β1 = β2 = 16, 1% outliers), which times the same
+kernels as a calibrated model. --tiny runs a two-layer model of the same family (a smoke test; CPU works).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lowbit from this checkout
 from lowbit.api import to_device
-from lowbit.formats import FP8Format, IntFormat, PerChannel, PerGroup, quantize
+from lowbit.formats import FP8Format, IntFormat, PerChannel, PerGroup, SpQRFormat, quantize
 from lowbit.formats.activation import ActFormat
+from lowbit.kernels.check import random_spqr
 from lowbit.recipe import LayerSpec
 from lowbit.runtime.qlinear import QuantLinear, set_module
 
@@ -41,7 +43,9 @@ SPECS = {
     "w8a16": LayerSpec(IntFormat(8, granularity=PerChannel())),
     "w8a8": LayerSpec(IntFormat(8, granularity=PerChannel()), ActFormat("int8")),
     "fp8": LayerSpec(FP8Format(PerChannel()), ActFormat("fp8")),
+    "spqr": LayerSpec(SpQRFormat(3, 16, 16, 3)),
 }
+SPQR_OUTLIERS = 0.01
 
 
 def build(config: dict, device: torch.device, seed: int = 0):
@@ -57,9 +61,13 @@ def build(config: dict, device: torch.device, seed: int = 0):
 def quantize_model(model, spec: LayerSpec) -> None:
     """Every linear layer (lm_head included) replaced in place by a QuantLinear from lowbit's round-to-nearest."""
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    for name in names:
+    for i, name in enumerate(names):
         linear = model.get_submodule(name)
-        qw = quantize(linear.weight.detach().float(), spec.weight)
+        if isinstance(spec.weight, SpQRFormat):
+            g = torch.Generator(linear.weight.device).manual_seed(i)
+            qw = random_spqr(spec.weight, *linear.weight.shape, SPQR_OUTLIERS, g)
+        else:
+            qw = quantize(linear.weight.detach().float(), spec.weight)
         set_module(model, name, QuantLinear.from_quantized(qw, spec))
         del linear, qw
 
@@ -164,7 +172,7 @@ def measure(name: str, config: dict, device: torch.device, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--formats", default="bf16,w4a16,w8a16,w8a8,fp8")
+    p.add_argument("--formats", default="bf16,w4a16,w8a16,w8a8,fp8,spqr")
     p.add_argument("--tiny", action="store_true", help="a two-layer model of the same family (smoke test)")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--steps", type=int, default=128)

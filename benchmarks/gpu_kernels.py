@@ -9,15 +9,18 @@ linear shapes (generated weights), plus the correctness check of every kernel va
    the run if any is off).
 3. Timing: each op is captured 50× into a CUDA graph over 8 rotating weight copies (more than the 60 MB L2), the
    graph replayed and timed with CUDA events; the median of 5 replays, per call.
-   Columns: w4 g128 and w8 per-channel weight-only; W8A8 int8 (lowbit's Triton kernel) and fp8 (cuBLASLt's
+   Columns: w4 g128 and w8 per-channel weight-only; SpQR (3-bit weights and statistics, β1 = β2 = 16, 1% outliers,
+   random codes; its floor counts the kernel form's bytes); W8A8 int8 (lowbit's Triton kernel) and fp8 (cuBLASLt's
    row-wise scaled matmul where it applies, else lowbit's kernel), both with dynamic per-token activation scales,
    the activation quantization included.
-4. --sweep: tile shapes for w4 g128 tried at M = 1, 16, 256 and 2048 on gate/up and down; the best is printed.
+4. --sweep: tile shapes (and the GEMV's code → float variant) for w4 g128 tried at M = 1, 4 and 16 on gate/up and
+   down; the best is printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -27,14 +30,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lowbit from this checkout
-from lowbit.formats import IntFormat, PerChannel, PerGroup, quantize
+from lowbit.formats import IntFormat, PerChannel, PerGroup, SpQRFormat, quantize
 from lowbit.formats.activation import ActFormat
-from lowbit.kernels.check import check_all, check_w8a8
-from lowbit.kernels.linear import Tiles, choose_tiles, to_kernel_layout, w8a8_linear, wxa16_linear
+from lowbit.kernels.check import check_all, check_w8a8, random_spqr
+from lowbit.kernels.linear import Tiles, choose_tiles, w8a8_linear, wxa16_linear
+from lowbit.kernels.weights import KernelWeight, kernel_weight
 
+SPQR, SPQR_OUTLIERS = SpQRFormat(3, 16, 16, 3), 0.01
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate/up": (4096, 14336), "down": (14336, 4096)}
 MS = (1, 4, 16, 64, 256, 2048)
 COPIES = 8
+SWEEP_MS = (1, 4, 16)
 
 
 def copy_bandwidth() -> float:
@@ -81,19 +87,25 @@ def graph_time(fn, calls: int = 50) -> float:
     return statistics.median(times)
 
 
-def packed_layers(k: int, n: int, fmt: IntFormat) -> list[dict]:
-    """COPIES packed layers with generated weights (quantized on the GPU from Gaussian weights)."""
-    out = []
+def packed_layers(k: int, n: int, fmt: IntFormat) -> list[KernelWeight]:
+    """COPIES layers in the kernels' form with generated weights (quantized on the GPU from Gaussian weights)."""
     w = torch.randn(n, k, device="cuda") * 0.02
-    qw = quantize(w, fmt)
-    base = dict(qw.packed())
-    base["qweight"] = to_kernel_layout(base["qweight"], fmt, k)
-    for i in range(COPIES):
-        layer = {name: t.clone() for name, t in base.items()}
-        if i:  # different codes per copy, same statistics: a rotation of the words
-            layer["qweight"] = torch.roll(layer["qweight"], shifts=i, dims=0)
-        out.append(layer)
-    return out
+    base = kernel_weight(quantize(w, fmt))
+    # different codes per copy, same statistics: a rotation of the words
+    return [dataclasses.replace(base, words=torch.roll(base.words, shifts=i, dims=0)) for i in range(COPIES)]
+
+
+def spqr_layers(k: int, n: int) -> list[KernelWeight]:
+    """COPIES SpQR layers (3-bit weights, 3-bit statistics, β1 = β2 = 16, 1% outliers) with random codes."""
+    return [kernel_weight(random_spqr(SPQR, n, k, SPQR_OUTLIERS, torch.Generator("cuda").manual_seed(i)))
+            for i in range(COPIES)]
+
+
+def spqr_bytes(kw: KernelWeight, m: int) -> int:
+    """What the SpQR product reads: the kernel form's codes, statistic codes, grids and outliers, plus x and y."""
+    o = kw.outliers
+    tensors = [kw.words, kw.scales, kw.zeros, *kw.grids, o.row_ptr, o.cols, o.corrections]
+    return sum(t.numel() * t.element_size() for t in tensors) + m * kw.in_features * 2 + m * kw.out_features * 2
 
 
 def tinygemm_layers(k: int, n: int, group: int) -> list[tuple] | None:
@@ -132,6 +144,7 @@ def shape_rows(name: str, k: int, n: int, bw: float, sweep: bool, rows: list, sw
     dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(COPIES)]
     q4 = packed_layers(k, n, fmt4)
     q8 = packed_layers(k, n, fmt8)
+    sp = spqr_layers(k, n)
     tg = tinygemm_layers(k, n, 128)
     i8 = [(torch.randint(0, 256, (n, k), dtype=torch.uint8, device="cuda"),
            torch.rand(1, n, device="cuda") * 1e-3) for _ in range(COPIES)]
@@ -142,17 +155,19 @@ def shape_rows(name: str, k: int, n: int, bw: float, sweep: bool, rows: list, sw
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
 
         def w4(i: int, t: Tiles | None = None, x=x):
-            return wxa16_linear(x, fmt4, q4[i]["qweight"], q4[i]["scales"], None, None, n, t)
+            return wxa16_linear(x, q4[i], None, t)
 
         t_bf16 = graph_time(lambda i, x=x: F.linear(x, dense[i]))
         t_w4 = graph_time(w4)
-        t_w8 = graph_time(lambda i, x=x: wxa16_linear(x, fmt8, q8[i]["qweight"], q8[i]["scales"], None, None, n))
+        t_w8 = graph_time(lambda i, x=x: wxa16_linear(x, q8[i], None))
+        t_sp = graph_time(lambda i, x=x: wxa16_linear(x, sp[i], None))
         t_tg = graph_time(lambda i, x=x: torch._weight_int4pack_mm(x, tg[i][0], 128, tg[i][1])) if tg else None
         t_i8 = graph_time(lambda i, x=x: w8a8_linear(x, a8, None, *i8[i], None))
         t_f8 = graph_time(lambda i, x=x: w8a8_linear(x, af8, None, *f8[i], None))
         t_f8t = graph_time(lambda i, x=x: w8a8_linear(x, af8, None, *f8[i], None, use_cublas_fp8=False))
         row = {"layer": name, "K": k, "N": n, "M": m, "bf16_us": t_bf16 * 1e6, "w4_us": t_w4 * 1e6,
-               "w8_us": t_w8 * 1e6, "tinygemm_us": t_tg * 1e6 if t_tg else None, "w8a8_int8_us": t_i8 * 1e6,
+               "w8_us": t_w8 * 1e6, "spqr_us": t_sp * 1e6, "floor_spqr_us": spqr_bytes(sp[0], m) / bw * 1e6,
+               "tinygemm_us": t_tg * 1e6 if t_tg else None, "w8a8_int8_us": t_i8 * 1e6,
                "fp8_us": t_f8 * 1e6, "fp8_triton_us": t_f8t * 1e6,
                "floor_w4_us": layer_bytes(k, n, m, 4, 128) / bw * 1e6,
                "floor_w8_us": layer_bytes(k, n, m, 8, 0) / bw * 1e6,
@@ -160,7 +175,7 @@ def shape_rows(name: str, k: int, n: int, bw: float, sweep: bool, rows: list, sw
                "tiles": choose_tiles(m, n, k, 4, 132).__dict__}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        if sweep and name in ("gate/up", "down") and m in (1, 4, 16, 256, 2048):
+        if sweep and name in ("gate/up", "down") and m in SWEEP_MS:
             best = None
             for t in candidate_tiles(m):
                 try:
@@ -177,14 +192,15 @@ def shape_rows(name: str, k: int, n: int, bw: float, sweep: bool, rows: list, sw
 def candidate_tiles(m: int) -> list[Tiles]:
     out = []
     if m <= 4:
-        for bn in (8, 16, 32):
-            for warps in (4, 8):
-                for split in (1, 2, 4):
-                    for unroll in (1, 2, 4):
-                        out.append(Tiles("gemv", 1, bn, split, warps, 3, unroll))
+        for field in (1, 2):
+            for bn in (16, 32, 64):
+                for warps in (4, 8):
+                    for split in (1, 2):
+                        for unroll in (2, 4):
+                            out.append(Tiles("gemv", 1, bn, split, warps, 3, unroll, field))
     if 1 < m <= 16:
-        for bn in (64, 128):
-            for split in (2, 4, 8, 16):
+        for bn in (32, 64, 128):
+            for split in (2, 4, 8):
                 for warps in (4, 8):
                     out.append(Tiles("dot", 16, bn, split, warps, 3))
     if m > 16:
@@ -216,14 +232,16 @@ def main() -> None:
     rows, sweeps = run_table(bw, args.sweep)
     (out / "kernels.json").write_text(json.dumps({"bandwidth": bw, "rows": rows, "sweeps": sweeps,
                                                    "failures": failed}, indent=1))
-    print(f"\n{'layer':8}{'M':>6}{'bf16':>9}{'tinygemm':>10}{'w4 g128':>9}{'floor':>8}{'w8':>9}"
+    print(f"\n{'layer':8}{'M':>6}{'bf16':>9}{'tinygemm':>10}{'w4 g128':>9}{'floor':>8}{'w8':>9}{'spqr':>8}"
+          f"{'sp floor':>9}{'sp/bf16':>8}"
           f"{'w4/bf16':>9}{'w4/tg':>7}{'floor/w4':>9}{'i8a8':>9}{'fp8':>9}{'fp8 tri':>9}{'fp8/bf16':>9}"
           "   (µs; ratios are speed-ups)")
     for r in rows:
         tg = f"{r['tinygemm_us']:10.1f}" if r["tinygemm_us"] else f"{'n/a':>10}"
         vs_tg = f"{r['tinygemm_us'] / r['w4_us']:7.2f}" if r["tinygemm_us"] else f"{'':7}"
         print(f"{r['layer']:8}{r['M']:6d}{r['bf16_us']:9.1f}{tg}{r['w4_us']:9.1f}{r['floor_w4_us']:8.1f}"
-              f"{r['w8_us']:9.1f}{r['bf16_us'] / r['w4_us']:9.2f}{vs_tg}{r['floor_w4_us'] / r['w4_us']:9.2f}"
+              f"{r['w8_us']:9.1f}{r['spqr_us']:8.1f}{r['floor_spqr_us']:9.1f}{r['bf16_us'] / r['spqr_us']:8.2f}"
+              f"{r['bf16_us'] / r['w4_us']:9.2f}{vs_tg}{r['floor_w4_us'] / r['w4_us']:9.2f}"
               f"{r['w8a8_int8_us']:9.1f}{r['fp8_us']:9.1f}{r['fp8_triton_us']:9.1f}{r['bf16_us'] / r['fp8_us']:9.2f}")
     sys.exit(1 if failed else 0)
 

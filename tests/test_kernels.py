@@ -15,11 +15,13 @@ import pytest
 import torch
 
 from lowbit import kernels
-from lowbit.formats import FP8Format, IntFormat, PerChannel, PerGroup, PerTensor
+from lowbit.formats import FP8Format, IntFormat, PerChannel, PerGroup, PerTensor, SpQRFormat, SpQRWeight
 from lowbit.formats.activation import ActFormat
-from lowbit.formats.packing import pack, unpack
+from lowbit.formats.packing import unpack
+from lowbit.kernels.check import Case, fmt, random_weight
 from lowbit.kernels.layout import deinterleave, interleave, kernel_words, slice_words
 from lowbit.kernels.linear import choose_tiles, unsupported
+from lowbit.kernels.weights import ZeroMode, kernel_weight
 
 triton = pytest.importorskip("triton")
 
@@ -48,7 +50,7 @@ def test_every_kernel_variant_matches_reference_in_interpreter():
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
     results, w8a8 = json.loads(lines[-2]), json.loads(lines[-1])
-    assert len(results) >= 36  # 3 bit widths × 3 grids × 4 groupings, plus ragged K
+    assert len(results) >= 60  # 3 bit widths × 3 grids × 4 groupings, wider fields, g_idx, SpQR, ragged K
     assert len(w8a8) == 9  # per-token, per-tensor and static activations on three shapes
     bad = [(d, e) for d, e, ok in results + w8a8 if not ok]
     assert not bad, bad
@@ -67,28 +69,42 @@ def _compile_sm90(fn, signature: dict, constexprs: dict):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
 
 
-@pytest.mark.parametrize("bits,group,zero", [(4, 128, False), (4, 64, True), (8, 0, False), (2, 32, True)])
-def test_kernels_compile_for_sm90(bits, group, zero):
+@pytest.mark.parametrize("bits,group,mode", [(4, 128, 0), (4, 64, 1), (8, 0, 0), (2, 32, 1), (4, 16, 3),
+                                             (4, 32, 4), (8, 64, 2)])
+def test_kernels_compile_for_sm90(bits, group, mode):
     from lowbit.kernels.wxa16 import dequant_kernel, dot_kernel, gemv_kernel
 
-    common = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*i32" if zero else "*fp16",
-              "b_ptr": "*fp16", "y_ptr": "*fp16"}
-    stats = {"BITS": bits, "GROUP": group, "HAS_ZERO": zero}
-    gemv = _compile_sm90(gemv_kernel, {**common, "N": "i32", "K": "i32", "KW": "i32", "NG": "i32",
-                                       "stride_xm": "i32", "stride_ym": "i32"},
-                         {**stats, "HAS_BIAS": True, "BN": 16, "BW": slice_words(bits, group), "SPLIT_K": 1,
-                          "UNROLL": 2})
-    dot = _compile_sm90(dot_kernel, {**common, "y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "KW": "i32",
-                                     "NG": "i32", "stride_xm": "i32", "stride_ym": "i32"},
+    zeros = {0: "*fp16", 1: "*u8", 2: "*fp16", 3: "*u8", 4: "*fp16"}[mode]
+    common = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*u8" if mode == 3 else "*fp16", "z_ptr": zeros,
+              "gs_ptr": "*fp16", "gz_ptr": "*fp16", "b_ptr": "*fp16", "y_ptr": "*fp16"}
+    stats = {"BITS": bits, "GROUP": group, "MODE": mode, "ZERO": 1 << (bits - 1), "B2": 16}
+    sizes = {"N": "i32", "K": "i32", "KW": "i32", "NG": "i32", "stride_xm": "i32", "stride_ym": "i32"}
+    gemvs = [_compile_sm90(gemv_kernel, {**common, **sizes},
+                           {**stats, "HAS_BIAS": True, "BN": 16, "BW": slice_words(bits, group), "SPLIT_K": 1,
+                            "UNROLL": 2, "FIELD": field})
+             for field in ((1, 2) if bits == 4 else (1,))]
+    dot = _compile_sm90(dot_kernel, {**common, "y_ptr": "*fp32", "M": "i32", **sizes},
                         {**stats, "HAS_BIAS": False, "BM": 16, "BN": 128, "BW": slice_words(bits, group),
                          "SPLIT_K": 4})
-    deq = _compile_sm90(dequant_kernel, {"w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": common["z_ptr"],
+    deq = _compile_sm90(dequant_kernel, {**{k: v for k, v in common.items() if k not in ("x_ptr", "b_ptr",
+                                                                                          "y_ptr")},
                                          "out_ptr": "*bf16", "N": "i32", "K": "i32", "KW": "i32", "NG": "i32"},
-                        {**stats, "BN": 16, "BW": slice_words(bits, group)})
-    for k in (gemv, dot, deq):
+                        {k: v for k, v in stats.items()} | {"BN": 16, "BW": slice_words(bits, group)})
+    for k in (*gemvs, dot, deq):
         assert ".target sm_90" in k.asm["ptx"] and k.asm["cubin"]
     assert "mma" in dot.asm["ptx"]  # the tensor-core path really uses tensor cores
     assert "red.global" in dot.asm["ptx"] or "atom.global" in dot.asm["ptx"]  # split-K adds partial sums
+    if bits == 4:  # the byte-permute variant: one prmt per code
+        assert gemvs[1].asm["ptx"].count("prmt.b32") >= 8
+
+
+def test_outliers_kernel_compiles_for_sm90():
+    from lowbit.kernels.wxa16 import outliers_kernel
+
+    k = _compile_sm90(outliers_kernel, {"x_ptr": "*bf16", "ptr_ptr": "*i32", "col_ptr": "*i16", "d_ptr": "*fp32",
+                                        "y_ptr": "*fp32", "N": "i32", "stride_xm": "i32", "stride_ym": "i32"},
+                      {"BN": 32, "CH": 64})
+    assert k.asm["cubin"] and ("red.global" in k.asm["ptx"] or "atom.global" in k.asm["ptx"])
 
 
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
@@ -115,10 +131,13 @@ def test_unsupported_names_each_reason():
     assert unsupported(IntFormat(4, granularity=PerGroup(128)), None) is None
     assert unsupported(IntFormat(8, granularity=PerChannel()), None) is None
     assert unsupported(IntFormat(4, symmetric=False, granularity=PerGroup(32)), None) is None
-    assert "3-bit" in unsupported(IntFormat(3, granularity=PerGroup(128)), None)
-    assert "float zero" in unsupported(IntFormat(4, symmetric=False, granularity=PerGroup(32), zero_point="float"),
-                                       None)
+    assert unsupported(IntFormat(3, granularity=PerGroup(128)), None) is None  # in 4-bit fields
+    assert unsupported(IntFormat(6, symmetric=False, granularity=PerGroup(64)), None) is None  # in 8-bit fields
+    assert unsupported(IntFormat(4, symmetric=False, granularity=PerGroup(32), zero_point="float"), None) is None
+    assert unsupported(IntFormat(4, granularity=PerGroup(64), g_idx=True), None) is None
+    assert unsupported(SpQRFormat(3, 16, 16, 3), None) is None
     assert "groups of 48" in unsupported(IntFormat(4, granularity=PerGroup(48)), None)
+    assert "groups of 8" in unsupported(SpQRFormat(3, 8, 16, 3), None)
     assert "whole tensor" in unsupported(IntFormat(8, granularity=PerTensor()), None)
     assert "fp8" in unsupported(FP8Format(), None)
     assert "activations" in unsupported(IntFormat(8, granularity=PerChannel()), ActFormat("int8"))
@@ -139,11 +158,10 @@ def test_tiles_follow_problem_shape():
 def test_kernel_layout_round_trip_and_slices(bits, group, k):
     g = torch.Generator().manual_seed(bits * 1000 + k)
     codes = torch.randint(0, 2**bits, (5, k), generator=g, dtype=torch.uint8)
-    qweight = pack(codes, bits)
     bw = slice_words(bits, group)
-    kw = interleave(qweight, bits, k, bw)
+    kw = interleave(codes, bits, bw)
     assert kw.shape == (5, kernel_words(k, bits, bw))
-    assert torch.equal(deinterleave(kw, bits, k, bw), qweight)
+    assert torch.equal(deinterleave(kw, bits, k, bw), codes)
     # field j of word w of tile t holds column t·BW·P + j·BW + w: the kernels' slice
     per = 32 // bits
     fields = unpack(kw, bits, kw.shape[1] * per).reshape(5, -1, bw, per)
@@ -152,6 +170,54 @@ def test_kernel_layout_round_trip_and_slices(bits, group, k):
     assert fields[:, t, w, j].tolist() == (codes[:, col].tolist() if col < k else [0] * 5)
     if group:  # a slice never straddles two groups, a tile holds whole groups
         assert group % bw == 0 and (bw * per) % group == 0
+
+
+KERNEL_FORMS = [(fmt(3, "sym", 64), ZeroMode.SYMMETRIC), (fmt(5, "asym", 32), ZeroMode.INT_ZERO),
+                (fmt(4, "float-min", 32), ZeroMode.FLOAT_MIN), (fmt(4, "asym", 32, g_idx=True), ZeroMode.INT_ZERO),
+                (SpQRFormat(3, 16, 16, 3), ZeroMode.BILEVEL), (SpQRFormat(4, 32, 8, 16), ZeroMode.FLOAT_ZERO)]
+
+
+@pytest.mark.parametrize("form,mode", KERNEL_FORMS, ids=lambda f: getattr(f, "name", None) or f"{f.kind}{f.bits}")
+def test_kernel_form_keeps_codes_and_outlier_corrections(form, mode):
+    qw = random_weight(Case(form, 1, 32, 256, outlier_rate=0.05), torch.Generator().manual_seed(3))
+    kw = kernel_weight(qw)
+    assert torch.equal(kw.codes(), qw.codes)  # wider fields and column orders are undone exactly
+    assert kw.field == {3: 4, 4: 4, 5: 8}[form.bits] and kw.words.shape[1] * 32 // kw.field >= 256
+    assert kw.mode == mode
+    if isinstance(form, IntFormat) and form.g_idx:  # sorted by group, the kernel sees runs of G columns
+        assert torch.equal(qw.g_idx.long()[kw.perm], torch.arange(256) // 32)
+    if isinstance(qw, SpQRWeight):  # dense grid + correction = the stored outlier value, at every outlier
+        o = kw.outliers
+        mask, dense = qw.dense_outliers()
+        s, z = qw.statistics()
+        grid = (qw.codes.float() - z.repeat_interleave(form.beta1, 1)) * s.repeat_interleave(form.beta1, 1)
+        assert torch.allclose(grid[mask] + o.corrections, dense[mask], atol=1e-6)
+
+
+def test_group_map_with_uneven_groups_has_no_kernel_form():
+    f = fmt(4, "sym", 32, g_idx=True)
+    qw = random_weight(Case(f, 1, 8, 128), torch.Generator().manual_seed(0))
+    qw.g_idx[:40] = 0  # group 0 now holds more than 32 columns
+    with pytest.raises(ValueError, match="not 32 columns each"):
+        kernel_weight(qw)
+
+
+@pytest.mark.parametrize("form", [fmt(3, "asym", 64), SpQRFormat(3, 16, 16, 3), fmt(4, "sym", 32, g_idx=True)],
+                         ids=["w3", "spqr", "g_idx"])
+def test_quantlinear_saves_checkpoint_layout_after_kernel_form(form):
+    from lowbit.recipe import LayerSpec
+    from lowbit.runtime.qlinear import QuantLinear
+
+    qw = random_weight(Case(form, 1, 32, 256, outlier_rate=0.03), torch.Generator().manual_seed(5))
+    layer = QuantLinear.from_quantized(qw, LayerSpec(weight=form))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    assert layer.prepare_kernels() and layer.kernel_layout
+    after = layer.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    x = torch.randn(3, 256)
+    assert torch.allclose(layer(x), x @ qw.dequantize().T, atol=1e-5)  # the CPU reference still reads it
+    layer.to(torch.device("cpu"))  # moving drops the kernel form; the checkpoint layout comes back
+    assert not layer.kernel_layout and torch.equal(layer.qweight, before["qweight"])
 
 
 def test_cpu_inputs_never_try_kernels(caplog):

@@ -13,9 +13,22 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.formats import FP8Format, IntFormat, PerChannel, PerGroup, PerTensor, quantize
+from lowbit.formats import (
+    FP8Format,
+    IntFormat,
+    PerChannel,
+    PerGroup,
+    PerTensor,
+    QuantizedWeight,
+    SpQRFormat,
+    SpQRWeight,
+    from_packed,
+    quantize,
+)
 from lowbit.formats.activation import ActFormat, activation_scale, dynamic_amax, encode_activation
-from lowbit.kernels.linear import Tiles, to_kernel_layout, w8a8_linear, wxa16_linear
+from lowbit.formats.spqr import to_csr
+from lowbit.kernels.linear import Tiles, w8a8_linear, wxa16_linear
+from lowbit.kernels.weights import kernel_weight
 
 # Output rounding dominates: float16 keeps 11 significant bits, bfloat16 8 (the dot variant also rounds ŵ).
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
@@ -23,40 +36,88 @@ TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
 
 @dataclass(frozen=True)
 class Case:
-    fmt: IntFormat
+    fmt: IntFormat | SpQRFormat
     m: int
     n: int
     k: int
     bias: bool = False
     tiles: Tiles | None = None
+    outlier_rate: float = 0.0  # SpQR
 
     def describe(self) -> str:
         f = self.fmt
-        grid = "asym" if not f.symmetric else ("sym-full" if f.full_range else "sym")
-        g = f"g{f.granularity.size}" if isinstance(f.granularity, PerGroup) else "per-channel"
         t = "auto" if self.tiles is None else (f"{self.tiles.mode} {self.tiles.bm}x{self.tiles.bn} "
                                                f"split {self.tiles.split_k}")
-        return f"w{f.bits} {grid} {g} M={self.m} N={self.n} K={self.k}{' +bias' if self.bias else ''} [{t}]"
+        if isinstance(f, SpQRFormat):
+            stats = f"{f.stat_bits}-bit stats" if f.quantized_stats else "16-bit stats"
+            what = f"spqr w{f.bits} β1={f.beta1} β2={f.beta2} {stats} {self.outlier_rate:.1%} outliers"
+        else:
+            grid = "asym" if not f.symmetric else ("sym-full" if f.full_range else "sym")
+            grid += " float-min" if f.float_zero else ""
+            g = f"g{f.granularity.size}" if isinstance(f.granularity, PerGroup) else "per-channel"
+            what = f"w{f.bits} {grid} {g}{' g_idx' if f.g_idx else ''}"
+        return f"{what} M={self.m} N={self.n} K={self.k}{' +bias' if self.bias else ''} [{t}]"
 
 
-def fmt(bits: int, grid: str, group: int) -> IntFormat:
+def fmt(bits: int, grid: str, group: int, g_idx: bool = False) -> IntFormat:
     gran = PerGroup(group) if group else PerChannel()
-    return IntFormat(bits, symmetric=grid != "asym", granularity=gran, full_range=grid == "sym-full")
+    return IntFormat(bits, symmetric=grid not in ("asym", "float-min"), granularity=gran, full_range=grid == "sym-full",
+                     zero_point="float" if grid == "float-min" else "int", g_idx=g_idx)
+
+
+def random_weight(case: Case, g: torch.Generator) -> QuantizedWeight | SpQRWeight:
+    """A quantized weight for the case (CPU): RTN of a random matrix, or, for a column → group map and for SpQR
+    (which need calibration to make), random codes and statistics in their valid ranges."""
+    f, n, k = case.fmt, case.n, case.k
+    if isinstance(f, SpQRFormat):
+        return random_spqr(f, n, k, case.outlier_rate, g)
+    if f.g_idx:
+        size = f.granularity.size
+        groups = -(-k // size)
+        g_idx = torch.empty(k, dtype=torch.int32)
+        g_idx[torch.randperm(k, generator=g)] = (torch.arange(k) // size).to(torch.int32)
+        codes = torch.randint(0, 2**f.bits, (n, k), generator=g, dtype=torch.uint8)
+        scale = (torch.rand(n, groups, generator=g) * 0.01 + 1e-3).to(torch.float16)
+        zero = None if f.symmetric else torch.randint(0, 2**f.bits, (n, groups), generator=g, dtype=torch.uint8)
+        return QuantizedWeight(f, codes, scale, zero, g_idx)
+    w = torch.randn(n, k, generator=g) * 0.02
+    if not f.symmetric:
+        w += torch.randn(n, 1, generator=g) * 0.01  # a row offset, so zero points vary
+    return quantize(w, f)
+
+
+def random_spqr(f: SpQRFormat, n: int, k: int, rate: float, g: torch.Generator) -> SpQRWeight:
+    """A SpQR weight [n, k] with random codes, statistics in their valid ranges and a fraction `rate` of outliers,
+    on the generator's device."""
+    groups = k // f.beta1
+    dev = g.device
+    codes = torch.randint(0, 2**f.bits, (n, k), generator=g, dtype=torch.uint8, device=dev)
+    if f.quantized_stats:
+        def grid() -> torch.Tensor:  # (step, min) per β2 rows and column group; decoded s, z stay positive
+            return (torch.rand(n // f.beta2, groups, 2, generator=g, device=dev) * 0.004 + 1e-4).to(torch.float16)
+
+        def stat() -> torch.Tensor:
+            return torch.randint(0, 2**f.stat_bits, (n, groups), generator=g, dtype=torch.uint8, device=dev)
+
+        s, z, sg, zg = stat(), stat(), grid(), grid() * 500
+    else:
+        s = (torch.rand(n, groups, generator=g, device=dev) * 0.01 + 1e-3).to(torch.float16)
+        z = (torch.rand(n, groups, generator=g, device=dev) * (2**f.bits - 1)).to(torch.float16)
+        sg = zg = None
+    mask = torch.rand(n, k, generator=g, device=dev) < rate
+    row_ptr, cols, values = to_csr(mask, torch.randn(n, k, generator=g, device=dev) * 0.2)
+    return SpQRWeight(f, codes, s, z, sg, zg, row_ptr, cols, values)
 
 
 def run_case(case: Case, device: str, dtype: torch.dtype, seed: int) -> float:
     """Relative error of the kernel on one fresh random problem; NaN if any output was left unwritten."""
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(case.n, case.k, generator=g) * 0.02
-    if not case.fmt.symmetric:
-        w += torch.randn(case.n, 1, generator=g) * 0.01  # a row offset, so zero points vary
-    qw = quantize(w, case.fmt)
-    packed = {name: t.to(device) for name, t in qw.packed().items()}
+    qw = random_weight(case, g)
+    on_device = from_packed(case.fmt, qw.shape, {name: t.to(device) for name, t in qw.packed().items()})
     x = torch.randn(case.m, case.k, generator=g).to(device, dtype)
     b = (torch.randn(case.n, generator=g) * 0.1).to(device, dtype) if case.bias else None
     torch.empty(case.m * case.n * 4, device=device, dtype=torch.float32).fill_(float("nan"))  # poison the pool
-    kweight = to_kernel_layout(packed["qweight"], case.fmt, case.k)
-    y = wxa16_linear(x, case.fmt, kweight, packed["scales"], packed.get("qzeros"), b, case.n, case.tiles)
+    y = wxa16_linear(x, kernel_weight(on_device), b, case.tiles)
     ref = x.double().cpu() @ qw.dequantize().double().T
     if b is not None:
         ref += b.double().cpu()
@@ -74,7 +135,7 @@ def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 def standard_cases(small: bool) -> list[Case]:
     """Every format the kernel covers, ragged shapes, and each tile variant (forced) at least once."""
     variants = [None, Tiles("gemv", 1, 16, 1, 4, 3, 4), Tiles("dot", 16, 32, 2), Tiles("gemv", 1, 8, 3),
-                Tiles("dot", 32, 64, 1), Tiles("dequant", 0, 16)]
+                Tiles("dot", 32, 64, 1), Tiles("dequant", 0, 16), Tiles("gemv", 1, 32, 2, 4, 3, 2, field=1)]
     shapes = [(1, 96, 256), (3, 80, 384), (19, 64, 640)] if small else \
         [(1, 4096, 4096), (5, 1000, 1536), (16, 1024, 4096), (77, 512, 2048), (300, 768, 1536)]
     cases = []
@@ -85,6 +146,17 @@ def standard_cases(small: bool) -> list[Case]:
                 m, n, k = shapes[i % len(shapes)]
                 cases.append(Case(fmt(bits, grid, group), m, n, k, bias=i % 3 == 0, tiles=variants[i % len(variants)]))
                 i += 1
+    # codes in wider fields (3 → 4 bits, 5 and 6 → 8), minimums, column → group maps, SpQR
+    extra = [fmt(3, "sym", 64), fmt(3, "asym", 128), fmt(3, "sym-full", 0), fmt(5, "asym", 32), fmt(6, "sym", 64),
+             fmt(4, "float-min", 32), fmt(4, "float-min", 0), fmt(4, "asym", 32, g_idx=True),
+             fmt(3, "sym", 64, g_idx=True), SpQRFormat(3, 16, 16, 3), SpQRFormat(4, 16, 16, 16),
+             SpQRFormat(3, 32, 8, 2)]
+    for f in extra:
+        for variant in (variants[i % len(variants)], variants[(i + 3) % len(variants)]):
+            m, n, k = shapes[i % len(shapes)]
+            cases.append(Case(f, m, n, k, bias=i % 3 == 0, tiles=variant,
+                              outlier_rate=0.02 if isinstance(f, SpQRFormat) else 0.0))
+            i += 1
     # K not a multiple of 32 (padded words) and of any block, per-channel
     cases.append(Case(fmt(4, "asym", 0), 2, 48, 200, tiles=Tiles("dot", 16, 16, 2)))
     cases.append(Case(fmt(4, "sym", 0), 20, 48, 200, tiles=None))

@@ -1,8 +1,8 @@
 """Launching the weight-only kernels: which formats they cover, which tile shape each problem gets, and the call.
 
-`wxa16_linear` takes the codes in the kernel layout (`to_kernel_layout`, done once per layer) and the scales and
-zero points as the checkpoint stores them. `unsupported` names why a format has no kernel (the caller then runs
-the plain-torch reference and says so once).
+`wxa16_linear` takes a layer's weight in the kernels' form (lowbit.kernels.weights.kernel_weight, built once per
+layer). `unsupported` names why a format has no kernel (the caller then runs the plain-torch reference and says so
+once).
 """
 
 from __future__ import annotations
@@ -11,18 +11,16 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.formats.granularity import PerChannel, PerGroup
-from lowbit.formats.intgrid import IntFormat
-from lowbit.kernels.layout import interleave, slice_words
-
-KERNEL_BITS = (2, 4, 8)
+from lowbit.kernels import weights
+from lowbit.kernels.weights import KernelWeight
 
 
 @dataclass(frozen=True)
 class Tiles:
     """One launch configuration. mode: "gemv" (one program per BN outputs of one row, CUDA-core FMAs), "dot"
     (BM × BN tiles on tensor cores), both with K split SPLIT_K ways, or "dequant" (ŵ written once, then cuBLAS).
-    unroll: tiles of K loaded per step by the GEMV."""
+    unroll: tiles of K loaded per step by the GEMV; field: how the GEMV turns a code into a float
+    (lowbit.kernels.wxa16.gemv_kernel; 0: the fastest that applies)."""
 
     mode: str
     bm: int
@@ -31,26 +29,14 @@ class Tiles:
     warps: int = 4
     stages: int = 3
     unroll: int = 1
+    field: int = 0
 
 
 def unsupported(fmt, act) -> str | None:
     """Why this layer format has no weight-only kernel, or None when it has one."""
     if act is not None:
         return f"activations quantized to {act.kind}"
-    if not isinstance(fmt, IntFormat):
-        return f"{fmt.kind} weights"
-    if fmt.bits not in KERNEL_BITS:
-        return f"{fmt.bits}-bit codes (kernels for {', '.join(map(str, KERNEL_BITS))} bits)"
-    if fmt.float_zero:
-        return "float zero points"
-    if fmt.g_idx:
-        return "a column → group map (g_idx)"
-    g = fmt.granularity
-    if isinstance(g, PerGroup) and (g.size < 16 or g.size & (g.size - 1)):
-        return f"groups of {g.size} (kernels for powers of two from 16)"
-    if not isinstance(g, (PerGroup, PerChannel)):
-        return "one scale for the whole tensor"
-    return None
+    return weights.unsupported(fmt)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -78,16 +64,6 @@ def choose_tiles(m: int, n: int, k: int, bits: int, sms: int) -> Tiles:
     return Tiles("dequant", 0, 32, warps=4)
 
 
-def group_size(fmt: IntFormat) -> int:
-    """Columns per group, 0 for one group per row."""
-    return fmt.granularity.size if isinstance(fmt.granularity, PerGroup) else 0
-
-
-def to_kernel_layout(qweight: torch.Tensor, fmt: IntFormat, in_features: int) -> torch.Tensor:
-    """The checkpoint's codes re-ordered for the kernels (lowbit.kernels.layout); done once per layer."""
-    return interleave(qweight, fmt.bits, in_features, slice_words(fmt.bits, group_size(fmt)))
-
-
 _SMS: dict[int, int] = {}
 
 
@@ -100,41 +76,68 @@ def _sm_count(device: torch.device) -> int:
     return _SMS[i]
 
 
-def wxa16_linear(x: torch.Tensor, fmt: IntFormat, kweight: torch.Tensor, scales: torch.Tensor,
-                 qzeros: torch.Tensor | None, bias: torch.Tensor | None, out_features: int,
+def wxa16_linear(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None,
                  tiles: Tiles | None = None) -> torch.Tensor:
-    """y = x · ŵᵀ (+ bias) in x's dtype, for x [..., K] on a CUDA device; kweight in the kernel layout."""
-    from lowbit.kernels.wxa16 import dequant_kernel, dot_kernel, gemv_kernel
+    """y = x · ŵᵀ (+ bias) in x's dtype, for x [..., K] on a CUDA device; kw from `kernel_weight`."""
+    from lowbit.kernels.wxa16 import dequant_kernel, dot_kernel, gemv_kernel, outliers_kernel
 
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
+    if kw.perm is not None:
+        x2 = x2.index_select(1, kw.perm)
+    elif x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    m, n = x2.shape[0], out_features
-    t = tiles or choose_tiles(m, n, k, fmt.bits, _sm_count(x.device))
-    group = group_size(fmt)
-    bw = slice_words(fmt.bits, group)
-    z = qzeros if qzeros is not None else scales  # a pointer the kernel never reads
-    stats = dict(BITS=fmt.bits, GROUP=group, HAS_ZERO=qzeros is not None, BW=bw)
-    kw, ng = kweight.shape[1], scales.shape[1]
+    m, n = x2.shape[0], kw.out_features
+    t = tiles or choose_tiles(m, n, k, kw.field, _sm_count(x.device))
+    scales = kw.scales
+    zeros = kw.zeros if kw.zeros is not None else scales  # pointers the kernel never reads
+    gs, gz = kw.grids if kw.grids is not None else (scales, scales)
+    stats = dict(BITS=kw.field, GROUP=kw.group, MODE=int(kw.mode), ZERO=kw.symmetric_zero, B2=kw.beta2,
+                 BW=kw.slice_words)
+    kwords, ng = kw.words.shape[1], scales.shape[1]
     if t.mode == "dequant":
         w = torch.empty(n, k, device=x.device, dtype=x.dtype)
-        grid = (-(-n // t.bn), kw // bw)
-        dequant_kernel[grid](kweight, scales, z, w, n, k, kw, ng, **stats, BN=t.bn, num_warps=t.warps)
-        return torch.nn.functional.linear(x, w, bias)
+        grid = (-(-n // t.bn), kwords // kw.slice_words)
+        dequant_kernel[grid](kw.words, scales, zeros, gs, gz, w, n, k, kwords, ng, **stats, BN=t.bn,
+                             num_warps=t.warps)
+        if kw.outliers is not None:  # the stored values replace the dense grid's at their positions
+            o = kw.outliers
+            rows = torch.repeat_interleave(torch.arange(n, device=x.device), (o.row_ptr[1:] - o.row_ptr[:-1]).long(),
+                                           output_size=o.values.numel())
+            cols = o.cols.long() & 0xFFFF
+            w.view(-1).index_put_((rows * k + cols,), o.values.to(w.dtype))
+        return torch.nn.functional.linear(x2, w, bias).reshape(*x.shape[:-1], n)
     b = bias if bias is not None else scales
     flags = dict(stats, HAS_BIAS=bias is not None, BN=t.bn, SPLIT_K=t.split_k, num_warps=t.warps,
                  num_stages=t.stages)
-    y = torch.zeros(m, n, device=x.device, dtype=torch.float32) if t.split_k > 1 else \
-        torch.empty(m, n, device=x.device, dtype=x.dtype)
+    sparse = kw.outliers is not None
+    if t.split_k > 1:
+        y = torch.zeros(m, n, device=x.device, dtype=torch.float32)
+    else:
+        y = torch.empty(m, n, device=x.device, dtype=torch.float32 if sparse else x.dtype)
     if t.mode == "gemv":
-        gemv_kernel[(-(-n // t.bn), m, t.split_k)](x2, kweight, scales, z, b, y, n, k, kw, ng, x2.stride(0),
-                                                   y.stride(0), **flags, UNROLL=t.unroll)
+        gemv_kernel[(-(-n // t.bn), m, t.split_k)](x2, kw.words, scales, zeros, gs, gz, b, y, n, k, kwords, ng,
+                                                   x2.stride(0), y.stride(0), **flags, UNROLL=t.unroll,
+                                                   FIELD=_field_variant(t.field, kw.field, x.is_cuda))
     else:
         grid = (-(-m // t.bm), -(-n // t.bn), t.split_k)
-        dot_kernel[grid](x2, kweight, scales, z, b, y, m, n, k, kw, ng, x2.stride(0), y.stride(0), **flags,
-                         BM=t.bm)
+        dot_kernel[grid](x2, kw.words, scales, zeros, gs, gz, b, y, m, n, k, kwords, ng, x2.stride(0), y.stride(0),
+                         **flags, BM=t.bm)
+    if sparse:
+        o = kw.outliers
+        outliers_kernel[(-(-n // 32), m)](x2, o.row_ptr, o.cols, o.corrections, y, n, x2.stride(0), y.stride(0),
+                                          BN=32, CH=64, num_warps=4)
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def _field_variant(asked: int, bits: int, cuda: bool) -> int:
+    """The GEMV's code → float variant: the byte permute (2) needs 4-bit fields and a GPU (Triton's interpreter runs
+    no inline assembly); else shift and mask (1)."""
+    if asked == 2 and not (bits == 4 and cuda):
+        raise ValueError("the byte-permute GEMV variant needs 4-bit fields on a CUDA device")
+    if asked:
+        return asked
+    return 2 if bits == 4 and cuda else 1
 
 
 def quantize_rows(x2: torch.Tensor, act, input_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,19 +1,27 @@
-"""Weight-only matmul on packed integer codes: y = x · ŵᵀ with ŵ = (c − z)·s rebuilt in registers (Triton).
+"""Weight-only matmul on packed integer codes: y = x · ŵᵀ with ŵ rebuilt in registers (Triton).
 
 The codes are in the kernel layout (lowbit.kernels.layout): int32 words [N, KW], a tile of BW words per row
-covering BK = BW·P columns (P = 32/b, b = 2, 4, 8), field j of word w holding column j·BW + w of the tile.
-Scales [N, NG] are float16; with asymmetric grids the zero points are the checkpoint's flat b-bit packing
-([N·NG] codes). BW is chosen so that every slice (the BW columns of one field) lies in one group.
+covering BK = BW·P columns (P = 32/b, fields of b = 2, 4, 8 bits), field j of word w holding column j·BW + w of the
+tile. BW is chosen so that every slice (the BW columns of one field) lies in one group. Per (row, group) the
+statistics are read as MODE says (lowbit.kernels.weights.ZeroMode):
 
-Dequantization per code, exact in float32 (the "magic number" conversion: 2^23 + c has c in its mantissa):
-    c_f = bitcast_f32(c | 0x4B000000) − (2^23 + z) = c − z.
+    MODE 0  ŵ = (c − z)·s, z = ZERO          MODE 1  z uint8        MODE 2  z float16 (SpQR, 16-bit statistics)
+    MODE 3  SpQR's bilevel statistics: s = c_s·a_s + m_s, z = c_z·a_z + m_z, (a, m) float16 per β2 = B2 rows
+    MODE 4  ŵ = c·s + m, m float16
 
-- `gemv_kernel` (rows of x one at a time, CUDA-core FMAs): the slices of one group are summed first,
-  p = Σ_(columns of g) (c − z)·x, and the group's scale applied once: y_n = Σ_g s_n,g · p_n,g.
+Every code is made exact in float32 by writing it into the mantissa of a float ("magic number" conversion):
+bitcast_f32(c | 0x4B000000) = 2^23 + c, used by the tensor-core and dequantizing kernels. The GEMV, whose speed
+is the number of instructions per code, places the code at the top of the mantissa instead (2^b + c, or 128 + c by
+one byte permute) and multiplies that float by x directly.
+
+- `gemv_kernel` (rows of x one at a time, CUDA-core FMAs): per code one FMA, p = Σ (B + c)·x over the group's
+  columns, and per group y_n += s·(p − (B + z)·Σx) (zero points z, integer or float), or s·(p − B·Σx) + m·Σx
+  (minimums); Σx is shared by every row.
 - `dot_kernel` (up to a few dozen rows, tensor cores): each slice is one K-step, y += x_slice · ŵ_sliceᵀ, with
   ŵ rounded to the activation dtype; K may be split across programs (fp32 atomic adds).
 - `dequant_kernel` writes ŵ [N, K] in the activation dtype, for many rows, where one dequantization followed by a
   cuBLAS matmul beats rebuilding the weight in every tile.
+- `outliers_kernel` adds SpQR's sparse part, Σ_(outliers of row n) δ·x_c, to a float32 y.
 """
 
 from __future__ import annotations
@@ -23,20 +31,29 @@ import triton.language as tl
 
 from lowbit.kernels.epilogue import bias_and_store
 
+MAGIC = tl.constexpr(8388608.0)  # 2^23
+
 
 @triton.jit
-def _group_stats(s_ptr, z_ptr, rn, g, N, NG, BITS: tl.constexpr, HAS_ZERO: tl.constexpr):
-    """Scale and 2^23 + z (float32, shaped like rn and g broadcast) of group g for rows rn; zero scale for padding
-    past the last group."""
+def _group_stats(s_ptr, z_ptr, gs_ptr, gz_ptr, rn, g, N, NG, MODE: tl.constexpr, ZERO: tl.constexpr,
+                 B2: tl.constexpr):
+    """(s, z) of group g for rows rn (broadcast together), float32: z the zero point (MODE 0–3) or the minimum m
+    (MODE 4). Zero scale for padding past the last group or row."""
     ok = (rn < N) & (g < NG)
     idx = rn * NG + g
-    s = tl.load(s_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-    if HAS_ZERO:
-        PER: tl.constexpr = 32 // BITS
-        zw = tl.load(z_ptr + idx // PER, mask=ok, other=0)
-        z = ((zw >> ((idx % PER) * BITS)) & ((1 << BITS) - 1)).to(tl.float32) + 8388608.0
+    if MODE == 3:
+        gi = ((rn // B2) * NG + g) * 2
+        s = tl.load(s_ptr + idx, mask=ok, other=0).to(tl.float32) * tl.load(gs_ptr + gi, mask=ok, other=0.0).to(
+            tl.float32) + tl.load(gs_ptr + gi + 1, mask=ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + idx, mask=ok, other=0).to(tl.float32) * tl.load(gz_ptr + gi, mask=ok, other=0.0).to(
+            tl.float32) + tl.load(gz_ptr + gi + 1, mask=ok, other=0.0).to(tl.float32)
+        s = tl.where(ok, s, 0.0)
     else:
-        z = s * 0.0 + (8388608.0 + (1 << (BITS - 1)))
+        s = tl.load(s_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        if MODE == 0:
+            z = s * 0.0 + ZERO
+        else:
+            z = tl.load(z_ptr + idx, mask=ok, other=0).to(tl.float32)
     return s, z
 
 
@@ -47,16 +64,74 @@ def _field(words, j: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, KW, NG, stride_xm, stride_ym,
-                BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                BN: tl.constexpr, BW: tl.constexpr, SPLIT_K: tl.constexpr, UNROLL: tl.constexpr):
+def _field_small(words, j: tl.constexpr, BITS: tl.constexpr):
+    """2^BITS + c (float32, exact) for field j: the code moved to the top of the mantissa (bits 23 − BITS …
+    22) under the exponent of 2^BITS, so that a sum of such values times x keeps its low bits."""
+    SH: tl.constexpr = 23 - BITS - j * BITS
+    if SH > 0:
+        v = words << SH
+    elif SH < 0:
+        v = words >> (-SH)
+    else:
+        v = words
+    return ((v & (((1 << BITS) - 1) << (23 - BITS))) | ((127 + BITS) << 23)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _byte_to_float(src, k: tl.constexpr):
+    """128 + byte k of src (float32, exact for bytes < 128), one PRMT: the byte becomes bits 16–23 under 0x43."""
+    if k == 0:
+        v = tl.inline_asm_elementwise("prmt.b32 $0, $1, 0x43000000, 0x7044;", "=r,r", [src], dtype=tl.int32,
+                                      is_pure=True, pack=1)
+    elif k == 1:
+        v = tl.inline_asm_elementwise("prmt.b32 $0, $1, 0x43000000, 0x7144;", "=r,r", [src], dtype=tl.int32,
+                                      is_pure=True, pack=1)
+    elif k == 2:
+        v = tl.inline_asm_elementwise("prmt.b32 $0, $1, 0x43000000, 0x7244;", "=r,r", [src], dtype=tl.int32,
+                                      is_pure=True, pack=1)
+    else:
+        v = tl.inline_asm_elementwise("prmt.b32 $0, $1, 0x43000000, 0x7344;", "=r,r", [src], dtype=tl.int32,
+                                      is_pure=True, pack=1)
+    return v.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _weight(f, s, z, MODE: tl.constexpr):
+    """ŵ (float32) from f = 2^23 + c and the group's (s, z)."""
+    if MODE == 4:
+        return (f - MAGIC) * s + z
+    else:
+        return ((f - MAGIC) - z) * s
+
+
+@triton.jit
+def _close_group(acc, part, sx, s, z, BASE: tl.constexpr, MODE: tl.constexpr):
+    """acc + the group's Σ ŵ·x from part = Σ (BASE + c)·x and sx = Σ x: s·(part − (BASE + z)·sx), or with
+    minimums s·(part − BASE·sx) + m·sx."""
+    if MODE == 4:
+        return acc + (part - BASE * sx) * s + z * sx
+    else:
+        return acc + (part - (z + BASE) * sx) * s
+
+
+@triton.jit
+def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, b_ptr, y_ptr, N, K, KW, NG, stride_xm, stride_ym,
+                BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, ZERO: tl.constexpr, B2: tl.constexpr,
+                HAS_BIAS: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, SPLIT_K: tl.constexpr,
+                UNROLL: tl.constexpr, FIELD: tl.constexpr):
     """One program: BN outputs of one row of x, over K (or its share of K with SPLIT_K > 1, fp32 atomics).
     Each step loads UNROLL tiles at once ([UNROLL, BN, BW] words), so that many loads are in flight per thread:
-    one row of x is a stream of weights, and the kernel is bound by how much of it is on its way."""
+    one row of x is a stream of weights, and the kernel is bound by how much of it is on its way.
+
+    FIELD, how a code becomes a float: 1, 2^b + c by a shift and a mask (`_field_small`); 2 (4-bit codes on a
+    GPU), 128 + c by one byte permute per code after splitting the word's low and high nibbles (`_byte_to_float`).
+    Per code that is one FMA, part += f·x; the group's zero point and the offset are taken out once per group
+    through Σx (`_close_group`)."""
     PER: tl.constexpr = 32 // BITS
     BK: tl.constexpr = BW * PER
-    # slices per group within a tile (GROUP == 0: one group per row, the scale applied at the end)
+    # slices per group within a tile (GROUP == 0: one group per row, the statistics applied at the end)
     SPG: tl.constexpr = PER if GROUP == 0 else GROUP // BW
+    BASE: tl.constexpr = 128.0 if FIELD == 2 else float(1 << BITS)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -70,37 +145,48 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, KW, NG, stride_x
     acc = tl.zeros((UNROLL, BN, BW), tl.float32)
     rows = rn[None, :, None]
     if GROUP == 0:
-        s, z = _group_stats(s_ptr, z_ptr, rows, 0, N, NG, BITS, HAS_ZERO)
+        s, z = _group_stats(s_ptr, z_ptr, gs_ptr, gz_ptr, rows, 0, N, NG, MODE, ZERO, B2)
+    part = tl.zeros((UNROLL, BN, BW), tl.float32)
+    sx = tl.zeros((UNROLL, 1, BW), tl.float32)
     for t0 in tl.range(t_lo, t_hi, UNROLL):
         t = t0 + ru  # [UNROLL] tiles of this step
         live = t < t_hi
         words = tl.load(w_ptr + rows * KW + (t[:, None, None] * BW + rw[None, None, :]),
                         mask=(rows < N) & live[:, None, None], other=0)
-        part = tl.zeros((UNROLL, BN, BW), tl.float32)
+        if FIELD == 2:
+            lo = words & 0x0F0F0F0F
+            hi = (words >> 4) & 0x0F0F0F0F
         for j in tl.static_range(PER):
             if GROUP > 0:
                 if j % SPG == 0:
                     g = (t * BK + j * BW) // GROUP
-                    s, z = _group_stats(s_ptr, z_ptr, rows, g[:, None, None], N, NG, BITS, HAS_ZERO)
+                    s, z = _group_stats(s_ptr, z_ptr, gs_ptr, gz_ptr, rows, g[:, None, None], N, NG, MODE, ZERO, B2)
             col = t[:, None] * BK + j * BW + rw[None, :]
-            x = tl.load(x_row + col, mask=(col < K) & live[:, None], other=0.0).to(tl.float32)
-            part += (_field(words, j, BITS) - z) * x[:, None, :]
+            x = tl.load(x_row + col, mask=(col < K) & live[:, None], other=0.0).to(tl.float32)[:, None, :]
+            if FIELD == 2:
+                if j % 2 == 0:
+                    f = _byte_to_float(lo, j // 2)
+                else:
+                    f = _byte_to_float(hi, j // 2)
+            else:
+                f = _field_small(words, j, BITS)
+            part += f * x
+            sx += x
             if GROUP > 0:
                 if j % SPG == SPG - 1:
-                    acc += part * s
+                    acc = _close_group(acc, part, sx, s, z, BASE, MODE)
                     part = tl.zeros((UNROLL, BN, BW), tl.float32)
-        if GROUP == 0:
-            acc += part
+                    sx = tl.zeros((UNROLL, 1, BW), tl.float32)
     if GROUP == 0:
-        acc = acc * s
+        acc = _close_group(acc, part, sx, s, z, BASE, MODE)
     y = tl.sum(tl.sum(acc, axis=2), axis=0)
     bias_and_store(y, b_ptr, rn, N, y_ptr + pid_m * stride_ym + rn, rn < N, pid_k, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
-def dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, NG, stride_xm, stride_ym,
-               BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-               BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, SPLIT_K: tl.constexpr):
+def dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, b_ptr, y_ptr, M, N, K, KW, NG, stride_xm, stride_ym,
+               BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, ZERO: tl.constexpr, B2: tl.constexpr,
+               HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, SPLIT_K: tl.constexpr):
     """One program: a BM × BN tile of y over K (or over its share of K, with SPLIT_K > 1)."""
     PER: tl.constexpr = 32 // BITS
     BK: tl.constexpr = BW * PER
@@ -115,27 +201,28 @@ def dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, NG, stride
     t_hi = tl.minimum(t_lo + per_split, tiles)
     acc = tl.zeros((BM, BN), tl.float32)
     if GROUP == 0:
-        s, z = _group_stats(s_ptr, z_ptr, rn[:, None], 0, N, NG, BITS, HAS_ZERO)
+        s, z = _group_stats(s_ptr, z_ptr, gs_ptr, gz_ptr, rn[:, None], 0, N, NG, MODE, ZERO, B2)
     for t in tl.range(t_lo, t_hi):
         words = tl.load(w_ptr + rn[:, None] * KW + (t * BW + rw)[None, :], mask=(rn < N)[:, None], other=0)
         for j in tl.static_range(PER):
             if GROUP > 0:
                 if j % SPG == 0:
-                    s, z = _group_stats(s_ptr, z_ptr, rn[:, None], (t * BK + j * BW) // GROUP, N, NG, BITS,
-                                        HAS_ZERO)
+                    s, z = _group_stats(s_ptr, z_ptr, gs_ptr, gz_ptr, rn[:, None], (t * BK + j * BW) // GROUP, N, NG,
+                                         MODE, ZERO, B2)
             col = t * BK + j * BW + rw
             x = tl.load(x_ptr + rm[:, None] * stride_xm + col[None, :], mask=(rm[:, None] < M) & (col[None, :] < K),
                         other=0.0)
-            w = ((_field(words, j, BITS) - z) * s).to(x.dtype)
+            w = _weight(_field(words, j, BITS), s, z, MODE).to(x.dtype)
             acc = tl.dot(x, tl.trans(w), acc)
     bias_and_store(acc, b_ptr, rn, N, y_ptr + rm[:, None] * stride_ym + rn[None, :],
                    (rm[:, None] < M) & (rn[None, :] < N), pid_k, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
-def dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, KW, NG, BITS: tl.constexpr, GROUP: tl.constexpr,
-                   HAS_ZERO: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
-    """ŵ [N, K] = (c − z)·s in out's dtype, one BN-row tile of BK columns per program."""
+def dequant_kernel(w_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, out_ptr, N, K, KW, NG, BITS: tl.constexpr,
+                   GROUP: tl.constexpr, MODE: tl.constexpr, ZERO: tl.constexpr, B2: tl.constexpr, BN: tl.constexpr,
+                   BW: tl.constexpr):
+    """ŵ [N, K] in out's dtype, one BN-row tile of BK columns per program."""
     PER: tl.constexpr = 32 // BITS
     BK: tl.constexpr = BW * PER
     SPG: tl.constexpr = PER if GROUP == 0 else GROUP // BW
@@ -144,12 +231,37 @@ def dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, KW, NG, BITS: tl.constexp
     rw = tl.arange(0, BW)
     words = tl.load(w_ptr + rn[:, None] * KW + (t * BW + rw)[None, :], mask=(rn < N)[:, None], other=0)
     if GROUP == 0:
-        s, z = _group_stats(s_ptr, z_ptr, rn[:, None], 0, N, NG, BITS, HAS_ZERO)
+        s, z = _group_stats(s_ptr, z_ptr, gs_ptr, gz_ptr, rn[:, None], 0, N, NG, MODE, ZERO, B2)
     for j in tl.static_range(PER):
         if GROUP > 0:
             if j % SPG == 0:
-                s, z = _group_stats(s_ptr, z_ptr, rn[:, None], (t * BK + j * BW) // GROUP, N, NG, BITS, HAS_ZERO)
+                s, z = _group_stats(s_ptr, z_ptr, gs_ptr, gz_ptr, rn[:, None], (t * BK + j * BW) // GROUP, N, NG,
+                                     MODE, ZERO, B2)
         col = t * BK + j * BW + rw
-        w = (_field(words, j, BITS) - z) * s
+        w = _weight(_field(words, j, BITS), s, z, MODE)
         tl.store(out_ptr + rn[:, None] * K + col[None, :], w.to(out_ptr.dtype.element_ty),
                  mask=(rn[:, None] < N) & (col[None, :] < K))
+
+
+@triton.jit
+def outliers_kernel(x_ptr, ptr_ptr, col_ptr, d_ptr, y_ptr, N, stride_xm, stride_ym, BN: tl.constexpr,
+                    CH: tl.constexpr):
+    """y[m, n] += Σ δ·x[m, c] over the outliers (c, δ) of rows n of one BN-row block; the block's outliers are one
+    run of the CSR arrays, read CH at a time and each added to its row through a [BN, CH] membership mask."""
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    m = tl.program_id(1)
+    ok = rn < N
+    start = tl.load(ptr_ptr + rn, mask=ok, other=0)
+    end = tl.load(ptr_ptr + rn + 1, mask=ok, other=0)
+    lo = tl.load(ptr_ptr + tl.program_id(0) * BN)
+    hi = tl.load(ptr_ptr + tl.minimum(tl.program_id(0) * BN + BN, N))
+    acc = tl.zeros((BN,), tl.float32)
+    for i in tl.range(lo, hi, CH):
+        idx = i + tl.arange(0, CH)
+        live = idx < hi
+        c = tl.load(col_ptr + idx, mask=live, other=0).to(tl.int32) & 0xFFFF
+        d = tl.load(d_ptr + idx, mask=live, other=0.0)
+        p = d * tl.load(x_ptr + m * stride_xm + c, mask=live, other=0.0).to(tl.float32)
+        mine = (idx[None, :] >= start[:, None]) & (idx[None, :] < end[:, None])
+        acc += tl.sum(tl.where(mine, p[None, :], 0.0), axis=1)
+    tl.atomic_add(y_ptr + m * stride_ym + rn, acc, mask=ok, sem="relaxed")

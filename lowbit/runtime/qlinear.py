@@ -20,7 +20,7 @@ from torch import nn
 
 from lowbit import kernels
 from lowbit.errors import LowbitError
-from lowbit.formats import QuantizedWeight, SpQRWeight, fake_quantize_activation, from_packed, packed_shapes
+from lowbit.formats import QuantizedWeight, SpQRWeight, fake_quantize_activation, from_packed, pack, packed_shapes
 from lowbit.recipe import LayerSpec
 from lowbit.runtime.lowp import codes_kind, codes_matmul, weight_operand
 
@@ -41,6 +41,8 @@ class QuantLinear(nn.Module):
         static = spec.act is not None and spec.act.static
         self.register_buffer("input_scale", torch.ones((), device=device) if static else None)
         self.kernel_layout = False  # qweight holds the kernels' layout (lowbit.kernels.layout), not the checkpoint's
+        self._kw = None  # the kernels' form of the weight (lowbit.kernels.weights), with kernel_layout
+        self._no_kernel = False  # this layer's weight turned out to have no kernel form (said once)
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight | SpQRWeight, spec: LayerSpec,
@@ -68,23 +70,25 @@ class QuantLinear(nn.Module):
         return from_packed(self.spec.weight, self.shape, tensors)
 
     def prepare_kernels(self) -> bool:
-        """Re-order the codes once into the GPU kernels' layout, in place; False when this format has no kernel."""
-        from lowbit.kernels.linear import to_kernel_layout, unsupported
+        """Build the weight-only kernels' form of this layer once (lowbit.kernels.weights), its codes replacing
+        `qweight` in place; False when this format has no such kernel."""
+        from lowbit.kernels.weights import kernel_weight, unsupported
 
         if self.kernel_layout:
             return True
-        if unsupported(self.spec.weight, self.spec.act) is not None:
+        if self._no_kernel or self.spec.act is not None or unsupported(self.spec.weight) is not None:
             return False
-        self.qweight = to_kernel_layout(self.qweight, self.spec.weight, self.in_features)
-        self.kernel_layout = True
+        try:
+            kw = kernel_weight(self.quantized_weight())
+        except ValueError as e:
+            kernels.say_fallback("this layer format", str(e))
+            self._no_kernel = True
+            return False
+        self.qweight, self._kw, self.kernel_layout = kw.words, kw, True
         return True
 
     def _checkpoint_qweight(self) -> torch.Tensor:
-        from lowbit.kernels.layout import deinterleave, slice_words
-        from lowbit.kernels.linear import group_size
-
-        fmt = self.spec.weight
-        return deinterleave(self.qweight, fmt.bits, self.in_features, slice_words(fmt.bits, group_size(fmt)))
+        return pack(self._kw.codes(), self.spec.weight.bits)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -92,10 +96,18 @@ class QuantLinear(nn.Module):
             destination[prefix + "qweight"] = self._checkpoint_qweight()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if self.kernel_layout:  # what is loaded is in the checkpoint layout
-            self.qweight = self._checkpoint_qweight()
-            self.kernel_layout = False
+        self._drop_kernel_form()  # what is loaded is in the checkpoint layout
+        self._no_kernel = False
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._drop_kernel_form()  # moved or cast buffers: the kernel form is rebuilt from them when next needed
+        return super()._apply(fn, *args, **kwargs)
+
+    def _drop_kernel_form(self) -> None:
+        if self.kernel_layout:
+            self.qweight = self._checkpoint_qweight()
+            self.kernel_layout, self._kw = False, None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -140,12 +152,12 @@ class QuantLinear(nn.Module):
                 return w8a8_linear(x, act, self.input_scale, *operand, bias)
         else:
             reason = unsupported(self.spec.weight, act)
+        if reason is None and not self.prepare_kernels():
+            return None  # said by prepare_kernels
         if reason is not None:
             kernels.say_fallback("this layer format", reason)
             return None
-        self.prepare_kernels()
-        return wxa16_linear(x, self.spec.weight, self.qweight, self.scales, getattr(self, "qzeros", None), bias,
-                            self.out_features)
+        return wxa16_linear(x, self._kw, bias)
 
     def _w8a8_operand(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The packed weight as the W8A8 kernels read it, without a copy of the codes: a symmetric 8-bit
