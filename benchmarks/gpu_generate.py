@@ -2,9 +2,11 @@
 
     python3 benchmarks/gpu_generate.py CHECKPOINT [--tokens 32]       (on a CUDA machine; PYTHONPATH=.)
 
-Three runs of the same 8 prompts: the CPU reference (float32), the GPU with lowbit's Triton kernels (float16),
-and the GPU with the kernels switched off (float16, plain-torch reference). Prints, per prompt, how many of the
-first generated tokens agree, and exits non-zero when the kernel run and the CPU run differ in the first N.
+The same 8 prompts, greedy: the CPU reference (float32), and on the GPU, for float32 and for float16, lowbit's
+Triton kernels and the kernels switched off (plain-torch reference, same dtype). Prints, per prompt, how many of
+the first generated tokens agree, and exits non-zero when the float32 kernel run and the CPU run differ in the
+first N (float32 on both sides: what differs is only the order of the sums). In float16 a near tie between two
+tokens can flip, on the kernels as on the GPU reference; that run is reported, not judged.
 """
 
 from __future__ import annotations
@@ -46,19 +48,23 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=32)
     args = p.parse_args()
     tok = lowbit.load_tokenizer(args.checkpoint)
-    gpu = generate(lowbit.load(args.checkpoint, dtype=torch.float16, device="cuda"), tok, "cuda", args.tokens)
-    print("GPU kernels done", flush=True)
-    kernels.set_enabled(False)  # the reference on the checkpoint's own layout (moved, not readied for kernels)
-    gpu_ref = generate(lowbit.load(args.checkpoint, dtype=torch.float16).to("cuda"), tok, "cuda", args.tokens)
-    kernels.set_enabled(True)
-    print("GPU reference done", flush=True)
     cpu = generate(lowbit.load(args.checkpoint), tok, "cpu", args.tokens)
     bad = 0
-    for prompt, c, g, r in zip(PROMPTS, cpu, gpu, gpu_ref, strict=True):
-        n, nr = agree(c, g), agree(r, g)
-        bad += n < args.tokens
-        print(f"{prompt!r:40} kernels vs CPU: {n:3d}/{args.tokens} agree; kernels vs GPU reference: {nr:3d}")
-    print(f"{len(PROMPTS) - bad}/{len(PROMPTS)} prompts identical for {args.tokens} tokens")
+    for dtype in (torch.float32, torch.float16):
+        gpu = generate(lowbit.load(args.checkpoint, dtype=dtype, device="cuda"), tok, "cuda", args.tokens)
+        kernels.set_enabled(False)  # the reference on the checkpoint's own layout (moved, not readied for kernels)
+        gpu_ref = generate(lowbit.load(args.checkpoint, dtype=dtype).to("cuda"), tok, "cuda", args.tokens)
+        kernels.set_enabled(True)
+        same = 0
+        print(f"--- {dtype}")
+        for prompt, c, g, r in zip(PROMPTS, cpu, gpu, gpu_ref, strict=True):
+            n, nr, rc = agree(c, g), agree(r, g), agree(r, c)
+            same += n == args.tokens
+            print(f"{prompt!r:34} kernels vs CPU {n:3d}/{args.tokens}; kernels vs GPU reference {nr:3d}; "
+                  f"GPU reference vs CPU {rc:3d}")
+        print(f"{dtype}: {same}/{len(PROMPTS)} prompts identical to the CPU reference for {args.tokens} tokens")
+        if dtype == torch.float32:
+            bad = len(PROMPTS) - same
     sys.exit(1 if bad else 0)
 
 

@@ -45,15 +45,15 @@ def _pow2_at_least(n: int) -> int:
 
 def choose_tiles(m: int, n: int, k: int, bits: int, sms: int) -> Tiles:
     """A launch shape for M×K · K×N (benchmarks/gpu_kernels.py --sweep on an H200 chose these): one row is a GEMV
-    over blocks of 16 outputs, four tiles of K per step, K split when there are fewer blocks than SMs; a few
+    over blocks of 32 outputs, two tiles of K per step, K split when there are fewer blocks than SMs; a few
     rows are 16 × 64 tensor-core tiles with K split until the grid covers the GPU four times; many
     rows dequantize once for cuBLAS."""
     if m <= 2:
-        bn = 16
+        bn = 32
         split = 1
         while -(-n // bn) * m * split < sms and k // (split * 2) >= 2048:
             split *= 2
-        return Tiles("gemv", 1, bn, split, warps=8, unroll=4)
+        return Tiles("gemv", 1, bn, split, warps=8, unroll=2)
     if m <= 64:
         bm, bn = max(16, _pow2_at_least(m)), 64
         tiles = -(-n // bn) * -(-m // bm)
@@ -89,25 +89,19 @@ def wxa16_linear(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None,
         x2 = x2.contiguous()
     m, n = x2.shape[0], kw.out_features
     t = tiles or choose_tiles(m, n, k, kw.field, _sm_count(x.device))
-    scales = kw.scales
-    zeros = kw.zeros if kw.zeros is not None else scales  # pointers the kernel never reads
-    gs, gz = kw.grids if kw.grids is not None else (scales, scales)
-    stats = dict(BITS=kw.field, GROUP=kw.group, MODE=int(kw.mode), ZERO=kw.symmetric_zero, B2=kw.beta2,
-                 BW=kw.slice_words)
-    kwords, ng = kw.words.shape[1], scales.shape[1]
+    stats = dict(BITS=kw.field, GROUP=kw.group, MODE=int(kw.mode), ZERO=kw.symmetric_zero, BW=kw.slice_words)
+    kwords, ng = kw.words.shape[1], kw.stats.shape[1]
     if t.mode == "dequant":
         w = torch.empty(n, k, device=x.device, dtype=x.dtype)
         grid = (-(-n // t.bn), kwords // kw.slice_words)
-        dequant_kernel[grid](kw.words, scales, zeros, gs, gz, w, n, k, kwords, ng, **stats, BN=t.bn,
-                             num_warps=t.warps)
+        dequant_kernel[grid](kw.words, kw.stats, w, n, k, kwords, ng, **stats, BN=t.bn, num_warps=t.warps)
         if kw.outliers is not None:  # the stored values replace the dense grid's at their positions
             o = kw.outliers
             rows = torch.repeat_interleave(torch.arange(n, device=x.device), (o.row_ptr[1:] - o.row_ptr[:-1]).long(),
                                            output_size=o.values.numel())
-            cols = o.cols.long() & 0xFFFF
-            w.view(-1).index_put_((rows * k + cols,), o.values.to(w.dtype))
+            w.view(-1).index_put_((rows * k + (o.cols.long() & 0xFFFF),), o.values.to(w.dtype))
         return torch.nn.functional.linear(x2, w, bias).reshape(*x.shape[:-1], n)
-    b = bias if bias is not None else scales
+    b = bias if bias is not None else kw.stats  # a pointer the kernel never reads
     flags = dict(stats, HAS_BIAS=bias is not None, BN=t.bn, SPLIT_K=t.split_k, num_warps=t.warps,
                  num_stages=t.stages)
     sparse = kw.outliers is not None
@@ -116,13 +110,13 @@ def wxa16_linear(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None,
     else:
         y = torch.empty(m, n, device=x.device, dtype=torch.float32 if sparse else x.dtype)
     if t.mode == "gemv":
-        gemv_kernel[(-(-n // t.bn), m, t.split_k)](x2, kw.words, scales, zeros, gs, gz, b, y, n, k, kwords, ng,
-                                                   x2.stride(0), y.stride(0), **flags, UNROLL=t.unroll,
+        gemv_kernel[(-(-n // t.bn), m, t.split_k)](x2, kw.words, kw.stats, b, y, n, k, kwords, ng, x2.stride(0),
+                                                   y.stride(0), **flags, UNROLL=t.unroll,
                                                    FIELD=_field_variant(t.field, kw.field, x.is_cuda))
     else:
         grid = (-(-m // t.bm), -(-n // t.bn), t.split_k)
-        dot_kernel[grid](x2, kw.words, scales, zeros, gs, gz, b, y, m, n, k, kwords, ng, x2.stride(0), y.stride(0),
-                         **flags, BM=t.bm)
+        dot_kernel[grid](x2, kw.words, kw.stats, b, y, m, n, k, kwords, ng, x2.stride(0), y.stride(0), **flags,
+                         BM=t.bm)
     if sparse:
         o = kw.outliers
         outliers_kernel[(-(-n // 32), m)](x2, o.row_ptr, o.cols, o.corrections, y, n, x2.stride(0), y.stride(0),

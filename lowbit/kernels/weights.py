@@ -6,10 +6,13 @@ turned back into it for saving.
 - A column → group map (g_idx, GPTQ act-order without static groups) becomes a column order: the columns are
   sorted by group once, so groups are runs of G consecutive columns again, and x is gathered in that order at
   each call (K values).
-- Zero points, statistics and grids are kept per (row, group) in the form the kernel loads directly (`ZeroMode`).
-- SpQR (arXiv 2306.03078): the dense b_w-bit part as above with its bilevel statistics decoded in the kernel,
-  s = c_s·a_s + m_s and z = c_z·a_z + m_z (§4.2); the outliers stay CSR by row, each with the correction
-  w_o − ŵ_dense(r, c) in float32 that turns the dense product at that position into the stored value.
+- The statistics of each (row, group) are one 32-bit word, two float16 halves: the scale s (low) and the zero z
+  (integer zeros are exact in float16), or the minimum m with float minimums (high), so the kernel reads a group
+  with one load (`ZeroMode`).
+- SpQR (arXiv 2306.03078): the dense b_w-bit part as above. Its bilevel statistics (§4.2), s = c_s·a_s + m_s and
+  z = c_z·a_z + m_z, are decoded once here and rounded to float16 (relative error ≤ 2^-11 in s, ≤ 2^-9 of a step
+  in z, far below the float16/bfloat16 rounding of the output). The outliers stay CSR by row, each with the
+  correction w_o − ŵ_dense(r, c) in float32 that turns the dense product at that position into the stored value.
 """
 
 from __future__ import annotations
@@ -27,13 +30,11 @@ from lowbit.kernels.layout import deinterleave, interleave, slice_words
 
 
 class ZeroMode(IntEnum):
-    """How the kernel forms ŵ for a code c of one (row, group)."""
+    """How the kernel forms ŵ for a code c of one (row, group) from its statistics word (s, z/m)."""
 
-    SYMMETRIC = 0  # (c − z)·s, z = 2^(b−1) for every group
-    INT_ZERO = 1  # (c − z)·s, z a uint8 per group
-    FLOAT_ZERO = 2  # (c − z)·s, z a float16 per group (SpQR with 16-bit statistics)
-    BILEVEL = 3  # (c − z)·s, s and z decoded from uint8 codes and float16 (step, min) per β2 rows (SpQR)
-    FLOAT_MIN = 4  # c·s + m, m a float16 per group
+    SYMMETRIC = 0  # (c − z)·s with z = 2^(b−1) for every group (the high half is unused)
+    ZERO = 1  # (c − z)·s, z per group (integer zero points, SpQR's float zeros)
+    MINIMUM = 2  # c·s + m, m per group
 
 
 def field_bits(bits: int) -> int:
@@ -54,19 +55,17 @@ class Outliers:
 
 @dataclass
 class KernelWeight:
-    """Codes in the kernel layout [N, KW] (int32), per-(row, group) statistics as `mode` reads them, and what a
-    format adds: SpQR's second-level grids and outliers, a column order for g_idx."""
+    """Codes in the kernel layout [N, KW] (int32), one statistics word per (row, group) [N, NG] (int32: float16 s
+    in the low half, z or m in the high half), and what a format adds: a column order for g_idx, SpQR's
+    outliers."""
 
     words: torch.Tensor
     bits: int  # the format's bits per code
     group: int  # columns per group, 0: one group per row
     mode: ZeroMode
-    scales: torch.Tensor  # [N, NG]: float16, or uint8 codes with BILEVEL
-    zeros: torch.Tensor | None  # [N, NG]: uint8, float16 (zeros or minimums), or uint8 codes with BILEVEL
+    stats: torch.Tensor
     in_features: int
     out_features: int
-    grids: tuple[torch.Tensor, torch.Tensor] | None = None  # BILEVEL: (step, min) [N/β2, NG, 2] of s and of z
-    beta2: int = 1
     perm: torch.Tensor | None = None  # int64 [K]: kernel column i is input column perm[i]
     outliers: Outliers | None = None
 
@@ -88,6 +87,15 @@ class KernelWeight:
         if self.perm is not None:
             codes = codes[:, torch.argsort(self.perm)]
         return codes
+
+
+def stats_words(scale: torch.Tensor, second: torch.Tensor | None) -> torch.Tensor:
+    """[N, NG] int32 words: float16 scale in the low half, `second` (zero or minimum) as float16 in the high."""
+    lo = scale.to(torch.float16).contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    if second is None:
+        return lo
+    hi = second.to(torch.float16).contiguous().view(torch.int16).to(torch.int32)
+    return lo | (hi << 16)
 
 
 def unsupported(fmt) -> str | None:
@@ -129,14 +137,9 @@ def kernel_weight(qw: QuantizedWeight | SpQRWeight) -> KernelWeight:
         if not torch.equal(qw.g_idx.long()[perm], torch.arange(k, device=perm.device) // group):
             raise ValueError(f"a g_idx whose groups are not {group} columns each")
         codes = codes[:, perm]
-    if fmt.float_zero:
-        mode, zeros = ZeroMode.FLOAT_MIN, qw.zero.to(torch.float16)
-    elif qw.zero is not None:
-        mode, zeros = ZeroMode.INT_ZERO, qw.zero.to(torch.uint8).contiguous()
-    else:
-        mode, zeros = ZeroMode.SYMMETRIC, None
+    mode = ZeroMode.MINIMUM if fmt.float_zero else (ZeroMode.ZERO if qw.zero is not None else ZeroMode.SYMMETRIC)
     words = interleave(codes, field_bits(fmt.bits), slice_words(field_bits(fmt.bits), group))
-    return KernelWeight(words, fmt.bits, group, mode, qw.scale.contiguous(), zeros, k, n, perm=perm)
+    return KernelWeight(words, fmt.bits, group, mode, stats_words(qw.scale, qw.zero), k, n, perm=perm)
 
 
 def _spqr(sw: SpQRWeight) -> KernelWeight:
@@ -144,19 +147,15 @@ def _spqr(sw: SpQRWeight) -> KernelWeight:
     n, k = sw.shape
     field = field_bits(fmt.bits)
     words = interleave(sw.codes, field, slice_words(field, fmt.beta1))
-    if fmt.quantized_stats:
-        mode, grids = ZeroMode.BILEVEL, (sw.scale_grid.contiguous(), sw.zero_grid.contiguous())
-        scales, zeros = sw.scale.to(torch.uint8).contiguous(), sw.zero.to(torch.uint8).contiguous()
-    else:
-        mode, grids, scales, zeros = ZeroMode.FLOAT_ZERO, None, sw.scale.contiguous(), sw.zero.contiguous()
-    kw = KernelWeight(words, fmt.bits, fmt.beta1, mode, scales, zeros, k, n, grids, fmt.beta2)
+    s, z = sw.statistics()
+    kw = KernelWeight(words, fmt.bits, fmt.beta1, ZeroMode.ZERO, stats_words(s, z), k, n)
     if sw.outliers:
         rows = torch.repeat_interleave(torch.arange(n, device=sw.codes.device),
                                        (sw.row_ptr[1:] - sw.row_ptr[:-1]).long())
         cols = sw.col_idx.long() & 0xFFFF
-        s, z = sw.statistics()
         g = cols // fmt.beta1
-        dense = (sw.codes[rows, cols].float() - z[rows, g]) * s[rows, g]
+        s16, z16 = s.half().float(), z.half().float()  # what the kernel multiplies with
+        dense = (sw.codes[rows, cols].float() - z16[rows, g]) * s16[rows, g]
         kw.outliers = Outliers(sw.row_ptr.contiguous(), sw.col_idx.contiguous(), sw.values.contiguous(),
                                (sw.values.float() - dense).contiguous())
     return kw

@@ -2,12 +2,11 @@
 
 The codes are in the kernel layout (lowbit.kernels.layout): int32 words [N, KW], a tile of BW words per row
 covering BK = BW·P columns (P = 32/b, fields of b = 2, 4, 8 bits), field j of word w holding column j·BW + w of the
-tile. BW is chosen so that every slice (the BW columns of one field) lies in one group. Per (row, group) the
-statistics are read as MODE says (lowbit.kernels.weights.ZeroMode):
+tile. BW is chosen so that every slice (the BW columns of one field) lies in one group and a tile holds whole
+groups. Each (row, group) has one statistics word [N, NG] (lowbit.kernels.weights): float16 s in the low half,
+float16 z or m in the high half, read as MODE says (lowbit.kernels.weights.ZeroMode):
 
-    MODE 0  ŵ = (c − z)·s, z = ZERO          MODE 1  z uint8        MODE 2  z float16 (SpQR, 16-bit statistics)
-    MODE 3  SpQR's bilevel statistics: s = c_s·a_s + m_s, z = c_z·a_z + m_z, (a, m) float16 per β2 = B2 rows
-    MODE 4  ŵ = c·s + m, m float16
+    MODE 0  ŵ = (c − z)·s, z = ZERO        MODE 1  ŵ = (c − z)·s        MODE 2  ŵ = c·s + m
 
 Every code is made exact in float32 by writing it into the mantissa of a float ("magic number" conversion):
 bitcast_f32(c | 0x4B000000) = 2^23 + c, used by the tensor-core and dequantizing kernels. The GEMV, whose speed
@@ -15,8 +14,9 @@ is the number of instructions per code, places the code at the top of the mantis
 one byte permute) and multiplies that float by x directly.
 
 - `gemv_kernel` (rows of x one at a time, CUDA-core FMAs): per code one FMA, p = Σ (B + c)·x over the group's
-  columns, and per group y_n += s·(p − (B + z)·Σx) (zero points z, integer or float), or s·(p − B·Σx) + m·Σx
-  (minimums); Σx is shared by every row.
+  columns, and per group y_n += s·(p − (B + z)·Σx), or s·(p − B·Σx) + m·Σx with minimums; Σx is shared by every
+  row. The words and statistics of the next step are loaded before this step is computed, so that one row of x,
+  which is a stream of weights, keeps the memory busy.
 - `dot_kernel` (up to a few dozen rows, tensor cores): each slice is one K-step, y += x_slice · ŵ_sliceᵀ, with
   ŵ rounded to the activation dtype; K may be split across programs (fp32 atomic adds).
 - `dequant_kernel` writes ŵ [N, K] in the activation dtype, for many rows, where one dequantization followed by a
@@ -35,26 +35,21 @@ MAGIC = tl.constexpr(8388608.0)  # 2^23
 
 
 @triton.jit
-def _group_stats(s_ptr, z_ptr, gs_ptr, gz_ptr, rn, g, N, NG, MODE: tl.constexpr, ZERO: tl.constexpr,
-                 B2: tl.constexpr):
-    """(s, z) of group g for rows rn (broadcast together), float32: z the zero point (MODE 0–3) or the minimum m
-    (MODE 4). Zero scale for padding past the last group or row."""
-    ok = (rn < N) & (g < NG)
-    idx = rn * NG + g
-    if MODE == 3:
-        gi = ((rn // B2) * NG + g) * 2
-        s = tl.load(s_ptr + idx, mask=ok, other=0).to(tl.float32) * tl.load(gs_ptr + gi, mask=ok, other=0.0).to(
-            tl.float32) + tl.load(gs_ptr + gi + 1, mask=ok, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + idx, mask=ok, other=0).to(tl.float32) * tl.load(gz_ptr + gi, mask=ok, other=0.0).to(
-            tl.float32) + tl.load(gz_ptr + gi + 1, mask=ok, other=0.0).to(tl.float32)
-        s = tl.where(ok, s, 0.0)
+def _split_stats(v, MODE: tl.constexpr, ZERO: tl.constexpr):
+    """(s, z or m) in float32 from statistics words v (float16 halves)."""
+    s = (v & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    if MODE == 0:
+        z = s * 0.0 + ZERO
     else:
-        s = tl.load(s_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-        if MODE == 0:
-            z = s * 0.0 + ZERO
-        else:
-            z = tl.load(z_ptr + idx, mask=ok, other=0).to(tl.float32)
+        z = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     return s, z
+
+
+@triton.jit
+def _group_stats(st_ptr, rn, g, N, NG, MODE: tl.constexpr, ZERO: tl.constexpr):
+    """(s, z) of group g for rows rn (broadcast together); zero scale past the last group or row."""
+    v = tl.load(st_ptr + rn * NG + g, mask=(rn < N) & (g < NG), other=0)
+    return _split_stats(v, MODE, ZERO)
 
 
 @triton.jit
@@ -98,7 +93,7 @@ def _byte_to_float(src, k: tl.constexpr):
 @triton.jit
 def _weight(f, s, z, MODE: tl.constexpr):
     """ŵ (float32) from f = 2^23 + c and the group's (s, z)."""
-    if MODE == 4:
+    if MODE == 2:
         return (f - MAGIC) * s + z
     else:
         return ((f - MAGIC) - z) * s
@@ -108,20 +103,34 @@ def _weight(f, s, z, MODE: tl.constexpr):
 def _close_group(acc, part, sx, s, z, BASE: tl.constexpr, MODE: tl.constexpr):
     """acc + the group's Σ ŵ·x from part = Σ (BASE + c)·x and sx = Σ x: s·(part − (BASE + z)·sx), or with
     minimums s·(part − BASE·sx) + m·sx."""
-    if MODE == 4:
+    if MODE == 2:
         return acc + (part - BASE * sx) * s + z * sx
     else:
         return acc + (part - (z + BASE) * sx) * s
 
 
 @triton.jit
-def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, b_ptr, y_ptr, N, K, KW, NG, stride_xm, stride_ym,
-                BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, ZERO: tl.constexpr, B2: tl.constexpr,
+def _step_loads(w_ptr, st_ptr, rows, t, t_hi, N, KW, NG, BW: tl.constexpr, GPT: tl.constexpr, GROUP: tl.constexpr):
+    """The words [UNROLL, BN, BW] of tiles t and, with groups, their statistics words [UNROLL, BN, GPT]."""
+    live = (t < t_hi)[:, None, None]
+    words = tl.load(w_ptr + rows * KW + (t[:, None, None] * BW + tl.arange(0, BW)[None, None, :]),
+                    mask=(rows < N) & live, other=0)
+    if GROUP > 0:
+        g = t[:, None, None] * GPT + tl.arange(0, GPT)[None, None, :]
+        st = tl.load(st_ptr + rows * NG + g, mask=(rows < N) & live & (g < NG), other=0)
+    else:
+        st = words  # unused
+    return words, st
+
+
+@triton.jit
+def gemv_kernel(x_ptr, w_ptr, st_ptr, b_ptr, y_ptr, N, K, KW, NG, stride_xm, stride_ym,
+                BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, ZERO: tl.constexpr,
                 HAS_BIAS: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, SPLIT_K: tl.constexpr,
                 UNROLL: tl.constexpr, FIELD: tl.constexpr):
     """One program: BN outputs of one row of x, over K (or its share of K with SPLIT_K > 1, fp32 atomics).
-    Each step loads UNROLL tiles at once ([UNROLL, BN, BW] words), so that many loads are in flight per thread:
-    one row of x is a stream of weights, and the kernel is bound by how much of it is on its way.
+    Each step covers UNROLL tiles ([UNROLL, BN, BW] words); the next step's words and statistics are in flight
+    while this one is computed.
 
     FIELD, how a code becomes a float: 1, 2^b + c by a shift and a mask (`_field_small`); 2 (4-bit codes on a
     GPU), 128 + c by one byte permute per code after splitting the word's low and high nibbles (`_byte_to_float`).
@@ -129,14 +138,16 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, b_ptr, y_ptr, N, K, 
     through Σx (`_close_group`)."""
     PER: tl.constexpr = 32 // BITS
     BK: tl.constexpr = BW * PER
-    # slices per group within a tile (GROUP == 0: one group per row, the statistics applied at the end)
+    # slices per group, groups per tile (GROUP == 0: one group per row, the statistics applied at the end)
     SPG: tl.constexpr = PER if GROUP == 0 else GROUP // BW
+    GPT: tl.constexpr = 1 if GROUP == 0 else BK // GROUP
     BASE: tl.constexpr = 128.0 if FIELD == 2 else float(1 << BITS)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rw = tl.arange(0, BW)
     ru = tl.arange(0, UNROLL)
+    rg = tl.arange(0, GPT)
     x_row = x_ptr + pid_m * stride_xm
     tiles = tl.cdiv(K, BK)
     per_split = tl.cdiv(tiles, SPLIT_K)
@@ -145,22 +156,22 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, b_ptr, y_ptr, N, K, 
     acc = tl.zeros((UNROLL, BN, BW), tl.float32)
     rows = rn[None, :, None]
     if GROUP == 0:
-        s, z = _group_stats(s_ptr, z_ptr, gs_ptr, gz_ptr, rows, 0, N, NG, MODE, ZERO, B2)
+        s, z = _group_stats(st_ptr, rows, 0, N, NG, MODE, ZERO)
     part = tl.zeros((UNROLL, BN, BW), tl.float32)
     sx = tl.zeros((UNROLL, 1, BW), tl.float32)
+    words, st = _step_loads(w_ptr, st_ptr, rows, t_lo + ru, t_hi, N, KW, NG, BW, GPT, GROUP)
     for t0 in tl.range(t_lo, t_hi, UNROLL):
         t = t0 + ru  # [UNROLL] tiles of this step
         live = t < t_hi
-        words = tl.load(w_ptr + rows * KW + (t[:, None, None] * BW + rw[None, None, :]),
-                        mask=(rows < N) & live[:, None, None], other=0)
+        words_next, st_next = _step_loads(w_ptr, st_ptr, rows, t + UNROLL, t_hi, N, KW, NG, BW, GPT, GROUP)
         if FIELD == 2:
             lo = words & 0x0F0F0F0F
             hi = (words >> 4) & 0x0F0F0F0F
         for j in tl.static_range(PER):
             if GROUP > 0:
                 if j % SPG == 0:
-                    g = (t * BK + j * BW) // GROUP
-                    s, z = _group_stats(s_ptr, z_ptr, gs_ptr, gz_ptr, rows, g[:, None, None], N, NG, MODE, ZERO, B2)
+                    v = tl.sum(tl.where(rg[None, None, :] == j // SPG, st, 0), axis=2)
+                    s, z = _split_stats(v[:, :, None], MODE, ZERO)
             col = t[:, None] * BK + j * BW + rw[None, :]
             x = tl.load(x_row + col, mask=(col < K) & live[:, None], other=0.0).to(tl.float32)[:, None, :]
             if FIELD == 2:
@@ -177,6 +188,7 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, b_ptr, y_ptr, N, K, 
                     acc = _close_group(acc, part, sx, s, z, BASE, MODE)
                     part = tl.zeros((UNROLL, BN, BW), tl.float32)
                     sx = tl.zeros((UNROLL, 1, BW), tl.float32)
+        words, st = words_next, st_next
     if GROUP == 0:
         acc = _close_group(acc, part, sx, s, z, BASE, MODE)
     y = tl.sum(tl.sum(acc, axis=2), axis=0)
@@ -184,8 +196,8 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, b_ptr, y_ptr, N, K, 
 
 
 @triton.jit
-def dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, b_ptr, y_ptr, M, N, K, KW, NG, stride_xm, stride_ym,
-               BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, ZERO: tl.constexpr, B2: tl.constexpr,
+def dot_kernel(x_ptr, w_ptr, st_ptr, b_ptr, y_ptr, M, N, K, KW, NG, stride_xm, stride_ym,
+               BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, ZERO: tl.constexpr,
                HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, SPLIT_K: tl.constexpr):
     """One program: a BM × BN tile of y over K (or over its share of K, with SPLIT_K > 1)."""
     PER: tl.constexpr = 32 // BITS
@@ -201,27 +213,28 @@ def dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, b_ptr, y_ptr, M, N, K
     t_hi = tl.minimum(t_lo + per_split, tiles)
     acc = tl.zeros((BM, BN), tl.float32)
     if GROUP == 0:
-        s, z = _group_stats(s_ptr, z_ptr, gs_ptr, gz_ptr, rn[:, None], 0, N, NG, MODE, ZERO, B2)
+        s, z = _group_stats(st_ptr, rn[:, None], 0, N, NG, MODE, ZERO)
     for t in tl.range(t_lo, t_hi):
         words = tl.load(w_ptr + rn[:, None] * KW + (t * BW + rw)[None, :], mask=(rn < N)[:, None], other=0)
         for j in tl.static_range(PER):
             if GROUP > 0:
                 if j % SPG == 0:
-                    s, z = _group_stats(s_ptr, z_ptr, gs_ptr, gz_ptr, rn[:, None], (t * BK + j * BW) // GROUP, N, NG,
-                                         MODE, ZERO, B2)
+                    s, z = _group_stats(st_ptr, rn[:, None], (t * BK + j * BW) // GROUP, N, NG, MODE, ZERO)
             col = t * BK + j * BW + rw
             x = tl.load(x_ptr + rm[:, None] * stride_xm + col[None, :], mask=(rm[:, None] < M) & (col[None, :] < K),
                         other=0.0)
             w = _weight(_field(words, j, BITS), s, z, MODE).to(x.dtype)
-            acc = tl.dot(x, tl.trans(w), acc)
+            if x.dtype == tl.float32:  # float32 activations: an exact product, not TF32
+                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
     bias_and_store(acc, b_ptr, rn, N, y_ptr + rm[:, None] * stride_ym + rn[None, :],
                    (rm[:, None] < M) & (rn[None, :] < N), pid_k, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
-def dequant_kernel(w_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, out_ptr, N, K, KW, NG, BITS: tl.constexpr,
-                   GROUP: tl.constexpr, MODE: tl.constexpr, ZERO: tl.constexpr, B2: tl.constexpr, BN: tl.constexpr,
-                   BW: tl.constexpr):
+def dequant_kernel(w_ptr, st_ptr, out_ptr, N, K, KW, NG, BITS: tl.constexpr, GROUP: tl.constexpr,
+                   MODE: tl.constexpr, ZERO: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
     """ŵ [N, K] in out's dtype, one BN-row tile of BK columns per program."""
     PER: tl.constexpr = 32 // BITS
     BK: tl.constexpr = BW * PER
@@ -231,12 +244,11 @@ def dequant_kernel(w_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, out_ptr, N, K, KW, NG, B
     rw = tl.arange(0, BW)
     words = tl.load(w_ptr + rn[:, None] * KW + (t * BW + rw)[None, :], mask=(rn < N)[:, None], other=0)
     if GROUP == 0:
-        s, z = _group_stats(s_ptr, z_ptr, gs_ptr, gz_ptr, rn[:, None], 0, N, NG, MODE, ZERO, B2)
+        s, z = _group_stats(st_ptr, rn[:, None], 0, N, NG, MODE, ZERO)
     for j in tl.static_range(PER):
         if GROUP > 0:
             if j % SPG == 0:
-                s, z = _group_stats(s_ptr, z_ptr, gs_ptr, gz_ptr, rn[:, None], (t * BK + j * BW) // GROUP, N, NG,
-                                     MODE, ZERO, B2)
+                s, z = _group_stats(st_ptr, rn[:, None], (t * BK + j * BW) // GROUP, N, NG, MODE, ZERO)
         col = t * BK + j * BW + rw
         w = _weight(_field(words, j, BITS), s, z, MODE)
         tl.store(out_ptr + rn[:, None] * K + col[None, :], w.to(out_ptr.dtype.element_ty),

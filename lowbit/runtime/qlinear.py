@@ -141,8 +141,8 @@ class QuantLinear(nn.Module):
 
         act = self.spec.act
         reason = None
-        if x.dtype not in (torch.float16, torch.bfloat16):
-            reason = f"{x.dtype} activations (the kernels take float16 or bfloat16)"
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            reason = f"{x.dtype} activations (the kernels take float16, bfloat16 or float32)"
         elif act is not None:
             operand = self._w8a8_operand()
             if operand is None:
