@@ -104,7 +104,7 @@ def spqr_layers(k: int, n: int) -> list[KernelWeight]:
 def spqr_bytes(kw: KernelWeight, m: int) -> int:
     """What the SpQR product reads: the kernel form's codes, statistic codes, grids and outliers, plus x and y."""
     o = kw.outliers
-    tensors = [kw.words, kw.scales, kw.zeros, *kw.grids, o.row_ptr, o.cols, o.corrections]
+    tensors = [kw.words, kw.stats, o.row_ptr, o.cols, o.corrections]
     return sum(t.numel() * t.element_size() for t in tensors) + m * kw.in_features * 2 + m * kw.out_features * 2
 
 

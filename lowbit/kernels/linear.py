@@ -45,7 +45,7 @@ def _pow2_at_least(n: int) -> int:
 
 def choose_tiles(m: int, n: int, k: int, bits: int, sms: int) -> Tiles:
     """A launch shape for M×K · K×N (benchmarks/gpu_kernels.py --sweep on an H200 chose these): one row is a GEMV
-    over blocks of 32 outputs, two tiles of K per step, K split when there are fewer blocks than SMs; a few
+    over blocks of 32 outputs, four tiles of K per step, K split when there are fewer blocks than SMs; a few
     rows are 16 × 64 tensor-core tiles with K split until the grid covers the GPU four times; many
     rows dequantize once for cuBLAS."""
     if m <= 2:
@@ -53,7 +53,7 @@ def choose_tiles(m: int, n: int, k: int, bits: int, sms: int) -> Tiles:
         split = 1
         while -(-n // bn) * m * split < sms and k // (split * 2) >= 2048:
             split *= 2
-        return Tiles("gemv", 1, bn, split, warps=8, unroll=2)
+        return Tiles("gemv", 1, bn, split, warps=8, unroll=4)
     if m <= 64:
         bm, bn = max(16, _pow2_at_least(m)), 64
         tiles = -(-n // bn) * -(-m // bm)

@@ -15,8 +15,7 @@ one byte permute) and multiplies that float by x directly.
 
 - `gemv_kernel` (rows of x one at a time, CUDA-core FMAs): per code one FMA, p = Σ (B + c)·x over the group's
   columns, and per group y_n += s·(p − (B + z)·Σx), or s·(p − B·Σx) + m·Σx with minimums; Σx is shared by every
-  row. The words and statistics of the next step are loaded before this step is computed, so that one row of x,
-  which is a stream of weights, keeps the memory busy.
+  row.
 - `dot_kernel` (up to a few dozen rows, tensor cores): each slice is one K-step, y += x_slice · ŵ_sliceᵀ, with
   ŵ rounded to the activation dtype; K may be split across programs (fp32 atomic adds).
 - `dequant_kernel` writes ŵ [N, K] in the activation dtype, for many rows, where one dequantization followed by a
@@ -110,27 +109,13 @@ def _close_group(acc, part, sx, s, z, BASE: tl.constexpr, MODE: tl.constexpr):
 
 
 @triton.jit
-def _step_loads(w_ptr, st_ptr, rows, t, t_hi, N, KW, NG, BW: tl.constexpr, GPT: tl.constexpr, GROUP: tl.constexpr):
-    """The words [UNROLL, BN, BW] of tiles t and, with groups, their statistics words [UNROLL, BN, GPT]."""
-    live = (t < t_hi)[:, None, None]
-    words = tl.load(w_ptr + rows * KW + (t[:, None, None] * BW + tl.arange(0, BW)[None, None, :]),
-                    mask=(rows < N) & live, other=0)
-    if GROUP > 0:
-        g = t[:, None, None] * GPT + tl.arange(0, GPT)[None, None, :]
-        st = tl.load(st_ptr + rows * NG + g, mask=(rows < N) & live & (g < NG), other=0)
-    else:
-        st = words  # unused
-    return words, st
-
-
-@triton.jit
 def gemv_kernel(x_ptr, w_ptr, st_ptr, b_ptr, y_ptr, N, K, KW, NG, stride_xm, stride_ym,
                 BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, ZERO: tl.constexpr,
                 HAS_BIAS: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, SPLIT_K: tl.constexpr,
                 UNROLL: tl.constexpr, FIELD: tl.constexpr):
     """One program: BN outputs of one row of x, over K (or its share of K with SPLIT_K > 1, fp32 atomics).
-    Each step covers UNROLL tiles ([UNROLL, BN, BW] words); the next step's words and statistics are in flight
-    while this one is computed.
+    Each step loads UNROLL tiles at once ([UNROLL, BN, BW] words), so that many loads are in flight per thread:
+    one row of x is a stream of weights, and the kernel is bound by how much of it is on its way.
 
     FIELD, how a code becomes a float: 1, 2^b + c by a shift and a mask (`_field_small`); 2 (4-bit codes on a
     GPU), 128 + c by one byte permute per code after splitting the word's low and high nibbles (`_byte_to_float`).
@@ -138,16 +123,14 @@ def gemv_kernel(x_ptr, w_ptr, st_ptr, b_ptr, y_ptr, N, K, KW, NG, stride_xm, str
     through Σx (`_close_group`)."""
     PER: tl.constexpr = 32 // BITS
     BK: tl.constexpr = BW * PER
-    # slices per group, groups per tile (GROUP == 0: one group per row, the statistics applied at the end)
+    # slices per group within a tile (GROUP == 0: one group per row, the statistics applied at the end)
     SPG: tl.constexpr = PER if GROUP == 0 else GROUP // BW
-    GPT: tl.constexpr = 1 if GROUP == 0 else BK // GROUP
     BASE: tl.constexpr = 128.0 if FIELD == 2 else float(1 << BITS)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rw = tl.arange(0, BW)
     ru = tl.arange(0, UNROLL)
-    rg = tl.arange(0, GPT)
     x_row = x_ptr + pid_m * stride_xm
     tiles = tl.cdiv(K, BK)
     per_split = tl.cdiv(tiles, SPLIT_K)
@@ -159,19 +142,19 @@ def gemv_kernel(x_ptr, w_ptr, st_ptr, b_ptr, y_ptr, N, K, KW, NG, stride_xm, str
         s, z = _group_stats(st_ptr, rows, 0, N, NG, MODE, ZERO)
     part = tl.zeros((UNROLL, BN, BW), tl.float32)
     sx = tl.zeros((UNROLL, 1, BW), tl.float32)
-    words, st = _step_loads(w_ptr, st_ptr, rows, t_lo + ru, t_hi, N, KW, NG, BW, GPT, GROUP)
     for t0 in tl.range(t_lo, t_hi, UNROLL):
         t = t0 + ru  # [UNROLL] tiles of this step
         live = t < t_hi
-        words_next, st_next = _step_loads(w_ptr, st_ptr, rows, t + UNROLL, t_hi, N, KW, NG, BW, GPT, GROUP)
+        words = tl.load(w_ptr + rows * KW + (t[:, None, None] * BW + rw[None, None, :]),
+                        mask=(rows < N) & live[:, None, None], other=0)
         if FIELD == 2:
             lo = words & 0x0F0F0F0F
             hi = (words >> 4) & 0x0F0F0F0F
         for j in tl.static_range(PER):
             if GROUP > 0:
                 if j % SPG == 0:
-                    v = tl.sum(tl.where(rg[None, None, :] == j // SPG, st, 0), axis=2)
-                    s, z = _split_stats(v[:, :, None], MODE, ZERO)
+                    g = (t * BK + j * BW) // GROUP
+                    s, z = _group_stats(st_ptr, rows, g[:, None, None], N, NG, MODE, ZERO)
             col = t[:, None] * BK + j * BW + rw[None, :]
             x = tl.load(x_row + col, mask=(col < K) & live[:, None], other=0.0).to(tl.float32)[:, None, :]
             if FIELD == 2:
@@ -188,7 +171,6 @@ def gemv_kernel(x_ptr, w_ptr, st_ptr, b_ptr, y_ptr, N, K, KW, NG, stride_xm, str
                     acc = _close_group(acc, part, sx, s, z, BASE, MODE)
                     part = tl.zeros((UNROLL, BN, BW), tl.float32)
                     sx = tl.zeros((UNROLL, 1, BW), tl.float32)
-        words, st = words_next, st_next
     if GROUP == 0:
         acc = _close_group(acc, part, sx, s, z, BASE, MODE)
     y = tl.sum(tl.sum(acc, axis=2), axis=0)
