@@ -205,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "recipe's, else rtn)")
     q.add_argument("--preset", help="a named recipe: spqr-near-lossless, spqr-3bit, smoothquant-o1/o2/o3 (options "
                                     "override its fields)")
-    q.add_argument("--scheme", help="w8a16, w4a16, w3a16, w2a16 (any w{b}a16, b in 2..8), w8a8, fp8")
+    q.add_argument("--scheme", help="w8a16, w4a16, w3a16, w2a16 (any w{b}a16, b in 2..8), w8a8, fp8; llama.cpp's "
+                                    "q8_0, q4_0, q4_1, q5_0, q5_1 (groups of 32)")
     q.add_argument("--group-size", type=int, help="input columns per scale; 0 or -1 = per output channel")
     q.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (overrides --group-size)")
     span = q.add_mutually_exclusive_group()

@@ -29,6 +29,7 @@ from lowbit.formats import (
     granularity_from_group_size,
 )
 from lowbit.formats.activation import check_kv_kind
+from lowbit.formats.ggml import LEGACY
 from lowbit.formats.spqr import SpQRFormat
 from lowbit.model.parts import expand_parts
 
@@ -81,10 +82,10 @@ def check_scheme(scheme: str) -> str:
             raise LowbitError(f"scheme {scheme!r} asks for {bits}-bit weights; lowbit's integer grids have 2 to 8 bits "
                               f"(w2a16 … w8a16).")
         return s
-    if s in NAMED_SCHEMES:
+    if s in NAMED_SCHEMES or s in LEGACY:
         return s
     raise LowbitError(f"unknown scheme {scheme!r}. Known schemes: {', '.join(NAMED_SCHEMES)} "
-                      f"(and any w{{b}}a16 with b in 2..8).")
+                      f"(and any w{{b}}a16 with b in 2..8), and llama.cpp's {', '.join(LEGACY)}.")
 
 
 def scheme_spec(scheme: str, group_size: int | None, symmetric: bool, clip: bool,
@@ -92,6 +93,14 @@ def scheme_spec(scheme: str, group_size: int | None, symmetric: bool, clip: bool
                 act_static: bool = False, full_range: bool = False) -> LayerSpec:
     """LayerSpec for a scheme name and its options (group_size None = the scheme's default)."""
     s = check_scheme(scheme)
+    if s in LEGACY:  # llama.cpp's block types: the grid and the groups of 32 are the type's
+        if group_size not in (None, 32):
+            raise LowbitError(f"scheme {s} is llama.cpp's type of that name: groups of 32 columns; drop "
+                              f"--group-size {group_size}.")
+        if act_granularity != "token" or act_static or per_tensor:
+            raise LowbitError(f"scheme {s} is weight-only with one scale per 32 columns; --per-tensor, "
+                              "--act-granularity and --act-static do not apply.")
+        return LayerSpec(LEGACY[s].lowbit_format(full_range=full_range, clip=clip))
     if group_size is None:
         group_size = DEFAULT_GROUP_SIZE.get(s, DEFAULT_WEIGHT_ONLY_GROUP)
     gran = PerTensor() if per_tensor else granularity_from_group_size(group_size)

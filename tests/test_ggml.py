@@ -1,0 +1,93 @@
+"""llama.cpp's legacy block formats: lowbit's grids written as ggml bytes read back by the `gguf` package (llama.cpp's
+own Python library) to exactly lowbit's dequantized weights, and ggml bytes made by gguf's quantizer read by lowbit
+to exactly gguf's values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.formats import IntFormat, PerGroup, quantize
+from lowbit.formats.ggml import LEGACY, block_type, from_blocks, to_blocks
+from lowbit.recipe import scheme_spec
+
+gguf = pytest.importorskip("gguf")
+from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
+from gguf.quants import quantize as gguf_quantize  # noqa: E402
+
+QTYPE = {name: getattr(gguf.GGMLQuantizationType, name.upper()) for name in LEGACY}
+
+
+def _weights(seed: int, rows: int = 6, cols: int = 128) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.02 + torch.randn(rows, 1, generator=g) * 0.01
+    w[0, :32] = 0.0  # an all-zero block
+    w[1, 5] = 0.5  # an outlier
+    return w
+
+
+GRIDS = [(name, full) for name, t in LEGACY.items() for full in ((False,) if t.minimum else (False, True))]
+
+
+@pytest.mark.parametrize("name,full_range", GRIDS)
+def test_lowbit_blocks_dequantize_in_gguf_to_lowbit_values(name, full_range):
+    t = LEGACY[name]
+    fmt = t.lowbit_format(full_range=full_range)
+    qw = quantize(_weights(hash(name) % 1000), fmt)
+    data = to_blocks(qw)
+    assert data.shape == (6, 128 // 32 * t.block_bytes) and data.dtype == np.uint8
+    assert t.bits_per_weight == data.size * 8 / qw.codes.numel()
+    theirs = gguf_dequantize(data, QTYPE[name])
+    assert np.array_equal(theirs, qw.dequantize().numpy())  # bit for bit
+    back = from_blocks(data, name, qw.shape)
+    assert torch.equal(back.codes, qw.codes) and torch.equal(back.scale, qw.scale)
+    assert (back.zero is None) == (qw.zero is None)
+    if qw.zero is not None:
+        assert torch.equal(back.zero, qw.zero)
+
+
+@pytest.mark.parametrize("name", list(LEGACY))
+def test_blocks_made_by_gguf_read_by_lowbit(name):
+    w = _weights(7).numpy()
+    data = gguf_quantize(w, QTYPE[name])
+    qw = from_blocks(data, name, w.shape)
+    assert np.array_equal(qw.dequantize().numpy(), gguf_dequantize(data, QTYPE[name]))
+    assert np.array_equal(to_blocks(qw), data)  # and written back byte for byte
+
+
+def test_block_type_names_exactly_the_grids_ggml_stores():
+    assert block_type(IntFormat(4, granularity=PerGroup(32))).name == "q4_0"
+    assert block_type(IntFormat(4, symmetric=False, granularity=PerGroup(32), zero_point="float")).name == "q4_1"
+    assert block_type(IntFormat(8, granularity=PerGroup(32), full_range=True)).name == "q8_0"
+    assert block_type(IntFormat(4, symmetric=False, granularity=PerGroup(32))) is None  # integer zero points
+    assert block_type(IntFormat(4, granularity=PerGroup(64))) is None
+    assert block_type(IntFormat(3, granularity=PerGroup(32))) is None
+    with pytest.raises(LowbitError, match=r"no llama\.cpp legacy block type"):
+        to_blocks(quantize(_weights(1), IntFormat(4, granularity=PerGroup(64))))
+
+
+@pytest.mark.parametrize("name", list(LEGACY))
+def test_scheme_names_give_the_ggml_grids(name):
+    spec = scheme_spec(name, None, True, False)
+    assert block_type(spec.weight) == LEGACY[name]
+    with pytest.raises(LowbitError, match="groups of 32"):
+        scheme_spec(name, 64, True, False)
+
+
+@pytest.mark.parametrize("method,name", [("rtn", "q4_0"), ("gptq", "q4_1"), ("gptq", "q5_0")])
+def test_quantize_to_ggml_types_and_write_their_blocks(stories, stories_tokenizer, method, name):
+    from lowbit import api
+    from lowbit.data.calibration import CalibConfig
+    from lowbit.recipe import Recipe
+    from lowbit.runtime.qlinear import QuantLinear
+
+    calib = CalibConfig(dataset="c4", samples=4, seqlen=64, seed=1)
+    recipe = Recipe(method=method, scheme=name, targets=(r"self_attn",))  # the MLP rows of 172 are no blocks of 32
+    result = api.quantize(stories, recipe, tokenizer=stories_tokenizer, calib=calib,
+                          progress=False)
+    layers = [m for m in result.model.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(block_type(m.spec.weight) == LEGACY[name] for m in layers)
+    qw = layers[0].quantized_weight()
+    assert np.array_equal(gguf_dequantize(to_blocks(qw), QTYPE[name]), qw.dequantize().numpy())
