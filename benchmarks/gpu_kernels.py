@@ -14,7 +14,8 @@ linear shapes (generated weights), plus the correctness check of every kernel va
    row-wise scaled matmul where it applies, else lowbit's kernel), both with dynamic per-token activation scales,
    the activation quantization included.
 4. --sweep: tile shapes (and the GEMV's code → float variant) for w4 g128 tried at M = 1, 4 and 16 on gate/up and
-   down; the best is printed.
+   down; at M = 1 also the rows-layout GEMV prototype (lowbit.kernels.gemv_rows) on w4 g128 and SpQR; the best of
+   each is printed.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lowbit from this checkout
 from lowbit.formats import IntFormat, PerChannel, PerGroup, SpQRFormat, quantize
 from lowbit.formats.activation import ActFormat
-from lowbit.kernels.check import check_all, check_w8a8, random_spqr
+from lowbit.kernels.check import check_all, check_rows, check_w8a8, random_spqr
+from lowbit.kernels.gemv_rows import gemv_rows, rows_weight
 from lowbit.kernels.linear import Tiles, choose_tiles, w8a8_linear, wxa16_linear
 from lowbit.kernels.weights import KernelWeight, kernel_weight
 
@@ -187,6 +189,31 @@ def shape_rows(name: str, k: int, n: int, bw: float, sweep: bool, rows: list, sw
                 if best is None or tt < best[0]:
                     best = (tt, t)
             print(f"  sweep {name} M={m}: best {best[1]} {best[0] * 1e6:.1f} us", flush=True)
+        if sweep and name in ("gate/up", "down") and m <= 2:
+            sweep_rows(name, m, x, q4, sp, sweeps)
+
+
+def sweep_rows(name: str, m: int, x: torch.Tensor, q4: list, sp: list, sweeps: list) -> None:
+    """The rows-layout GEMV prototype (lowbit.kernels.gemv_rows) on w4 g128 and SpQR, over its launch shapes."""
+    for label, layers in (("w4", q4), ("spqr", sp)):
+        rows = [rows_weight(kw) for kw in layers]
+        best = None
+        for bn in (64, 128, 256):
+            for bwt in (8, 16, 32):
+                for warps in (4, 8):
+                    try:
+                        tt = graph_time(lambda i, bn=bn, bwt=bwt, warps=warps, rows=rows: gemv_rows(
+                            x, rows[i], None, bn=bn, bwt=bwt, warps=warps), calls=20)
+                    except Exception as e:  # a shape Triton cannot compile (registers, shared memory)
+                        print(f"  rows {label} {bn}x{bwt} w{warps}: {type(e).__name__}")
+                        continue
+                    sweeps.append({"layer": name, "M": m, "rows": label, "bn": bn, "bwt": bwt, "warps": warps,
+                                   "us": tt * 1e6})
+                    if best is None or tt < best[0]:
+                        best = (tt, bn, bwt, warps)
+        if best:
+            print(f"  sweep rows-layout {label} {name} M={m}: best BN {best[1]} BWT {best[2]} warps {best[3]} "
+                  f"{best[0] * 1e6:.1f} us", flush=True)
 
 
 def candidate_tiles(m: int) -> list[Tiles]:
@@ -222,7 +249,7 @@ def main() -> None:
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     failed = 0
     for dtype in (torch.bfloat16, torch.float16):
-        for desc, err, ok in check_all("cuda", dtype) + check_w8a8("cuda", dtype):
+        for desc, err, ok in check_all("cuda", dtype) + check_rows("cuda", dtype) + check_w8a8("cuda", dtype):
             failed += not ok
             if not ok:
                 print(f"FAILED {dtype} {desc}: rel err {err:.3e}")

@@ -37,8 +37,8 @@ def _patched(tensor, scope):
     _orig(tensor, scope)
     scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 interp._patch_lang_tensor = _patched
-from lowbit.kernels.check import check_all, check_w8a8
-print(json.dumps(check_all("cpu", torch.float16, small=True)))
+from lowbit.kernels.check import check_all, check_rows, check_w8a8
+print(json.dumps(check_all("cpu", torch.float16, small=True) + check_rows("cpu", torch.float16, small=True)))
 print(json.dumps(check_w8a8("cpu", torch.float16, small=True, kinds=("int8",))))
 """
 
@@ -50,11 +50,12 @@ def test_every_kernel_variant_matches_reference_in_interpreter():
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
     results, w8a8 = json.loads(lines[-2]), json.loads(lines[-1])
-    assert len(results) >= 60  # 3 bit widths × 3 grids × 4 groupings, wider fields, g_idx, SpQR, ragged K
+    assert len(results) >= 68  # 3 bit widths × 3 grids × 4 groupings, wider fields, g_idx, SpQR, ragged K; rows GEMV
     assert len(w8a8) == 9  # per-token, per-tensor and static activations on three shapes
     bad = [(d, e) for d, e, ok in results + w8a8 if not ok]
     assert not bad, bad
-    assert {d.split(" [")[1].split(" ")[0].rstrip("]") for d, *_ in results} >= {"auto", "gemv", "dot", "dequant"}
+    assert {d.split(" [")[1].split(" ")[0].rstrip("]") for d, *_ in results} >= {"auto", "gemv", "dot", "dequant",
+                                                                                  "rows"}
 
 
 def _compile_sm90(fn, signature: dict, constexprs: dict):
@@ -63,7 +64,7 @@ def _compile_sm90(fn, signature: dict, constexprs: dict):
 
     # pointers and sizes divisible by 16, as the runtime specializes them for aligned tensors
     aligned = [[(i,), [["tt.divisibility", 16]]] for i, (name, t) in enumerate(signature.items())
-               if t.startswith("*") or name in ("K", "KW", "NG", "stride_xm", "stride_ym")]
+               if t.startswith("*") or name in ("N", "K", "KW", "NG", "stride_xm", "stride_ym")]
     src = ASTSource(fn, {**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs,
                     attrs={k: v for k, v in aligned})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
@@ -93,6 +94,19 @@ def test_kernels_compile_for_sm90(bits, group, mode):
     assert "red.global" in dot.asm["ptx"] or "atom.global" in dot.asm["ptx"]  # split-K adds partial sums
     if bits == 4:  # the byte-permute variant: one prmt per code
         assert gemvs[1].asm["ptx"].count("prmt.b32") >= 8
+
+
+@pytest.mark.parametrize("group,field", [(128, 2), (16, 2), (0, 1), (64, 1)])
+def test_rows_gemv_compiles_for_sm90(group, field):
+    from lowbit.kernels.gemv_rows import gemv_rows_kernel
+
+    k = _compile_sm90(gemv_rows_kernel, {"x_ptr": "*bf16", "w_ptr": "*i32", "st_ptr": "*i32", "b_ptr": "*bf16",
+                                         "y_ptr": "*fp32", "N": "i32", "K": "i32", "KW": "i32", "NG": "i32",
+                                         "stride_xm": "i32", "stride_ym": "i32"},
+                      {"BITS": 4, "GROUP": group, "MODE": 1, "ZERO": 8, "HAS_BIAS": True, "BN": 128, "BWT": 8,
+                       "SPLIT_K": 2, "FIELD": field})
+    assert k.asm["cubin"] and (k.asm["ptx"].count("prmt.b32") >= 8 if field == 2 else True)
+    assert "ld.global.v4" in k.asm["ptx"]  # four rows' words in one load
 
 
 def test_outliers_kernel_compiles_for_sm90():

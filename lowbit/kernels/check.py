@@ -163,6 +163,37 @@ def standard_cases(small: bool) -> list[Case]:
     return cases
 
 
+def run_rows_case(case: Case, device: str, dtype: torch.dtype, seed: int, bn: int, bwt: int) -> float:
+    """`run_case` for the rows-layout GEMV prototype (lowbit.kernels.gemv_rows)."""
+    from lowbit.kernels.gemv_rows import gemv_rows, rows_weight
+
+    g = torch.Generator().manual_seed(seed)
+    qw = random_weight(case, g)
+    on_device = from_packed(case.fmt, qw.shape, {name: t.to(device) for name, t in qw.packed().items()})
+    x = torch.randn(case.m, case.k, generator=g).to(device, dtype)
+    b = (torch.randn(case.n, generator=g) * 0.1).to(device, dtype) if case.bias else None
+    y = gemv_rows(x, rows_weight(kernel_weight(on_device)), b, bn=bn, bwt=bwt, split_k=1 + seed % 3)
+    ref = x.double().cpu() @ qw.dequantize().double().T
+    if b is not None:
+        ref += b.double().cpu()
+    return relative_error(y, ref)
+
+
+def check_rows(device: str, dtype: torch.dtype, small: bool = False, seed: int = 0) -> list[tuple[str, float, bool]]:
+    """The rows-layout GEMV on one and two rows of x: every kind of statistics, tile-wide and per-word groups."""
+    shapes = [(1, 96, 256), (2, 80, 384)] if small else [(1, 4096, 4096), (2, 1000, 1536)]
+    forms = [fmt(4, "sym", 128), fmt(4, "asym", 32), fmt(8, "sym-full", 0), fmt(2, "asym", 64), fmt(3, "sym", 64),
+             fmt(4, "float-min", 32), fmt(4, "sym", 64, g_idx=True), SpQRFormat(3, 16, 16, 3)]
+    out = []
+    for i, f in enumerate(forms):
+        m, n, k = shapes[i % len(shapes)]
+        case = Case(f, m, n, k, bias=i % 2 == 0, outlier_rate=0.02 if isinstance(f, SpQRFormat) else 0.0)
+        bn, bwt = (32, 8) if i % 2 else (64, 4)
+        err = run_rows_case(case, device, dtype, seed + i, bn, bwt)
+        out.append((case.describe().replace("[auto]", f"[rows {bn}x{bwt}]"), err, err <= TOLERANCE[dtype]))
+    return out
+
+
 def check_all(device: str, dtype: torch.dtype, small: bool = False, seed: int = 0) -> list[tuple[str, float, bool]]:
     """(description, relative error, passed) for every standard case."""
     out = []
