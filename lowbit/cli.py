@@ -201,8 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and write a lowbit checkpoint")
     q.add_argument("model", help="built-in name (smollm2-135m), Hugging Face directory or .gguf file")
-    q.add_argument("--method", help="rtn, gptq, awq, smoothquant, smoothquant+gptq, spqr or fp8 (default: the "
-                                    "recipe's, else rtn)")
+    q.add_argument("--method", help="rtn, imatrix, gptq, awq, smoothquant, smoothquant+gptq, spqr or fp8 (default: "
+                                    "the recipe's, else rtn)")
     q.add_argument("--preset", help="a named recipe: spqr-near-lossless, spqr-3bit, smoothquant-o1/o2/o3 (options "
                                     "override its fields)")
     q.add_argument("--scheme", help="w8a16, w4a16, w3a16, w2a16 (any w{b}a16, b in 2..8), w8a8, fp8; llama.cpp's "

@@ -26,11 +26,13 @@ def search_range(wg: torch.Tensor, fmt: IntFormat,
 
 
 def best_shrink(wg: torch.Tensor, fmt: IntFormat, grid: int = SHRINK_GRID, max_shrink: float = MAX_SHRINK,
-                gram: torch.Tensor | None = None, clamp: bool = False) -> torch.Tensor:
-    """The shrink factor p [rows, groups] whose range [p·lo, p·hi] minimizes the group's error: ‖w − ŵ‖², or
-    with `gram` (C_g = Σ_t x_g x_gᵀ per group, [groups, size, size]) the output error Σ_t ((w − ŵ)·x_g)² on
-    the tokens x that built it (AWQ's clipping search). With `clamp`, ŵ is the rounding of the weights clamped
-    to the range (`clamp_to_range`), as AWQ stores them; else of the weights themselves on the range's grid."""
+                gram: torch.Tensor | None = None, clamp: bool = False,
+                importance: torch.Tensor | None = None) -> torch.Tensor:
+    """The shrink factor p [rows, groups] whose range [p·lo, p·hi] minimizes the group's error: ‖w − ŵ‖²;
+    with `importance` (a_g per input column, [groups, size]) the weighted error Σ a·(w − ŵ)²; or with `gram`
+    (C_g = Σ_t x_g x_gᵀ per group, [groups, size, size]) the output error Σ_t ((w − ŵ)·x_g)² on the tokens x
+    that built it (AWQ's clipping search). With `clamp`, ŵ is the rounding of the weights clamped to the range
+    (`clamp_to_range`), as AWQ stores them; else of the weights themselves on the range's grid."""
     lo, hi = wg.amin(-1), wg.amax(-1)
     best_p = torch.ones_like(lo)
     best_err = None
@@ -39,7 +41,10 @@ def best_shrink(wg: torch.Tensor, fmt: IntFormat, grid: int = SHRINK_GRID, max_s
         w = clamp_to_range(wg, p, fmt) if clamp else wg
         scale, zero = grid_params(p * lo, p * hi, fmt)
         d = decode(encode(w, scale, zero, fmt), scale, zero, fmt) - wg
-        err = d.pow(2).sum(-1) if gram is None else torch.einsum("rgk,gkl,rgl->rg", d, gram, d)
+        if gram is not None:
+            err = torch.einsum("rgk,gkl,rgl->rg", d, gram, d)
+        else:
+            err = (d.pow(2) * importance).sum(-1) if importance is not None else d.pow(2).sum(-1)
         if best_err is None:
             best_err = err
             continue

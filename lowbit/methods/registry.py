@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from lowbit.errors import LowbitError
-from lowbit.methods import awq, gptq, rtn, smoothquant, spqr
+from lowbit.methods import awq, gptq, imatrix, rtn, smoothquant, spqr
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,8 @@ class MethodEntry:
 METHODS: dict[str, MethodEntry] = {
     "rtn": MethodEntry(rtn, "round-to-nearest, data-free"),
     "fp8": MethodEntry(rtn, "round-to-nearest onto FP8 E4M3 (scheme fp8)", required_scheme="fp8"),
+    "imatrix": MethodEntry(imatrix, "round-to-nearest with each group's range chosen for the least error weighted "
+                           "by mean squared activations (llama.cpp's imatrix)"),
     "gptq": MethodEntry(gptq, "GPTQ: second-order error compensation from calibration Hessians"),
     "spqr": MethodEntry(spqr, "SpQR: GPTQ in small groups with quantized statistics and sparse 16-bit outliers"),
     "awq": MethodEntry(rtn, "AWQ: activation-aware scales and clipping, then round-to-nearest", transform=awq),
