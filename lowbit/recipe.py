@@ -100,7 +100,11 @@ def scheme_spec(scheme: str, group_size: int | None, symmetric: bool, clip: bool
         if act_granularity != "token" or act_static or per_tensor:
             raise LowbitError(f"scheme {s} is weight-only with one scale per 32 columns; --per-tensor, "
                               "--act-granularity and --act-static do not apply.")
-        return LayerSpec(LEGACY[s].lowbit_format(full_range=full_range, clip=clip))
+        t = LEGACY[s]
+        if not t.minimum and (not symmetric or zero_point != "int"):
+            raise LowbitError(f"scheme {s} is symmetric (no zero point); for a float minimum per block use "
+                              f"q{t.bits}_1, or drop --asym / --zero-point.")
+        return LayerSpec(t.lowbit_format(full_range=full_range, clip=clip))
     if group_size is None:
         group_size = DEFAULT_GROUP_SIZE.get(s, DEFAULT_WEIGHT_ONLY_GROUP)
     gran = PerTensor() if per_tensor else granularity_from_group_size(group_size)

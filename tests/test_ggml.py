@@ -74,6 +74,9 @@ def test_scheme_names_give_the_ggml_grids(name):
     assert block_type(spec.weight) == LEGACY[name]
     with pytest.raises(LowbitError, match="groups of 32"):
         scheme_spec(name, 64, True, False)
+    if not LEGACY[name].minimum:  # a grid the user asked for that the type cannot store is refused, not replaced
+        with pytest.raises(LowbitError, match="symmetric"):
+            scheme_spec(name, None, False, False)
 
 
 @pytest.mark.parametrize("method,name", [("rtn", "q4_0"), ("gptq", "q4_1"), ("gptq", "q5_0")])
