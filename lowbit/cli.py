@@ -268,8 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write a lowbit checkpoint in a format other engines load")
     x.add_argument("checkpoint", help="a lowbit checkpoint directory")
-    x.add_argument("--to", required=True, help="compressed-tensors (vLLM, SGLang, transformers)")
-    x.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
+    x.add_argument("--to", required=True, help="compressed-tensors (vLLM, SGLang, transformers) or gguf (llama.cpp: "
+                                                "llama.cpp block types, from a GGUF source)")
+    x.add_argument("--out", required=True, help="output directory, or the .gguf file (refused if it exists, unless "
+                                                "--overwrite)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     x.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard in GiB (5)")
     x.set_defaults(func=cmd_export)

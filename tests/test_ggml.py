@@ -94,3 +94,51 @@ def test_quantize_to_ggml_types_and_write_their_blocks(stories, stories_tokenize
     assert layers and all(block_type(m.spec.weight) == LEGACY[name] for m in layers)
     qw = layers[0].quantized_weight()
     assert np.array_equal(gguf_dequantize(to_blocks(qw), QTYPE[name]), qw.dequantize().numpy())
+
+
+@pytest.mark.slow
+def test_gguf_export_of_smollm2_reads_back_in_transformers(tmp_path):
+    """lowbit's GGUF of SmolLM2-135M (q4_0, every layer) loaded by transformers' GGUF reader (the `gguf`
+    package's dequantization): every quantized layer holds exactly lowbit's dequantized weights (rope row order
+    undone by the reader), and the logits agree with lowbit's model to within the 16-bit storage of the tensors
+    lowbit keeps in float (the GGUF carries the source's own bytes for those)."""
+    import lowbit
+    from lowbit import api
+    from lowbit.io.export import export
+    from lowbit.model.loading import load_gguf
+    from lowbit.recipe import Recipe
+    from lowbit.runtime.qlinear import QuantLinear
+
+    result = api.quantize("smollm2-135m", Recipe(method="rtn", scheme="q4_0"), progress=False)
+    out = tmp_path / "smollm2-q4_0.gguf"
+    written = export(result, "gguf", out)
+    assert out.is_file() and written["bytes_on_disk"] == out.stat().st_size
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["general.file_type"].contents() == 2  # LLAMA_FTYPE_MOSTLY_Q4_0
+    assert reader.get_tensor(0).name and any(t.tensor_type == gguf.GGMLQuantizationType.Q4_0 for t in reader.tensors)
+    theirs = load_gguf(out)
+    for name, module in result.model.named_modules():
+        if isinstance(module, QuantLinear):
+            assert torch.equal(theirs.get_submodule(name).weight.float(), module.dequantized_weight()), name
+    ids = lowbit.load_tokenizer("smollm2-135m")("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        a, b = result.model(ids).logits.float(), theirs(ids).logits.float()
+    assert (a - b).abs().max() <= 2e-3 * a.abs().max() and torch.equal(a.argmax(-1), b.argmax(-1))
+    with pytest.raises(LowbitError, match="exists"):
+        export(result, "gguf", out)
+
+
+def test_gguf_export_refuses_what_it_cannot_write(_stories, tmp_path):
+    import copy
+
+    from lowbit import api
+    from lowbit.io.export import export
+    from lowbit.recipe import Recipe
+
+    w4 = api.quantize(copy.deepcopy(_stories), Recipe(scheme="w4a16", group_size=4), progress=False)
+    with pytest.raises(LowbitError, match=r"no llama\.cpp block type"):
+        export(w4, "gguf", tmp_path / "a.gguf")
+    q4 = api.quantize(copy.deepcopy(_stories), Recipe(scheme="q4_0", targets=(r"self_attn",)), progress=False)
+    with pytest.raises(LowbitError, match="Hugging Face sources is not built yet"):
+        export(q4, "gguf", tmp_path / "b.gguf")
+    assert not list(tmp_path.iterdir())  # nothing written

@@ -27,14 +27,11 @@ from lowbit.model.loading import family_of
 from lowbit.recipe import Recipe
 from lowbit.runtime import kvcache
 
-TARGETS = ("compressed-tensors",)
+TARGETS = ("compressed-tensors", "gguf")
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 
 def check_target(to: str) -> str:
-    if to == "gguf":
-        raise LowbitError("GGUF export is not built yet (lowbit's llama.cpp block formats come first); export to "
-                          "compressed-tensors for vLLM, SGLang and transformers.")
     if to not in TARGETS:
         raise LowbitError(f"unknown export format {to!r}: use {', '.join(TARGETS)}.")
     return to
@@ -121,6 +118,8 @@ def export(source, to: str, out: str | Path, *, tokenizer=None, overwrite: bool 
     cannot express.
     """
     check_target(to)
+    if to == "gguf":
+        return _export_gguf(source, out, overwrite)
     out = check_writable(out, overwrite)
     model, recipe, dtype, directory = _source(source)
     qlayers = quantized_layers(model)
@@ -153,3 +152,21 @@ def export(source, to: str, out: str | Path, *, tokenizer=None, overwrite: bool 
         files = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         size = sum((tmp / f).stat().st_size for f in files)
     return {"files": files, "bytes_on_disk": size}
+
+
+def _export_gguf(source, out: str | Path, overwrite: bool) -> dict:
+    """One .gguf file (lowbit.io.gguf_export), refused before any work if it exists or cannot be written."""
+    from lowbit.api import QuantizeResult
+    from lowbit.io.gguf_export import export_gguf
+
+    out = Path(out)
+    if out.is_dir() or (out.exists() and not overwrite):
+        raise LowbitError(f"{str(out)!r} exists; GGUF export writes one file: choose another --out or pass "
+                          "--overwrite.")
+    check_writable(out.parent / f".{out.name}.probe", overwrite=False)
+    source_model = source.source if isinstance(source, QuantizeResult) else None
+    model = _source(source)[0]
+    if source_model is None:
+        source_model = model.lowbit_header.get("source_model", "")
+    export_gguf(model, source_model, out)
+    return {"files": {out.name: sha256(out)}, "bytes_on_disk": out.stat().st_size}
