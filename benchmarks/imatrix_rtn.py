@@ -16,9 +16,10 @@ import json
 import time
 from pathlib import Path
 
+from _eval_row import eval_row
+
 from lowbit import api
 from lowbit.data.calibration import CalibConfig
-from lowbit.eval.runner import EvalConfig, evaluate
 from lowbit.recipe import Recipe
 
 
@@ -51,16 +52,7 @@ def main() -> None:
             api.save(api.quantize("smollm2-135m", recipe, calib=calib if recipe.method == "imatrix" else None,
                                   progress=False), d)
             seconds = time.perf_counter() - t
-            cfg = EvalConfig(reference="smollm2-135m", candidate=str(d), kl=True, ppl=("wikitext2",),
-                             max_prompts=args.max_prompts, max_windows=args.windows, max_new_tokens=256,
-                             reference_record=str(record) if record.exists() else None,
-                             save_reference=None if record.exists() else str(record), progress=False)
-            r = evaluate(cfg)
-            kl, ppl = r["kl"], r["ppl"]["wikitext2"]
-            rows[label] = {"kl_prefill": kl["prefill"]["mean"], "kl_prefill_ci": kl["prefill"]["ci95"],
-                           "kl_generation": kl["generation"]["mean"], "kl_generation_ci": kl["generation"]["ci95"],
-                           "rejection_generation": kl["generation"]["token_rejection_rate"],
-                           "ppl": ppl["candidate"], "ppl_reference": ppl["reference"], "quantize_s": seconds}
+            rows[label] = eval_row(d, record, args.max_prompts, args.windows) | {"quantize_s": seconds}
             cached.write_text(json.dumps(rows[label]))
             print(label, json.dumps(rows[label]), flush=True)
     (out / "results.json").write_text(json.dumps(rows, indent=1))

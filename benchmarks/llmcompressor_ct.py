@@ -24,10 +24,10 @@ import sys
 from pathlib import Path
 
 import torch
+from _eval_row import eval_row
 
 import lowbit
 from lowbit.data.calibration import CalibConfig, calibration_ids
-from lowbit.eval.runner import EvalConfig, evaluate
 from lowbit.model.builtin import builtin_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,16 +120,7 @@ def main() -> None:
             rows[name] = json.loads(cached.read_text())
             rows[name]["wall_s"] = seconds or rows[name]["wall_s"]
             continue
-        cfg = EvalConfig(reference="smollm2-135m", candidate=str(cand), kl=True, ppl=("wikitext2",),
-                         max_prompts=args.max_prompts, max_windows=args.windows, max_new_tokens=256,
-                         reference_record=str(record) if record.exists() else None,
-                         save_reference=None if record.exists() else str(record), progress=False)
-        r = evaluate(cfg)
-        kl, ppl = r["kl"], r["ppl"]["wikitext2"]
-        rows[name] = {"kl_prefill": kl["prefill"]["mean"], "kl_prefill_ci": kl["prefill"]["ci95"],
-                      "kl_generation": kl["generation"]["mean"], "kl_generation_ci": kl["generation"]["ci95"],
-                      "rejection_generation": kl["generation"]["token_rejection_rate"],
-                      "ppl": ppl["candidate"], "ppl_reference": ppl["reference"], "wall_s": seconds}
+        rows[name] = eval_row(cand, record, args.max_prompts, args.windows) | {"wall_s": seconds}
         cached.write_text(json.dumps(rows[name]))
         print(name, json.dumps(rows[name]), flush=True)
     (out / "results.json").write_text(json.dumps(rows, indent=1))

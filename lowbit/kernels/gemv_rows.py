@@ -21,8 +21,9 @@ import triton.language as tl
 
 from lowbit.formats.packing import pack
 from lowbit.kernels.epilogue import bias_and_store
+from lowbit.kernels.linear import _field_variant, _sm_count, accumulator, finish_product, input_rows
 from lowbit.kernels.weights import KernelWeight, Outliers, ZeroMode, field_bits
-from lowbit.kernels.wxa16 import _byte_to_float, _close_group, _field_small, _split_stats, outliers_kernel
+from lowbit.kernels.wxa16 import _close_group, _code_float, _nibbles, _split_stats, k_share
 
 
 @dataclass
@@ -46,7 +47,7 @@ class RowsWeight:
 
 def rows_weight(kw: KernelWeight) -> RowsWeight:
     """The same weight as `kw` in the rows layout."""
-    words = pack(kw.codes() if kw.perm is None else kw.codes()[:, kw.perm], kw.field).T.contiguous()
+    words = pack(kw.kernel_codes(), kw.field).T.contiguous()
     return RowsWeight(words, kw.stats.T.contiguous(), kw.bits, kw.group, kw.mode, kw.in_features, kw.out_features,
                       kw.perm, kw.outliers)
 
@@ -67,9 +68,7 @@ def gemv_rows_kernel(x_ptr, w_ptr, st_ptr, b_ptr, y_ptr, N, K, KW, NG, stride_xm
     rw = tl.arange(0, BWT)
     x_row = x_ptr + pid_m * stride_xm
     steps = tl.cdiv(KW, BWT)
-    per_split = tl.cdiv(steps, SPLIT_K)
-    s_lo = pid_k * per_split
-    s_hi = tl.minimum(s_lo + per_split, steps)
+    s_lo, s_hi = k_share(steps, pid_k, SPLIT_K)
     acc = tl.zeros((BWT, BN), tl.float32)
     ok_n = (rn < N)[None, :]
     for step in tl.range(s_lo, s_hi):
@@ -86,21 +85,13 @@ def gemv_rows_kernel(x_ptr, w_ptr, st_ptr, b_ptr, y_ptr, N, K, KW, NG, stride_xm
             g = (w * PER) // GROUP
             v = tl.load(st_ptr + g[:, None] * N + rn[None, :], mask=live & ok_n & (g < NG)[:, None], other=0)
         s, z = _split_stats(v, MODE, ZERO)
-        if FIELD == 2:
-            lo = words & 0x0F0F0F0F
-            hi = (words >> 4) & 0x0F0F0F0F
+        lo, hi = _nibbles(words, FIELD)
         part = tl.zeros((BWT, BN), tl.float32)
         sx = tl.zeros((BWT, 1), tl.float32)
         for j in tl.static_range(PER):
             col = w * PER + j
             x = tl.load(x_row + col, mask=col < K, other=0.0).to(tl.float32)[:, None]
-            if FIELD == 2:
-                if j % 2 == 0:
-                    f = _byte_to_float(lo, j // 2)
-                else:
-                    f = _byte_to_float(hi, j // 2)
-            else:
-                f = _field_small(words, j, BITS)
+            f = _code_float(words, lo, hi, j, BITS, FIELD)
             part += f * x
             sx += x
         acc = _close_group(acc, part, sx, s, z, BASE, MODE)
@@ -112,33 +103,20 @@ def gemv_rows(x: torch.Tensor, rw: RowsWeight, bias: torch.Tensor | None, bn: in
               split_k: int = 0, warps: int = 8, field: int = 0) -> torch.Tensor:
     """y = x · ŵᵀ (+ bias) for x [..., K] with few rows, on the rows layout; split_k 0: enough to fill the GPU."""
     k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if rw.perm is not None:
-        x2 = x2.index_select(1, rw.perm)
-    elif x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = input_rows(x, rw.perm)
     m, n = x2.shape[0], rw.out_features
     kwords, ng = rw.words.shape[0], rw.stats.shape[0]
-    if rw.group and (rw.group // (32 // rw.field)) % bwt and bwt % (rw.group // (32 // rw.field)):
+    words_per_group = rw.group // (32 // rw.field)
+    if rw.group and words_per_group % bwt and bwt % words_per_group:
         raise ValueError("BWT and the words per group must divide one another")
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
     if not split_k:
         split_k = 1
-        while -(-n // bn) * m * split_k < sms and kwords // (split_k * 2) >= 4 * bwt:
+        while -(-n // bn) * m * split_k < _sm_count(x.device) and kwords // (split_k * 2) >= 4 * bwt:
             split_k *= 2
-    if not field:
-        field = 2 if rw.field == 4 and x.is_cuda else 1
-    sparse = rw.outliers is not None
-    if split_k > 1:
-        y = torch.zeros(m, n, device=x.device, dtype=torch.float32)
-    else:
-        y = torch.empty(m, n, device=x.device, dtype=torch.float32 if sparse else x.dtype)
+    y = accumulator(x, m, n, split_k, rw.outliers is not None)
     gemv_rows_kernel[(-(-n // bn), m, split_k)](
         x2, rw.words, rw.stats, bias if bias is not None else rw.stats, y, n, k, kwords, ng, x2.stride(0),
         y.stride(0), BITS=rw.field, GROUP=rw.group, MODE=int(rw.mode), ZERO=1 << (rw.bits - 1),
-        HAS_BIAS=bias is not None, BN=bn, BWT=bwt, SPLIT_K=split_k, FIELD=field, num_warps=warps)
-    if sparse:
-        o = rw.outliers
-        outliers_kernel[(-(-n // 32), m)](x2, o.row_ptr, o.cols, o.corrections, y, n, x2.stride(0), y.stride(0),
-                                          BN=32, CH=64, num_warps=4)
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+        HAS_BIAS=bias is not None, BN=bn, BWT=bwt, SPLIT_K=split_k,
+        FIELD=_field_variant(field, rw.field, x.is_cuda), num_warps=warps)
+    return finish_product(x, x2, y, rw.outliers)

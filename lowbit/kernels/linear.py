@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.kernels import weights
-from lowbit.kernels.weights import KernelWeight
+from lowbit.kernels.weights import KernelWeight, Outliers
 
 
 @dataclass(frozen=True)
@@ -79,14 +79,10 @@ def _sm_count(device: torch.device) -> int:
 def wxa16_linear(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None,
                  tiles: Tiles | None = None) -> torch.Tensor:
     """y = x · ŵᵀ (+ bias) in x's dtype, for x [..., K] on a CUDA device; kw from `kernel_weight`."""
-    from lowbit.kernels.wxa16 import dequant_kernel, dot_kernel, gemv_kernel, outliers_kernel
+    from lowbit.kernels.wxa16 import dequant_kernel, dot_kernel, gemv_kernel
 
     k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if kw.perm is not None:
-        x2 = x2.index_select(1, kw.perm)
-    elif x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = input_rows(x, kw.perm)
     m, n = x2.shape[0], kw.out_features
     t = tiles or choose_tiles(m, n, k, kw.field, _sm_count(x.device))
     stats = dict(BITS=kw.field, GROUP=kw.group, MODE=int(kw.mode), ZERO=kw.symmetric_zero, BW=kw.slice_words)
@@ -104,11 +100,7 @@ def wxa16_linear(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None,
     b = bias if bias is not None else kw.stats  # a pointer the kernel never reads
     flags = dict(stats, HAS_BIAS=bias is not None, BN=t.bn, SPLIT_K=t.split_k, num_warps=t.warps,
                  num_stages=t.stages)
-    sparse = kw.outliers is not None
-    if t.split_k > 1:
-        y = torch.zeros(m, n, device=x.device, dtype=torch.float32)
-    else:
-        y = torch.empty(m, n, device=x.device, dtype=torch.float32 if sparse else x.dtype)
+    y = accumulator(x, m, n, t.split_k, kw.outliers is not None)
     if t.mode == "gemv":
         gemv_kernel[(-(-n // t.bn), m, t.split_k)](x2, kw.words, kw.stats, b, y, n, k, kwords, ng, x2.stride(0),
                                                    y.stride(0), **flags, UNROLL=t.unroll,
@@ -117,10 +109,34 @@ def wxa16_linear(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None,
         grid = (-(-m // t.bm), -(-n // t.bn), t.split_k)
         dot_kernel[grid](x2, kw.words, kw.stats, b, y, m, n, k, kwords, ng, x2.stride(0), y.stride(0), **flags,
                          BM=t.bm)
-    if sparse:
-        o = kw.outliers
-        outliers_kernel[(-(-n // 32), m)](x2, o.row_ptr, o.cols, o.corrections, y, n, x2.stride(0), y.stride(0),
-                                          BN=32, CH=64, num_warps=4)
+    return finish_product(x, x2, y, kw.outliers)
+
+
+def input_rows(x: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] as rows [M, K] with unit column stride, its columns in the kernel's order (`perm`) if any."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if perm is not None:
+        return x2.index_select(1, perm)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def accumulator(x: torch.Tensor, m: int, n: int, split_k: int, sparse: bool) -> torch.Tensor:
+    """The output the kernels write: zeroed float32 when K is split (atomic adds) or outliers are added after,
+    else x's dtype."""
+    if split_k > 1:
+        return torch.zeros(m, n, device=x.device, dtype=torch.float32)
+    return torch.empty(m, n, device=x.device, dtype=torch.float32 if sparse else x.dtype)
+
+
+def finish_product(x: torch.Tensor, x2: torch.Tensor, y: torch.Tensor, outliers: Outliers | None) -> torch.Tensor:
+    """SpQR's outliers added to y (if any), then y in x's dtype and leading shape."""
+    from lowbit.kernels.wxa16 import outliers_kernel
+
+    n = y.shape[1]
+    if outliers is not None:
+        o = outliers
+        outliers_kernel[(-(-n // 32), y.shape[0])](x2, o.row_ptr, o.cols, o.corrections, y, n, x2.stride(0),
+                                                   y.stride(0), BN=32, CH=64, num_warps=4)
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 

@@ -81,12 +81,14 @@ class KernelWeight:
     def symmetric_zero(self) -> int:
         return 1 << (self.bits - 1)
 
+    def kernel_codes(self) -> torch.Tensor:
+        """The codes [N, K] (uint8) in the kernel's column order."""
+        return deinterleave(self.words, self.field, self.in_features, self.slice_words)
+
     def codes(self) -> torch.Tensor:
         """The codes [N, K] (uint8) in the input's column order: what the checkpoint packs."""
-        codes = deinterleave(self.words, self.field, self.in_features, self.slice_words)
-        if self.perm is not None:
-            codes = codes[:, torch.argsort(self.perm)]
-        return codes
+        codes = self.kernel_codes()
+        return codes if self.perm is None else codes[:, torch.argsort(self.perm)]
 
 
 def stats_words(scale: torch.Tensor, second: torch.Tensor | None) -> torch.Tensor:

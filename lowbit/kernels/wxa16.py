@@ -45,6 +45,14 @@ def _split_stats(v, MODE: tl.constexpr, ZERO: tl.constexpr):
 
 
 @triton.jit
+def k_share(steps, pid_k, SPLIT_K: tl.constexpr):
+    """The steps [lo, hi) of K that program pid_k of SPLIT_K takes."""
+    per_split = tl.cdiv(steps, SPLIT_K)
+    lo = pid_k * per_split
+    return lo, tl.minimum(lo + per_split, steps)
+
+
+@triton.jit
 def _group_stats(st_ptr, rn, g, N, NG, MODE: tl.constexpr, ZERO: tl.constexpr):
     """(s, z) of group g for rows rn (broadcast together); zero scale past the last group or row."""
     v = tl.load(st_ptr + rn * NG + g, mask=(rn < N) & (g < NG), other=0)
@@ -87,6 +95,26 @@ def _byte_to_float(src, k: tl.constexpr):
         v = tl.inline_asm_elementwise("prmt.b32 $0, $1, 0x43000000, 0x7344;", "=r,r", [src], dtype=tl.int32,
                                       is_pure=True, pack=1)
     return v.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _nibbles(words, FIELD: tl.constexpr):
+    """For the byte-permute variant (FIELD 2) the words' low and high nibbles, each in the low half of a byte;
+    else the words themselves (unused)."""
+    if FIELD == 2:
+        return words & 0x0F0F0F0F, (words >> 4) & 0x0F0F0F0F
+    return words, words
+
+
+@triton.jit
+def _code_float(words, lo, hi, j: tl.constexpr, BITS: tl.constexpr, FIELD: tl.constexpr):
+    """B + c (float32, exact) for field j: 128 + c by one byte permute of the nibbles (FIELD 2, 4-bit fields), or
+    2^b + c by shift and mask."""
+    if FIELD == 2:
+        if j % 2 == 0:
+            return _byte_to_float(lo, j // 2)
+        return _byte_to_float(hi, j // 2)
+    return _field_small(words, j, BITS)
 
 
 @triton.jit
@@ -133,9 +161,7 @@ def gemv_kernel(x_ptr, w_ptr, st_ptr, b_ptr, y_ptr, N, K, KW, NG, stride_xm, str
     ru = tl.arange(0, UNROLL)
     x_row = x_ptr + pid_m * stride_xm
     tiles = tl.cdiv(K, BK)
-    per_split = tl.cdiv(tiles, SPLIT_K)
-    t_lo = pid_k * per_split
-    t_hi = tl.minimum(t_lo + per_split, tiles)
+    t_lo, t_hi = k_share(tiles, pid_k, SPLIT_K)
     acc = tl.zeros((UNROLL, BN, BW), tl.float32)
     rows = rn[None, :, None]
     if GROUP == 0:
@@ -147,9 +173,7 @@ def gemv_kernel(x_ptr, w_ptr, st_ptr, b_ptr, y_ptr, N, K, KW, NG, stride_xm, str
         live = t < t_hi
         words = tl.load(w_ptr + rows * KW + (t[:, None, None] * BW + rw[None, None, :]),
                         mask=(rows < N) & live[:, None, None], other=0)
-        if FIELD == 2:
-            lo = words & 0x0F0F0F0F
-            hi = (words >> 4) & 0x0F0F0F0F
+        lo, hi = _nibbles(words, FIELD)
         for j in tl.static_range(PER):
             if GROUP > 0:
                 if j % SPG == 0:
@@ -157,13 +181,7 @@ def gemv_kernel(x_ptr, w_ptr, st_ptr, b_ptr, y_ptr, N, K, KW, NG, stride_xm, str
                     s, z = _group_stats(st_ptr, rows, g[:, None, None], N, NG, MODE, ZERO)
             col = t[:, None] * BK + j * BW + rw[None, :]
             x = tl.load(x_row + col, mask=(col < K) & live[:, None], other=0.0).to(tl.float32)[:, None, :]
-            if FIELD == 2:
-                if j % 2 == 0:
-                    f = _byte_to_float(lo, j // 2)
-                else:
-                    f = _byte_to_float(hi, j // 2)
-            else:
-                f = _field_small(words, j, BITS)
+            f = _code_float(words, lo, hi, j, BITS, FIELD)
             part += f * x
             sx += x
             if GROUP > 0:
@@ -190,9 +208,7 @@ def dot_kernel(x_ptr, w_ptr, st_ptr, b_ptr, y_ptr, M, N, K, KW, NG, stride_xm, s
     pid_k = tl.program_id(2)
     rw = tl.arange(0, BW)
     tiles = tl.cdiv(K, BK)
-    per_split = tl.cdiv(tiles, SPLIT_K)
-    t_lo = pid_k * per_split
-    t_hi = tl.minimum(t_lo + per_split, tiles)
+    t_lo, t_hi = k_share(tiles, pid_k, SPLIT_K)
     acc = tl.zeros((BM, BN), tl.float32)
     if GROUP == 0:
         s, z = _group_stats(st_ptr, rn[:, None], 0, N, NG, MODE, ZERO)
