@@ -10,12 +10,12 @@ linear shapes (generated weights), plus the correctness check of every kernel va
 3. Timing: each op is captured 50× into a CUDA graph over 8 rotating weight copies (more than the 60 MB L2), the
    graph replayed and timed with CUDA events; the median of 5 replays, per call.
    Columns: w4 g128 and w8 per-channel weight-only; SpQR (3-bit weights and statistics, β1 = β2 = 16, 1% outliers,
-   random codes; its floor counts the kernel form's bytes); W8A8 int8 (lowbit's Triton kernel) and fp8 (cuBLASLt's
-   row-wise scaled matmul where it applies, else lowbit's kernel), both with dynamic per-token activation scales,
-   the activation quantization included.
+   random codes, rows layout; its floor counts the kernel form's bytes); W8A8 int8 (lowbit's Triton kernel) and
+   fp8 (cuBLASLt's row-wise scaled matmul where it applies, else lowbit's kernel), both with dynamic per-token
+   activation scales, the activation quantization included.
 4. --sweep: tile shapes (and the GEMV's code → float variant) for w4 g128 tried at M = 1, 4 and 16 on gate/up and
-   down; at M = 1 also the rows-layout GEMV prototype (lowbit.kernels.gemv_rows) on w4 g128 and SpQR; the best of
-   each is printed.
+   down; at M = 1 also the rows layout (lowbit.kernels.gemv_rows, SpQR's) on w4 g128 and SpQR, SpQR's dense part
+   and its outliers alone; the best of each is printed. LOWBIT_SWEEP=prototypes skips the w4 tile sweep.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -34,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lowbit from this
 from lowbit.formats import IntFormat, PerChannel, PerGroup, SpQRFormat, quantize
 from lowbit.formats.activation import ActFormat
 from lowbit.kernels.check import check_all, check_rows, check_w8a8, random_spqr
-from lowbit.kernels.gemv_rows import gemv_rows, rows_weight
-from lowbit.kernels.linear import Tiles, choose_tiles, w8a8_linear, wxa16_linear
+from lowbit.kernels.gemv_rows import rows_linear
+from lowbit.kernels.linear import Tiles, add_outliers, choose_tiles, w8a8_linear, wxa16_linear
 from lowbit.kernels.weights import KernelWeight, kernel_weight
 
 SPQR, SPQR_OUTLIERS = SpQRFormat(3, 16, 16, 3), 0.01
@@ -43,6 +44,7 @@ SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate/up": (4096, 14336), "dow
 MS = (1, 4, 16, 64, 256, 2048)
 COPIES = 8
 SWEEP_MS = (1, 4, 16)
+PROTOTYPES_ONLY = os.environ.get("LOWBIT_SWEEP") == "prototypes"  # --sweep times only the GEMV prototypes
 
 
 def copy_bandwidth() -> float:
@@ -132,15 +134,16 @@ def layer_bytes(k: int, n: int, m: int, bits: int, group: int) -> int:
     return n * k * bits // 8 + stats + m * k * 2 + m * n * 2
 
 
-def run_table(bw: float, sweep: bool) -> tuple[list[dict], list[dict]]:
+def run_table(bw: float, sweep: bool, ms: tuple[int, ...] = MS) -> tuple[list[dict], list[dict]]:
     rows, sweeps = [], []
     for name, (k, n) in SHAPES.items():
-        shape_rows(name, k, n, bw, sweep, rows, sweeps)
+        shape_rows(name, k, n, bw, sweep, rows, sweeps, ms)
         torch.cuda.empty_cache()
     return rows, sweeps
 
 
-def shape_rows(name: str, k: int, n: int, bw: float, sweep: bool, rows: list, sweeps: list) -> None:
+def shape_rows(name: str, k: int, n: int, bw: float, sweep: bool, rows: list, sweeps: list,
+               ms: tuple[int, ...] = MS) -> None:
     fmt4 = IntFormat(4, granularity=PerGroup(128))
     fmt8 = IntFormat(8, granularity=PerChannel())
     dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(COPIES)]
@@ -153,7 +156,7 @@ def shape_rows(name: str, k: int, n: int, bw: float, sweep: bool, rows: list, sw
     f8 = [((torch.randn(n, k, device="cuda") * 50).to(torch.float8_e4m3fn), torch.rand(1, n, device="cuda") * 1e-3)
           for _ in range(COPIES)]
     a8, af8 = ActFormat("int8"), ActFormat("fp8")
-    for m in MS:
+    for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
 
         def w4(i: int, t: Tiles | None = None, x=x):
@@ -177,7 +180,7 @@ def shape_rows(name: str, k: int, n: int, bw: float, sweep: bool, rows: list, sw
                "tiles": choose_tiles(m, n, k, 4, 132).__dict__}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        if sweep and name in ("gate/up", "down") and m in SWEEP_MS:
+        if sweep and not PROTOTYPES_ONLY and name in ("gate/up", "down") and m in SWEEP_MS:
             best = None
             for t in candidate_tiles(m):
                 try:
@@ -189,37 +192,56 @@ def shape_rows(name: str, k: int, n: int, bw: float, sweep: bool, rows: list, sw
                 if best is None or tt < best[0]:
                     best = (tt, t)
             print(f"  sweep {name} M={m}: best {best[1]} {best[0] * 1e6:.1f} us", flush=True)
+        if sweep and PROTOTYPES_ONLY and m == 1:  # the byte permute's exponent word as a literal (2) or a register (3)
+            for field in (2, 3):
+                t = dataclasses.replace(choose_tiles(m, n, k, 4, 132), field=field)
+                _sweep(f"w4 gemv field {field} {name} M={m}", [()], lambda i, t=t: w4(i, t),
+                       {"layer": name, "M": m, "field": field}, sweeps)
         if sweep and name in ("gate/up", "down") and m <= 2:
             sweep_rows(name, m, x, q4, sp, sweeps)
 
 
 def sweep_rows(name: str, m: int, x: torch.Tensor, q4: list, sp: list, sweeps: list) -> None:
-    """The rows-layout GEMV prototype (lowbit.kernels.gemv_rows) on w4 g128 and SpQR, over its launch shapes."""
+    """The rows layout (lowbit.kernels.gemv_rows; SpQR's) at one row of x on w4 g128 and SpQR over its launch
+    shapes and both byte-permute variants, SpQR's dense part alone, and the outliers' kernel alone."""
     for label, layers in (("w4", q4), ("spqr", sp)):
-        rows = [rows_weight(kw) for kw in layers]
-        best = None
-        for bn in (64, 128, 256):
-            for bwt in (8, 16, 32):
-                for warps in (4, 8):
-                    try:
-                        tt = graph_time(lambda i, bn=bn, bwt=bwt, warps=warps, rows=rows: gemv_rows(
-                            x, rows[i], None, bn=bn, bwt=bwt, warps=warps), calls=20)
-                    except Exception as e:  # a shape Triton cannot compile (registers, shared memory)
-                        print(f"  rows {label} {bn}x{bwt} w{warps}: {type(e).__name__}")
-                        continue
-                    sweeps.append({"layer": name, "M": m, "rows": label, "bn": bn, "bwt": bwt, "warps": warps,
-                                   "us": tt * 1e6})
-                    if best is None or tt < best[0]:
-                        best = (tt, bn, bwt, warps)
-        if best:
-            print(f"  sweep rows-layout {label} {name} M={m}: best BN {best[1]} BWT {best[2]} warps {best[3]} "
-                  f"{best[0] * 1e6:.1f} us", flush=True)
+        rows = [kw.in_rows_layout() for kw in layers]
+        grid = [(bn, bwt, warps, field) for bn in (128, 256) for bwt in (8, 16, 32) for warps in (4, 8)
+                for field in (2, 3)]
+        _sweep(f"rows-layout {label} {name} M={m}", grid, lambda i, bn, bwt, warps, field, rows=rows: rows_linear(
+            x, rows[i], None, Tiles("rows", 1, bn, 0, warps, 3, bwt, field)), {"layer": name, "M": m, "rows": label},
+            sweeps)
+    dense = [dataclasses.replace(kw, outliers=None) for kw in sp]
+    _sweep(f"spqr dense {name} M={m}", [(256, 16, 8, 2), (256, 16, 8, 3)],
+           lambda i, bn, bwt, warps, field: rows_linear(x, dense[i], None,
+                                                        Tiles("rows", 1, bn, 0, warps, 3, bwt, field)),
+           {"layer": name, "M": m, "spqr_dense": True}, sweeps)
+    y0 = torch.zeros(m, sp[0].out_features, device="cuda")
+    grid = [(bn, ch, warps) for bn in (4, 8, 16) for ch in (32, 64, 128) for warps in (1, 2, 4)]
+    _sweep(f"spqr outliers {name} M={m}", grid, lambda i, bn, ch, warps: add_outliers(
+        x, y0, sp[i].outliers, bn, ch, warps), {"layer": name, "M": m, "outliers": True}, sweeps)
+
+
+def _sweep(title: str, grid: list[tuple], call, tags: dict, sweeps: list) -> None:
+    """Time call(i, *point) at every point of the grid; record each and print the best."""
+    best = None
+    for point in grid:
+        try:
+            tt = graph_time(lambda i, point=point: call(i, *point), calls=20)
+        except Exception as e:  # a shape Triton cannot compile (registers, shared memory)
+            print(f"  {title} {point}: {type(e).__name__}")
+            continue
+        sweeps.append({**tags, "point": point, "us": tt * 1e6})
+        if best is None or tt < best[0]:
+            best = (tt, point)
+    if best:
+        print(f"  sweep {title}: best {best[1]} {best[0] * 1e6:.1f} us", flush=True)
 
 
 def candidate_tiles(m: int) -> list[Tiles]:
     out = []
     if m <= 4:
-        for field in (1, 2):
+        for field in (1, 2, 3):
             for bn in (16, 32, 64):
                 for warps in (4, 8):
                     for split in (1, 2):
@@ -243,6 +265,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--out", default="out/bench/kernels")
+    p.add_argument("--ms", default=",".join(map(str, MS)), help="rows of x to time (comma-separated)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -256,7 +279,7 @@ def main() -> None:
     print(f"correctness: {failed} failures", flush=True)
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-    rows, sweeps = run_table(bw, args.sweep)
+    rows, sweeps = run_table(bw, args.sweep, tuple(int(v) for v in args.ms.split(",")))
     (out / "kernels.json").write_text(json.dumps({"bandwidth": bw, "rows": rows, "sweeps": sweeps,
                                                    "failures": failed}, indent=1))
     print(f"\n{'layer':8}{'M':>6}{'bf16':>9}{'tinygemm':>10}{'w4 g128':>9}{'floor':>8}{'w8':>9}{'spqr':>8}"

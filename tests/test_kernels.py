@@ -50,7 +50,8 @@ def test_every_kernel_variant_matches_reference_in_interpreter():
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
     results, w8a8 = json.loads(lines[-2]), json.loads(lines[-1])
-    assert len(results) >= 68  # 3 bit widths × 3 grids × 4 groupings, wider fields, g_idx, SpQR, ragged K; rows GEMV
+    # 3 bit widths × 3 grids × 4 groupings, wider fields, g_idx, SpQR, ragged K; the rows GEMV
+    assert len(results) >= 73
     assert len(w8a8) == 9  # per-token, per-tensor and static activations on three shapes
     bad = [(d, e) for d, e, ok in results + w8a8 if not ok]
     assert not bad, bad
@@ -96,7 +97,7 @@ def test_kernels_compile_for_sm90(bits, group, mode):
         assert gemvs[1].asm["ptx"].count("prmt.b32") >= 8
 
 
-@pytest.mark.parametrize("group,field", [(128, 2), (16, 2), (0, 1), (64, 1)])
+@pytest.mark.parametrize("group,field", [(128, 2), (16, 2), (0, 1), (64, 3)])
 def test_rows_gemv_compiles_for_sm90(group, field):
     from lowbit.kernels.gemv_rows import gemv_rows_kernel
 
@@ -105,7 +106,7 @@ def test_rows_gemv_compiles_for_sm90(group, field):
                                          "stride_xm": "i32", "stride_ym": "i32"},
                       {"BITS": 4, "GROUP": group, "MODE": 1, "ZERO": 8, "HAS_BIAS": True, "BN": 128, "BWT": 8,
                        "SPLIT_K": 2, "FIELD": field})
-    assert k.asm["cubin"] and (k.asm["ptx"].count("prmt.b32") >= 8 if field == 2 else True)
+    assert k.asm["cubin"] and (k.asm["ptx"].count("prmt.b32") >= 8 if field >= 2 else True)
     assert "ld.global.v4" in k.asm["ptx"]  # four rows' words in one load
 
 
@@ -194,7 +195,9 @@ def test_kernel_form_keeps_codes_and_outlier_corrections(form, mode):
     qw = random_weight(Case(form, 1, 32, 256, outlier_rate=0.05), torch.Generator().manual_seed(3))
     kw = kernel_weight(qw)
     assert torch.equal(kw.codes(), qw.codes)  # wider fields and column orders are undone exactly
-    assert kw.field == {3: 4, 4: 4, 5: 8}[form.bits] and kw.words.shape[1] * 32 // kw.field >= 256
+    rows = isinstance(qw, SpQRWeight)  # SpQR takes the rows layout: words [KW, N], statistics [NG, N]
+    assert kw.layout == ("rows" if rows else "tiles")
+    assert kw.field == {3: 4, 4: 4, 5: 8}[form.bits] and kw.words.shape[0 if rows else 1] * 32 // kw.field >= 256
     assert kw.mode == mode
     if isinstance(form, IntFormat) and form.g_idx:  # sorted by group, the kernel sees runs of G columns
         assert torch.equal(qw.g_idx.long()[kw.perm], torch.arange(256) // 32)
@@ -203,10 +206,12 @@ def test_kernel_form_keeps_codes_and_outlier_corrections(form, mode):
         mask, dense = qw.dense_outliers()
         s, z = (t.half().float().repeat_interleave(form.beta1, 1) for t in qw.statistics())  # as the kernel has them
         assert torch.allclose(((qw.codes.float() - z) * s)[mask] + o.corrections, dense[mask], atol=1e-6)
-    lo = kw.stats & 0xFFFF  # the statistics words: float16 scale in the low half
+    lo = (kw.stats.T if rows else kw.stats) & 0xFFFF  # the statistics words: float16 scale in the low half
     s_kernel = lo.to(torch.int16).view(torch.float16)
     s_ref = (qw.statistics()[0] if isinstance(qw, SpQRWeight) else qw.scale).half()
     assert torch.equal(s_kernel, s_ref)
+    back = kw.in_rows_layout()  # any weight goes to the rows layout and back to the same codes
+    assert torch.equal(back.codes(), qw.codes) and torch.equal(back.stats.T if not rows else back.stats, kw.stats)
 
 
 def test_group_map_with_uneven_groups_has_no_kernel_form():

@@ -109,15 +109,17 @@ def random_spqr(f: SpQRFormat, n: int, k: int, rate: float, g: torch.Generator) 
     return SpQRWeight(f, codes, s, z, sg, zg, row_ptr, cols, values)
 
 
-def run_case(case: Case, device: str, dtype: torch.dtype, seed: int) -> float:
-    """Relative error of the kernel on one fresh random problem; NaN if any output was left unwritten."""
+def run_case(case: Case, device: str, dtype: torch.dtype, seed: int, kernel=None) -> float:
+    """Relative error of the kernel on one fresh random problem; NaN if any output was left unwritten. kernel:
+    (x, KernelWeight, bias) → y, by default `wxa16_linear` with the case's tiles."""
     g = torch.Generator().manual_seed(seed)
     qw = random_weight(case, g)
     on_device = from_packed(case.fmt, qw.shape, {name: t.to(device) for name, t in qw.packed().items()})
     x = torch.randn(case.m, case.k, generator=g).to(device, dtype)
     b = (torch.randn(case.n, generator=g) * 0.1).to(device, dtype) if case.bias else None
     torch.empty(case.m * case.n * 4, device=device, dtype=torch.float32).fill_(float("nan"))  # poison the pool
-    y = wxa16_linear(x, kernel_weight(on_device), b, case.tiles)
+    kw = kernel_weight(on_device)
+    y = kernel(x, kw, b) if kernel is not None else wxa16_linear(x, kw, b, case.tiles)
     ref = x.double().cpu() @ qw.dequantize().double().T
     if b is not None:
         ref += b.double().cpu()
@@ -151,8 +153,11 @@ def standard_cases(small: bool) -> list[Case]:
              fmt(4, "float-min", 32), fmt(4, "float-min", 0), fmt(4, "asym", 32, g_idx=True),
              fmt(3, "sym", 64, g_idx=True), SpQRFormat(3, 16, 16, 3), SpQRFormat(4, 16, 16, 16),
              SpQRFormat(3, 32, 8, 2)]
+    rows_variants = [None, Tiles("rows", 1, 32, 2, 4, unroll=4), Tiles("dequant", 0, 16, unroll=8),
+                     Tiles("rows", 1, 64, 0, 4, unroll=2, field=1)]  # SpQR's layout (lowbit.kernels.gemv_rows)
     for f in extra:
-        for variant in (variants[i % len(variants)], variants[(i + 3) % len(variants)]):
+        vs = rows_variants if isinstance(f, SpQRFormat) else variants
+        for variant in (vs[i % len(vs)], vs[(i + 3) % len(vs)]):
             m, n, k = shapes[i % len(shapes)]
             cases.append(Case(f, m, n, k, bias=i % 3 == 0, tiles=variant,
                               outlier_rate=0.02 if isinstance(f, SpQRFormat) else 0.0))
@@ -163,34 +168,35 @@ def standard_cases(small: bool) -> list[Case]:
     return cases
 
 
-def run_rows_case(case: Case, device: str, dtype: torch.dtype, seed: int, bn: int, bwt: int) -> float:
-    """`run_case` for the rows-layout GEMV prototype (lowbit.kernels.gemv_rows)."""
-    from lowbit.kernels.gemv_rows import gemv_rows, rows_weight
+ROWS_FORMS = [fmt(4, "sym", 128), fmt(4, "asym", 32), fmt(8, "sym-full", 0), fmt(2, "asym", 64),
+                   fmt(3, "sym", 64), fmt(4, "float-min", 32), fmt(4, "sym", 64, g_idx=True), SpQRFormat(3, 16, 16, 3),
+                   fmt(8, "asym", 16), fmt(2, "sym", 16), fmt(4, "float-min", 0)]
 
-    g = torch.Generator().manual_seed(seed)
-    qw = random_weight(case, g)
-    on_device = from_packed(case.fmt, qw.shape, {name: t.to(device) for name, t in qw.packed().items()})
-    x = torch.randn(case.m, case.k, generator=g).to(device, dtype)
-    b = (torch.randn(case.n, generator=g) * 0.1).to(device, dtype) if case.bias else None
-    y = gemv_rows(x, rows_weight(kernel_weight(on_device)), b, bn=bn, bwt=bwt, split_k=1 + seed % 3)
-    ref = x.double().cpu() @ qw.dequantize().double().T
-    if b is not None:
-        ref += b.double().cpu()
-    return relative_error(y, ref)
+
+def _rows_cases(small: bool) -> list[Case]:
+    """One and two rows of x, every kind of statistics, groups narrower and wider than a tile, per channel."""
+    shapes = [(1, 96, 256), (2, 80, 384)] if small else [(1, 4096, 4096), (2, 1008, 1536)]
+    return [Case(f, *shapes[i % 2], bias=i % 2 == 0, outlier_rate=0.02 if isinstance(f, SpQRFormat) else 0.0)
+            for i, f in enumerate(ROWS_FORMS)]
 
 
 def check_rows(device: str, dtype: torch.dtype, small: bool = False, seed: int = 0) -> list[tuple[str, float, bool]]:
-    """The rows-layout GEMV on one and two rows of x: every kind of statistics, tile-wide and per-word groups."""
-    shapes = [(1, 96, 256), (2, 80, 384)] if small else [(1, 4096, 4096), (2, 1000, 1536)]
-    forms = [fmt(4, "sym", 128), fmt(4, "asym", 32), fmt(8, "sym-full", 0), fmt(2, "asym", 64), fmt(3, "sym", 64),
-             fmt(4, "float-min", 32), fmt(4, "sym", 64, g_idx=True), SpQRFormat(3, 16, 16, 3)]
+    """The rows layout (lowbit.kernels.gemv_rows, SpQR's) for every kind of statistics: its GEMV at one and two rows
+    of x with K split one to three ways, per-word and per-step groups, and its dequantization."""
+    from lowbit.kernels.gemv_rows import rows_linear
+
     out = []
-    for i, f in enumerate(forms):
-        m, n, k = shapes[i % len(shapes)]
-        case = Case(f, m, n, k, bias=i % 2 == 0, outlier_rate=0.02 if isinstance(f, SpQRFormat) else 0.0)
-        bn, bwt = (32, 8) if i % 2 else (64, 4)
-        err = run_rows_case(case, device, dtype, seed + i, bn, bwt)
-        out.append((case.describe().replace("[auto]", f"[rows {bn}x{bwt}]"), err, err <= TOLERANCE[dtype]))
+    for i, case in enumerate(_rows_cases(small)):
+        tiles = Tiles("rows", 1, *((32, 1 + (seed + i) % 3, 4, 3, 8) if i % 2 else (64, 1 + (seed + i) % 3, 8, 3, 4)))
+        if i % 4 == 3:
+            tiles = Tiles("dequant", 0, 32, unroll=8)
+
+        def rows(x, kw, b, tiles=tiles):
+            return rows_linear(x, kw.in_rows_layout(), b, tiles)
+
+        err = run_case(case, device, dtype, seed + i, rows)
+        label = f"rows {tiles.bn}x{tiles.unroll} split {tiles.split_k}" if tiles.mode == "rows" else "rows dequant"
+        out.append((case.describe().replace("[auto]", f"[{label}]"), err, err <= TOLERANCE[dtype]))
     return out
 
 

@@ -1,55 +1,55 @@
-"""A GEMV on a second layout, word-major with the rows contiguous, to be timed against `wxa16.gemv_kernel`
-(benchmarks/gpu_kernels.py --sweep); not dispatched to until it has been measured faster.
+"""Weight-only products on the second layout, "rows": SpQR's (lowbit.kernels.weights), where it is the faster one.
 
-Layout ("rows"): words [KW, N] (int32), word w of row n holding the codes of columns P·w … P·w + P − 1 in its
-fields (the checkpoint's own sequential order, P = 32/b fields of b = 2, 4, 8 bits), and the statistics words
-transposed, [NG, N]. A thread then loads the same word of several consecutive rows in one vector load, so each
-value of x is loaded and converted once for all of them, and the statistics of a group are read once per word
-(once per tile when a group spans the tile) rather than once per thread that holds a slice of it.
+Layout: words [KW, N] (int32), word w of row n holding the codes of columns P·w … P·w + P − 1 in its fields (the
+checkpoint's own sequential order, P = 32/b fields of b = 2, 4, 8 bits), and the statistics words transposed,
+[NG, N]. A thread loads the same word of several consecutive rows in one vector load, so each value of x is loaded
+and converted once for all of them, and a group of 16 columns (SpQR's β1) is two words of one thread, its
+statistics one word per row read once.
 
-Per code: one FMA on f = B + c (byte permute or shift-and-mask, as in wxa16), the group's zero and offset taken
-out per word through Σx: y_n += s·(Σ_j f_j·x_j − (B + z)·Σ_j x_j), or with minimums s·(Σ f·x − B·Σx) + m·Σx.
+- `gemv_rows_kernel` (a few rows of x, each a stream of weights): per code one FMA on f = B + c (byte permute or
+  shift and mask, as in lowbit.kernels.wxa16), the group's zero and offset taken out per word through Σx:
+  y_n += s·(Σ_j f_j·x_j − (B + z)·Σ_j x_j); SpQR's outliers follow in their own kernel (adding them in the
+  GEMV's programs, each taking a share, measured 1.3–1.5× slower on an H200).
+- `dequant_rows_kernel` writes ŵᵀ [K, N] for cuBLAS when x has many rows.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from lowbit.formats.packing import pack
 from lowbit.kernels.epilogue import bias_and_store
-from lowbit.kernels.linear import _field_variant, _sm_count, accumulator, finish_product, input_rows
-from lowbit.kernels.weights import KernelWeight, Outliers, ZeroMode, field_bits
-from lowbit.kernels.wxa16 import _close_group, _code_float, _nibbles, _split_stats, k_share
+from lowbit.kernels.linear import (
+    Tiles,
+    _field_variant,
+    _sm_count,
+    accumulator,
+    finish_product,
+    input_rows,
+    place_outliers,
+)
+from lowbit.kernels.weights import KernelWeight
+from lowbit.kernels.wxa16 import (
+    _close_group,
+    _code_float,
+    _field,
+    _magic,
+    _nibbles,
+    _split_stats,
+    _weight,
+    k_share,
+)
+
+GEMV_ROWS = 4  # up to this many rows of x the GEMV reads the weights once per row; beyond, ŵ once for cuBLAS
 
 
-@dataclass
-class RowsWeight:
-    """A layer in the "rows" layout: words [KW, N], statistics words [NG, N], as `KernelWeight` otherwise."""
-
-    words: torch.Tensor
-    stats: torch.Tensor
-    bits: int
-    group: int
-    mode: ZeroMode
-    in_features: int
-    out_features: int
-    perm: torch.Tensor | None = None
-    outliers: Outliers | None = None
-
-    @property
-    def field(self) -> int:
-        return field_bits(self.bits)
-
-
-def rows_weight(kw: KernelWeight) -> RowsWeight:
-    """The same weight as `kw` in the rows layout."""
-    words = pack(kw.kernel_codes(), kw.field).T.contiguous()
-    return RowsWeight(words, kw.stats.T.contiguous(), kw.bits, kw.group, kw.mode, kw.in_features, kw.out_features,
-                      kw.perm, kw.outliers)
+def rows_tiles(m: int) -> Tiles:
+    """The launch shape for M rows of x (benchmarks/gpu_kernels.py --sweep on an H200 chose BN = 256 outputs per
+    program, 16 words per step, 8 warps, for SpQR at M = 1); `unroll` is the words per step."""
+    if m <= GEMV_ROWS:
+        return Tiles("rows", 1, 256, 0, warps=8, unroll=16)
+    return Tiles("dequant", 0, 64, warps=4, unroll=16)
 
 
 @triton.jit
@@ -61,7 +61,8 @@ def gemv_rows_kernel(x_ptr, w_ptr, st_ptr, b_ptr, y_ptr, N, K, KW, NG, stride_xm
     PER: tl.constexpr = 32 // BITS
     WPG: tl.constexpr = 0 if GROUP == 0 else GROUP // PER  # words per group
     TILE_STATS: tl.constexpr = GROUP == 0 or WPG >= BWT  # one group for the whole tile
-    BASE: tl.constexpr = 128.0 if FIELD == 2 else float(1 << BITS)
+    BASE: tl.constexpr = 128.0 if FIELD >= 2 else float(1 << BITS)
+    magic = _magic(N, FIELD)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -91,7 +92,7 @@ def gemv_rows_kernel(x_ptr, w_ptr, st_ptr, b_ptr, y_ptr, N, K, KW, NG, stride_xm
         for j in tl.static_range(PER):
             col = w * PER + j
             x = tl.load(x_row + col, mask=col < K, other=0.0).to(tl.float32)[:, None]
-            f = _code_float(words, lo, hi, j, BITS, FIELD)
+            f = _code_float(words, lo, hi, j, BITS, FIELD, magic)
             part += f * x
             sx += x
         acc = _close_group(acc, part, sx, s, z, BASE, MODE)
@@ -99,24 +100,58 @@ def gemv_rows_kernel(x_ptr, w_ptr, st_ptr, b_ptr, y_ptr, N, K, KW, NG, stride_xm
     bias_and_store(y, b_ptr, rn, N, y_ptr + pid_m * stride_ym + rn, rn < N, pid_k, HAS_BIAS, SPLIT_K)
 
 
-def gemv_rows(x: torch.Tensor, rw: RowsWeight, bias: torch.Tensor | None, bn: int = 128, bwt: int = 16,
-              split_k: int = 0, warps: int = 8, field: int = 0) -> torch.Tensor:
-    """y = x · ŵᵀ (+ bias) for x [..., K] with few rows, on the rows layout; split_k 0: enough to fill the GPU."""
+@triton.jit
+def dequant_rows_kernel(w_ptr, st_ptr, out_ptr, N, K, KW, NG, BITS: tl.constexpr, GROUP: tl.constexpr,
+                        MODE: tl.constexpr, ZERO: tl.constexpr, BN: tl.constexpr, BWT: tl.constexpr):
+    """ŵᵀ [K, N] in out's dtype from BWT words of BN rows per program: the layout's own order, so that each store
+    is contiguous along N (cuBLAS then reads ŵ transposed, at no cost)."""
+    PER: tl.constexpr = 32 // BITS
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    w = tl.program_id(1) * BWT + tl.arange(0, BWT)
+    ok = (w < KW)[:, None] & (rn < N)[None, :]
+    words = tl.load(w_ptr + w[:, None] * N + rn[None, :], mask=ok, other=0)
+    if GROUP == 0:
+        v = tl.load(st_ptr + rn, mask=rn < N, other=0)[None, :]
+    else:
+        g = (w * PER) // GROUP
+        v = tl.load(st_ptr + g[:, None] * N + rn[None, :], mask=ok & (g < NG)[:, None], other=0)
+    s, z = _split_stats(v, MODE, ZERO)
+    for j in tl.static_range(PER):
+        col = w * PER + j
+        wt = _weight(_field(words, j, BITS), s, z, MODE)
+        tl.store(out_ptr + col[:, None] * N + rn[None, :], wt.to(out_ptr.dtype.element_ty),
+                 mask=ok & (col < K)[:, None])
+
+
+def rows_linear(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, tiles: Tiles | None = None,
+                field: int = 0) -> torch.Tensor:
+    """y = x · ŵᵀ (+ bias) in x's dtype for x [..., K] and a weight in the rows layout."""
     k = x.shape[-1]
-    x2 = input_rows(x, rw.perm)
-    m, n = x2.shape[0], rw.out_features
-    kwords, ng = rw.words.shape[0], rw.stats.shape[0]
-    words_per_group = rw.group // (32 // rw.field)
-    if rw.group and words_per_group % bwt and bwt % words_per_group:
-        raise ValueError("BWT and the words per group must divide one another")
-    if not split_k:
-        split_k = 1
-        while -(-n // bn) * m * split_k < _sm_count(x.device) and kwords // (split_k * 2) >= 4 * bwt:
-            split_k *= 2
-    y = accumulator(x, m, n, split_k, rw.outliers is not None)
-    gemv_rows_kernel[(-(-n // bn), m, split_k)](
-        x2, rw.words, rw.stats, bias if bias is not None else rw.stats, y, n, k, kwords, ng, x2.stride(0),
-        y.stride(0), BITS=rw.field, GROUP=rw.group, MODE=int(rw.mode), ZERO=1 << (rw.bits - 1),
-        HAS_BIAS=bias is not None, BN=bn, BWT=bwt, SPLIT_K=split_k,
-        FIELD=_field_variant(field, rw.field, x.is_cuda), num_warps=warps)
-    return finish_product(x, x2, y, rw.outliers)
+    x2 = input_rows(x, kw.perm)
+    m, n = x2.shape[0], kw.out_features
+    t = tiles or rows_tiles(m)
+    kwords, ng = kw.words.shape[0], kw.stats.shape[0]
+    stats = dict(BITS=kw.field, GROUP=kw.group, MODE=int(kw.mode), ZERO=kw.symmetric_zero)
+    if t.mode == "dequant":
+        wt = torch.empty(k, n, device=x.device, dtype=x.dtype)
+        dequant_rows_kernel[(-(-n // t.bn), -(-kwords // t.unroll))](kw.words, kw.stats, wt, n, k, kwords, ng,
+                                                                     **stats, BN=t.bn, BWT=t.unroll, num_warps=t.warps)
+        if kw.outliers is not None:
+            place_outliers(wt.T, kw.outliers)
+        return torch.nn.functional.linear(x2, wt.T, bias).reshape(*x.shape[:-1], n)
+    if t.mode != "rows":
+        raise ValueError(f"a weight in the rows layout runs tiles 'rows' or 'dequant', not {t.mode!r}")
+    words_per_group = kw.group // (32 // kw.field)
+    if kw.group and words_per_group % t.unroll and t.unroll % words_per_group:
+        raise ValueError("the words per step and the words per group must divide one another")
+    split = t.split_k
+    if not split:
+        split = 1
+        while -(-n // t.bn) * m * split < _sm_count(x.device) and kwords // (split * 2) >= 4 * t.unroll:
+            split *= 2
+    y = accumulator(x, m, n, split, kw.outliers is not None)
+    gemv_rows_kernel[(-(-n // t.bn), m, split)](
+        x2, kw.words, kw.stats, bias if bias is not None else kw.stats, y, n, k, kwords, ng, x2.stride(0),
+        y.stride(0), **stats, HAS_BIAS=bias is not None, BN=t.bn, BWT=t.unroll, SPLIT_K=split,
+        FIELD=_field_variant(t.field or field, kw.field, x.is_cuda, fastest=2), num_warps=t.warps)
+    return finish_product(x, x2, y, kw.outliers)

@@ -18,9 +18,10 @@ from lowbit.kernels.weights import KernelWeight, Outliers
 @dataclass(frozen=True)
 class Tiles:
     """One launch configuration. mode: "gemv" (one program per BN outputs of one row, CUDA-core FMAs), "dot"
-    (BM × BN tiles on tensor cores), both with K split SPLIT_K ways, or "dequant" (ŵ written once, then cuBLAS).
-    unroll: tiles of K loaded per step by the GEMV; field: how the GEMV turns a code into a float
-    (lowbit.kernels.wxa16.gemv_kernel; 0: the fastest that applies)."""
+    (BM × BN tiles on tensor cores), both with K split SPLIT_K ways, or "dequant" (ŵ written once, then cuBLAS);
+    for the rows layout (lowbit.kernels.gemv_rows) "rows" (its GEMV; split_k 0: enough to fill the GPU) or
+    "dequant". unroll: tiles of K loaded per step by the GEMV, words per step in the rows layout; field: how the
+    GEMV turns a code into a float (lowbit.kernels.wxa16.gemv_kernel; 0: the fastest that applies)."""
 
     mode: str
     bm: int
@@ -81,6 +82,10 @@ def wxa16_linear(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None,
     """y = x · ŵᵀ (+ bias) in x's dtype, for x [..., K] on a CUDA device; kw from `kernel_weight`."""
     from lowbit.kernels.wxa16 import dequant_kernel, dot_kernel, gemv_kernel
 
+    if kw.layout == "rows":
+        from lowbit.kernels.gemv_rows import rows_linear
+
+        return rows_linear(x, kw, bias, tiles)
     k = x.shape[-1]
     x2 = input_rows(x, kw.perm)
     m, n = x2.shape[0], kw.out_features
@@ -91,11 +96,8 @@ def wxa16_linear(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None,
         w = torch.empty(n, k, device=x.device, dtype=x.dtype)
         grid = (-(-n // t.bn), kwords // kw.slice_words)
         dequant_kernel[grid](kw.words, kw.stats, w, n, k, kwords, ng, **stats, BN=t.bn, num_warps=t.warps)
-        if kw.outliers is not None:  # the stored values replace the dense grid's at their positions
-            o = kw.outliers
-            rows = torch.repeat_interleave(torch.arange(n, device=x.device), (o.row_ptr[1:] - o.row_ptr[:-1]).long(),
-                                           output_size=o.values.numel())
-            w.view(-1).index_put_((rows * k + (o.cols.long() & 0xFFFF),), o.values.to(w.dtype))
+        if kw.outliers is not None:
+            place_outliers(w, kw.outliers)
         return torch.nn.functional.linear(x2, w, bias).reshape(*x.shape[:-1], n)
     b = bias if bias is not None else kw.stats  # a pointer the kernel never reads
     flags = dict(stats, HAS_BIAS=bias is not None, BN=t.bn, SPLIT_K=t.split_k, num_warps=t.warps,
@@ -110,6 +112,14 @@ def wxa16_linear(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None,
         dot_kernel[grid](x2, kw.words, kw.stats, b, y, m, n, k, kwords, ng, x2.stride(0), y.stride(0), **flags,
                          BM=t.bm)
     return finish_product(x, x2, y, kw.outliers)
+
+
+def place_outliers(w: torch.Tensor, o: Outliers) -> None:
+    """SpQR's stored outlier values written over the dense grid's in a dequantized ŵ [N, K] (any strides)."""
+    n = w.shape[0]
+    rows = torch.repeat_interleave(torch.arange(n, device=w.device), (o.row_ptr[1:] - o.row_ptr[:-1]).long(),
+                                   output_size=o.values.numel())
+    w.index_put_((rows, o.cols.long() & 0xFFFF), o.values.to(w.dtype))
 
 
 def input_rows(x: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
@@ -130,24 +140,30 @@ def accumulator(x: torch.Tensor, m: int, n: int, split_k: int, sparse: bool) -> 
 
 def finish_product(x: torch.Tensor, x2: torch.Tensor, y: torch.Tensor, outliers: Outliers | None) -> torch.Tensor:
     """SpQR's outliers added to y (if any), then y in x's dtype and leading shape."""
+    if outliers is not None:
+        add_outliers(x2, y, outliers)
+    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[1])
+
+
+def add_outliers(x2: torch.Tensor, y: torch.Tensor, o: Outliers, bn: int = 8, ch: int = 64, warps: int = 2) -> None:
+    """y [M, N] (float32) += the sparse product of x2 [M, K] with SpQR's outlier corrections (the launch shape the
+    sweep chose on an H200, 1% outliers)."""
     from lowbit.kernels.wxa16 import outliers_kernel
 
     n = y.shape[1]
-    if outliers is not None:
-        o = outliers
-        outliers_kernel[(-(-n // 32), y.shape[0])](x2, o.row_ptr, o.cols, o.corrections, y, n, x2.stride(0),
-                                                   y.stride(0), BN=32, CH=64, num_warps=4)
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    outliers_kernel[(-(-n // bn), y.shape[0])](x2, o.row_ptr, o.cols, o.corrections, y, n, x2.stride(0), y.stride(0),
+                                               BN=bn, CH=ch, num_warps=warps)
 
 
-def _field_variant(asked: int, bits: int, cuda: bool) -> int:
-    """The GEMV's code → float variant: the byte permute (2) needs 4-bit fields and a GPU (Triton's interpreter runs
-    no inline assembly); else shift and mask (1)."""
-    if asked == 2 and not (bits == 4 and cuda):
-        raise ValueError("the byte-permute GEMV variant needs 4-bit fields on a CUDA device")
+def _field_variant(asked: int, bits: int, cuda: bool, fastest: int = 3) -> int:
+    """The GEMV's code → float variant: the byte permutes (2, 3) need 4-bit fields and a GPU (Triton's interpreter
+    runs no inline assembly); else shift and mask (1). 0 asks for `fastest` where it applies (on an H200: 3 for the
+    tile layout's GEMV, 1.03–1.08× faster than 2; 2 for the rows layout's)."""
+    if asked >= 2 and not (bits == 4 and cuda):
+        raise ValueError("the byte-permute GEMV variants need 4-bit fields on a CUDA device")
     if asked:
         return asked
-    return 2 if bits == 4 and cuda else 1
+    return fastest if bits == 4 and cuda else 1
 
 
 def quantize_rows(x2: torch.Tensor, act, input_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

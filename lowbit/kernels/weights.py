@@ -9,21 +9,23 @@ turned back into it for saving.
 - The statistics of each (row, group) are one 32-bit word, two float16 halves: the scale s (low) and the zero z
   (integer zeros are exact in float16), or the minimum m with float minimums (high), so the kernel reads a group
   with one load (`ZeroMode`).
-- SpQR (arXiv 2306.03078): the dense b_w-bit part as above. Its bilevel statistics (§4.2), s = c_s·a_s + m_s and
-  z = c_z·a_z + m_z, are decoded once here and rounded to float16 (relative error ≤ 2^-11 in s, ≤ 2^-9 of a step
-  in z, far below the float16/bfloat16 rounding of the output). The outliers stay CSR by row, each with the
-  correction w_o − ŵ_dense(r, c) in float32 that turns the dense product at that position into the stored value.
+- SpQR (arXiv 2306.03078): the dense b_w-bit part as above, in the rows layout (lowbit.kernels.gemv_rows). Its
+  bilevel statistics (§4.2), s = c_s·a_s + m_s and z = c_z·a_z + m_z, are decoded once here and rounded to float16
+  (relative error ≤ 2^-11 in s, ≤ 2^-9 of a step in z, far below the float16/bfloat16 rounding of the output).
+  The outliers stay CSR by row, each with the correction w_o − ŵ_dense(r, c) in float32 that turns the dense
+  product at that position into the stored value.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 
 import torch
 
 from lowbit.formats.granularity import PerChannel, PerGroup
 from lowbit.formats.intgrid import IntFormat
+from lowbit.formats.packing import pack, unpack
 from lowbit.formats.spqr import SpQRFormat, SpQRWeight
 from lowbit.formats.weight import QuantizedWeight
 from lowbit.kernels.layout import deinterleave, interleave, slice_words
@@ -68,6 +70,9 @@ class KernelWeight:
     out_features: int
     perm: torch.Tensor | None = None  # int64 [K]: kernel column i is input column perm[i]
     outliers: Outliers | None = None
+    # "tiles": words [N, KW] interleaved per tile (lowbit.kernels.layout), statistics [N, NG]; "rows": words
+    # [KW, N] in the checkpoint's column order and statistics [NG, N] (lowbit.kernels.gemv_rows)
+    layout: str = "tiles"
 
     @property
     def field(self) -> int:
@@ -77,12 +82,21 @@ class KernelWeight:
     def slice_words(self) -> int:
         return slice_words(self.field, self.group)
 
+    def in_rows_layout(self) -> KernelWeight:
+        """The same weight in the rows layout."""
+        if self.layout == "rows":
+            return self
+        return replace(self, words=pack(self.kernel_codes(), self.field).T.contiguous(),
+                       stats=self.stats.T.contiguous(), layout="rows")
+
     @property
     def symmetric_zero(self) -> int:
         return 1 << (self.bits - 1)
 
     def kernel_codes(self) -> torch.Tensor:
         """The codes [N, K] (uint8) in the kernel's column order."""
+        if self.layout == "rows":
+            return unpack(self.words.T, self.field, self.in_features)
         return deinterleave(self.words, self.field, self.in_features, self.slice_words)
 
     def codes(self) -> torch.Tensor:
@@ -145,12 +159,14 @@ def kernel_weight(qw: QuantizedWeight | SpQRWeight) -> KernelWeight:
 
 
 def _spqr(sw: SpQRWeight) -> KernelWeight:
+    """SpQR in the rows layout: at one row of x its GEMV beat the tile layout's by 1.3–1.5× on an H200
+    (BENCHMARKS.md), the groups of 16 being two words of one thread there."""
     fmt = sw.fmt
     n, k = sw.shape
     field = field_bits(fmt.bits)
-    words = interleave(sw.codes, field, slice_words(field, fmt.beta1))
     s, z = sw.statistics()
-    kw = KernelWeight(words, fmt.bits, fmt.beta1, ZeroMode.ZERO, stats_words(s, z), k, n)
+    kw = KernelWeight(pack(sw.codes, field).T.contiguous(), fmt.bits, fmt.beta1, ZeroMode.ZERO,
+                      stats_words(s, z).T.contiguous(), k, n, layout="rows")
     if sw.outliers:
         rows = torch.repeat_interleave(torch.arange(n, device=sw.codes.device),
                                        (sw.row_ptr[1:] - sw.row_ptr[:-1]).long())

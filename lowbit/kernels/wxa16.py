@@ -80,40 +80,51 @@ def _field_small(words, j: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _byte_to_float(src, k: tl.constexpr):
-    """128 + byte k of src (float32, exact for bytes < 128), one PRMT: the byte becomes bits 16–23 under 0x43."""
+def _byte_to_float(src, magic, k: tl.constexpr):
+    """128 + byte k of src (float32, exact for bytes < 128), one PRMT: the byte becomes bits 16–23 under the 0x43
+    of magic = 0x43000000."""
     if k == 0:
-        v = tl.inline_asm_elementwise("prmt.b32 $0, $1, 0x43000000, 0x7044;", "=r,r", [src], dtype=tl.int32,
+        v = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7044;", "=r,r,r", [src, magic], dtype=tl.int32,
                                       is_pure=True, pack=1)
     elif k == 1:
-        v = tl.inline_asm_elementwise("prmt.b32 $0, $1, 0x43000000, 0x7144;", "=r,r", [src], dtype=tl.int32,
+        v = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7144;", "=r,r,r", [src, magic], dtype=tl.int32,
                                       is_pure=True, pack=1)
     elif k == 2:
-        v = tl.inline_asm_elementwise("prmt.b32 $0, $1, 0x43000000, 0x7244;", "=r,r", [src], dtype=tl.int32,
+        v = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7244;", "=r,r,r", [src, magic], dtype=tl.int32,
                                       is_pure=True, pack=1)
     else:
-        v = tl.inline_asm_elementwise("prmt.b32 $0, $1, 0x43000000, 0x7344;", "=r,r", [src], dtype=tl.int32,
+        v = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7344;", "=r,r,r", [src, magic], dtype=tl.int32,
                                       is_pure=True, pack=1)
     return v.to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _nibbles(words, FIELD: tl.constexpr):
-    """For the byte-permute variant (FIELD 2) the words' low and high nibbles, each in the low half of a byte;
+    """For the byte-permute variants (FIELD 2, 3) the words' low and high nibbles, each in the low half of a byte;
     else the words themselves (unused)."""
-    if FIELD == 2:
+    if FIELD >= 2:
         return words & 0x0F0F0F0F, (words >> 4) & 0x0F0F0F0F
     return words, words
 
 
 @triton.jit
-def _code_float(words, lo, hi, j: tl.constexpr, BITS: tl.constexpr, FIELD: tl.constexpr):
-    """B + c (float32, exact) for field j: 128 + c by one byte permute of the nibbles (FIELD 2, 4-bit fields), or
-    2^b + c by shift and mask."""
-    if FIELD == 2:
+def _magic(N, FIELD: tl.constexpr):
+    """The exponent word 0x43000000 of the byte permute. FIELD 3 computes it from N (N ≥ 0, so N >> 31 is 0), which
+    ptxas cannot fold: it then keeps the word in a register and the permute's selector as an immediate, where
+    with a literal it folds the word in and re-materializes the selector into a register before every permute."""
+    if FIELD == 3:
+        return (N >> 31) | 0x43000000
+    return (N & 0) | 0x43000000
+
+
+@triton.jit
+def _code_float(words, lo, hi, j: tl.constexpr, BITS: tl.constexpr, FIELD: tl.constexpr, magic):
+    """B + c (float32, exact) for field j: 128 + c by one byte permute of the nibbles (FIELD 2 and 3, 4-bit fields;
+    magic from `_magic`), or 2^b + c by shift and mask."""
+    if FIELD >= 2:
         if j % 2 == 0:
-            return _byte_to_float(lo, j // 2)
-        return _byte_to_float(hi, j // 2)
+            return _byte_to_float(lo, magic, j // 2)
+        return _byte_to_float(hi, magic, j // 2)
     return _field_small(words, j, BITS)
 
 
@@ -146,14 +157,16 @@ def gemv_kernel(x_ptr, w_ptr, st_ptr, b_ptr, y_ptr, N, K, KW, NG, stride_xm, str
     one row of x is a stream of weights, and the kernel is bound by how much of it is on its way.
 
     FIELD, how a code becomes a float: 1, 2^b + c by a shift and a mask (`_field_small`); 2 (4-bit codes on a
-    GPU), 128 + c by one byte permute per code after splitting the word's low and high nibbles (`_byte_to_float`).
+    GPU), 128 + c by one byte permute per code after splitting the word's low and high nibbles (`_byte_to_float`);
+    3, the same with the permute's exponent word in a register (`_magic`).
     Per code that is one FMA, part += f·x; the group's zero point and the offset are taken out once per group
     through Σx (`_close_group`)."""
     PER: tl.constexpr = 32 // BITS
     BK: tl.constexpr = BW * PER
     # slices per group within a tile (GROUP == 0: one group per row, the statistics applied at the end)
     SPG: tl.constexpr = PER if GROUP == 0 else GROUP // BW
-    BASE: tl.constexpr = 128.0 if FIELD == 2 else float(1 << BITS)
+    BASE: tl.constexpr = 128.0 if FIELD >= 2 else float(1 << BITS)
+    magic = _magic(N, FIELD)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -181,7 +194,7 @@ def gemv_kernel(x_ptr, w_ptr, st_ptr, b_ptr, y_ptr, N, K, KW, NG, stride_xm, str
                     s, z = _group_stats(st_ptr, rows, g[:, None, None], N, NG, MODE, ZERO)
             col = t[:, None] * BK + j * BW + rw[None, :]
             x = tl.load(x_row + col, mask=(col < K) & live[:, None], other=0.0).to(tl.float32)[:, None, :]
-            f = _code_float(words, lo, hi, j, BITS, FIELD)
+            f = _code_float(words, lo, hi, j, BITS, FIELD, magic)
             part += f * x
             sx += x
             if GROUP > 0:
@@ -256,22 +269,19 @@ def dequant_kernel(w_ptr, st_ptr, out_ptr, N, K, KW, NG, BITS: tl.constexpr, GRO
 @triton.jit
 def outliers_kernel(x_ptr, ptr_ptr, col_ptr, d_ptr, y_ptr, N, stride_xm, stride_ym, BN: tl.constexpr,
                     CH: tl.constexpr):
-    """y[m, n] += Σ δ·x[m, c] over the outliers (c, δ) of rows n of one BN-row block; the block's outliers are one
-    run of the CSR arrays, read CH at a time and each added to its row through a [BN, CH] membership mask."""
+    """y[m, n] += Σ δ·x[m, c] over the outliers (c, δ) of rows n of one BN-row block: each row's run of the CSR
+    arrays read CH at a time, all BN rows side by side ([BN, CH] gathers), as long as the block's longest row."""
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     m = tl.program_id(1)
     ok = rn < N
     start = tl.load(ptr_ptr + rn, mask=ok, other=0)
     end = tl.load(ptr_ptr + rn + 1, mask=ok, other=0)
-    lo = tl.load(ptr_ptr + tl.program_id(0) * BN)
-    hi = tl.load(ptr_ptr + tl.minimum(tl.program_id(0) * BN + BN, N))
+    longest = tl.max(end - start, axis=0)
     acc = tl.zeros((BN,), tl.float32)
-    for i in tl.range(lo, hi, CH):
-        idx = i + tl.arange(0, CH)
-        live = idx < hi
+    for i in tl.range(0, longest, CH):
+        idx = start[:, None] + i + tl.arange(0, CH)[None, :]
+        live = idx < end[:, None]
         c = tl.load(col_ptr + idx, mask=live, other=0).to(tl.int32) & 0xFFFF
         d = tl.load(d_ptr + idx, mask=live, other=0.0)
-        p = d * tl.load(x_ptr + m * stride_xm + c, mask=live, other=0.0).to(tl.float32)
-        mine = (idx[None, :] >= start[:, None]) & (idx[None, :] < end[:, None])
-        acc += tl.sum(tl.where(mine, p[None, :], 0.0), axis=1)
+        acc += tl.sum(d * tl.load(x_ptr + m * stride_xm + c, mask=live, other=0.0).to(tl.float32), axis=1)
     tl.atomic_add(y_ptr + m * stride_ym + rn, acc, mask=ok, sem="relaxed")
