@@ -235,7 +235,10 @@ def test_quantlinear_saves_checkpoint_layout_after_kernel_form(form):
     after = layer.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     x = torch.randn(3, 256)
-    assert torch.allclose(layer(x), x @ qw.dequantize().T, atol=1e-5)  # the CPU reference still reads it
+    # an input the kernels do not take: the reference runs on the checkpoint layout, restored once
+    assert torch.allclose(layer(x), x @ qw.dequantize().T, atol=1e-5)
+    assert not layer.kernel_layout and torch.equal(layer.qweight, before["qweight"])
+    assert layer.prepare_kernels() and layer.kernel_layout
     layer.to(torch.device("cpu"))  # moving drops the kernel form; the checkpoint layout comes back
     assert not layer.kernel_layout and torch.equal(layer.qweight, before["qweight"])
 

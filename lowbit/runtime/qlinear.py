@@ -126,6 +126,8 @@ class QuantLinear(nn.Module):
             y = self._kernel_forward(x, bias)
             if y is not None:
                 return y
+        elif self.kernel_layout:  # kernels turned off after load: back to the checkpoint layout once, not per call
+            self._drop_kernel_form()
         act = self.spec.act
         if act is not None:
             operand = self._codes_operand()
