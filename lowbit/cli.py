@@ -52,6 +52,9 @@ def _describe(spec) -> str:
     if w.kind == "spqr":
         stats = "float16 statistics" if w.stat_bits == 16 else f"{w.stat_bits}-bit statistics in groups of {w.beta2}"
         return f"int{w.bits} asym, groups of {w.beta1}, {stats}, sparse 16-bit outliers"
+    if w.kind == "ggml":
+        mix = f"llama.cpp's mix {spec_mix}; base " if (spec_mix := getattr(spec, "mix", None)) else ""
+        return f"{mix}llama.cpp {w.type.upper()} ({w.t.bits_per_weight:g} bits per weight in GGUF)"
     gran = w.granularity.to_dict()
     names = {"per_tensor": "per tensor", "per_channel": "per channel"}
     where = names.get(gran["type"], f"groups of {gran.get('size')}")

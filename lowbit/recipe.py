@@ -30,6 +30,8 @@ from lowbit.formats import (
 )
 from lowbit.formats.activation import check_kv_kind
 from lowbit.formats.ggml import LEGACY
+from lowbit.formats.ggml_mix import MIXES
+from lowbit.formats.kquant import KTYPES, KQuantFormat
 from lowbit.formats.spqr import SpQRFormat
 from lowbit.model.parts import expand_parts
 
@@ -82,10 +84,11 @@ def check_scheme(scheme: str) -> str:
             raise LowbitError(f"scheme {scheme!r} asks for {bits}-bit weights; lowbit's integer grids have 2 to 8 bits "
                               f"(w2a16 … w8a16).")
         return s
-    if s in NAMED_SCHEMES or s in LEGACY:
+    if s in NAMED_SCHEMES or s in LEGACY or s in KTYPES or s in MIXES:
         return s
     raise LowbitError(f"unknown scheme {scheme!r}. Known schemes: {', '.join(NAMED_SCHEMES)} "
-                      f"(and any w{{b}}a16 with b in 2..8), and llama.cpp's {', '.join(LEGACY)}.")
+                      f"(and any w{{b}}a16 with b in 2..8), llama.cpp's types {', '.join([*LEGACY, *KTYPES])} and "
+                      f"its mixes {', '.join(MIXES)}.")
 
 
 def scheme_spec(scheme: str, group_size: int | None, symmetric: bool, clip: bool,
@@ -93,6 +96,13 @@ def scheme_spec(scheme: str, group_size: int | None, symmetric: bool, clip: bool
                 act_static: bool = False, full_range: bool = False) -> LayerSpec:
     """LayerSpec for a scheme name and its options (group_size None = the scheme's default)."""
     s = check_scheme(scheme)
+    if s in KTYPES or s in MIXES:  # llama.cpp's k-quants, IQ4_NL and mixes: grid, blocks, statistics are the type's
+        if group_size is not None or not symmetric or zero_point != "int" or clip or per_tensor \
+                or act_granularity != "token" or act_static:  # (its own grid: the full-range choice does not apply)
+            raise LowbitError(f"scheme {s} is llama.cpp's type of that name, which fixes its blocks, grid and "
+                              "statistics (searched per sub-block); drop --group-size, --asym, --zero-point, --clip, "
+                              "--per-tensor and the activation options.")
+        return LayerSpec(KQuantFormat(s[:4] if s in MIXES else s))  # a mix's base type (per layer: model.targets)
     if s in LEGACY:  # llama.cpp's block types: the grid and the groups of 32 are the type's
         if group_size not in (None, 32):
             raise LowbitError(f"scheme {s} is llama.cpp's type of that name: groups of 32 columns; drop "

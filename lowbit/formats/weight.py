@@ -12,11 +12,13 @@ from lowbit.formats.fp8 import SCALE_DTYPE as FP8_SCALE
 from lowbit.formats.grouping import grouped, stats_shape
 from lowbit.formats.intgrid import SCALE_DTYPE as INT_SCALE
 from lowbit.formats.intgrid import IntFormat, decode, encode, grid_params
+from lowbit.formats.kquant import KQuantFormat, KQuantWeight, quantize_k
+from lowbit.formats.kquant import packed_shapes as k_packed_shapes
 from lowbit.formats.packing import pack, packed_length, unpack
 from lowbit.formats.search import search_range
 from lowbit.formats.spqr import SpQRFormat, SpQRWeight, spqr_packed_shapes
 
-WeightFormat = IntFormat | FP8Format | SpQRFormat
+WeightFormat = IntFormat | FP8Format | SpQRFormat | KQuantFormat
 
 
 def format_from_dict(d: dict) -> WeightFormat:
@@ -27,7 +29,9 @@ def format_from_dict(d: dict) -> WeightFormat:
         return FP8Format.from_dict(d)
     if kind == "spqr":
         return SpQRFormat.from_dict(d)
-    raise LowbitError(f"unknown weight format {d!r}: expected kind 'int', 'fp8' or 'spqr'.")
+    if kind == "ggml":
+        return KQuantFormat.from_dict(d)
+    raise LowbitError(f"unknown weight format {d!r}: expected kind 'int', 'fp8', 'spqr' or 'ggml'.")
 
 
 @dataclass
@@ -107,6 +111,8 @@ def packed_shapes(fmt: WeightFormat, shape: tuple[int, int],
     also need their number of stored outliers."""
     if isinstance(fmt, SpQRFormat):
         return spqr_packed_shapes(fmt, shape, outliers)
+    if isinstance(fmt, KQuantFormat):
+        return k_packed_shapes(fmt, shape)
     rows, groups = stats_shape(shape, fmt.granularity)
     if isinstance(fmt, FP8Format):
         return {"weight": (shape, FP8_DTYPE), "weight_scale": ((rows, groups), FP8_SCALE)}
@@ -122,15 +128,18 @@ def packed_shapes(fmt: WeightFormat, shape: tuple[int, int],
 
 
 def from_packed(fmt: WeightFormat, shape: tuple[int, int],
-                tensors: dict[str, torch.Tensor]) -> QuantizedWeight | SpQRWeight:
+                tensors: dict[str, torch.Tensor]) -> QuantizedWeight | SpQRWeight | KQuantWeight:
     """The quantized weight held by a layer's packed tensors, whatever its format."""
     if isinstance(fmt, SpQRFormat):
         return SpQRWeight.from_packed(fmt, shape, tensors)
+    if isinstance(fmt, KQuantFormat):
+        return KQuantWeight.from_packed(fmt, shape, tensors)
     return QuantizedWeight.from_packed(fmt, shape, tensors)
 
 
-def quantize(weight: torch.Tensor, fmt: WeightFormat) -> QuantizedWeight:
-    """Round-to-nearest quantization of a 2-D weight [out, in] to `fmt` (scales by absmax or clip search)."""
+def quantize(weight: torch.Tensor, fmt: WeightFormat) -> QuantizedWeight | KQuantWeight:
+    """Round-to-nearest quantization of a 2-D weight [out, in] to `fmt` (scales by absmax or clip search; llama.cpp's
+    fits for its k-quants)."""
     if weight.dim() != 2:
         raise LowbitError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}.")
     if not torch.isfinite(weight).all():
@@ -138,6 +147,8 @@ def quantize(weight: torch.Tensor, fmt: WeightFormat) -> QuantizedWeight:
                           "Check the checkpoint (a failed conversion or a diverged fine-tune).")
     if isinstance(fmt, SpQRFormat):
         raise LowbitError("SpQR needs calibration data: use --method spqr, not round-to-nearest.")
+    if isinstance(fmt, KQuantFormat):
+        return quantize_k(weight, fmt)
     w = weight.detach().float()
     wg = grouped(w, fmt.granularity)
     if isinstance(fmt, FP8Format):

@@ -118,6 +118,8 @@ def unsupported(fmt) -> str | None:
     """Why a weight format has no weight-only kernel, or None when it has one."""
     if isinstance(fmt, SpQRFormat):
         return _group_problem(fmt.beta1)
+    if fmt.kind == "ggml":
+        return f"llama.cpp {fmt.type.upper()} weights"
     if not isinstance(fmt, IntFormat):
         return f"{fmt.kind} weights"
     g = fmt.granularity

@@ -23,6 +23,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats import IntFormat, PerGroup, PerTensor, QuantizedWeight, WeightFormat
 from lowbit.formats.grouping import grouped
 from lowbit.formats.intgrid import grid_params
+from lowbit.formats.kquant import KQuantFormat, KQuantWeight, check_shape, fit_superblock, round_column
 from lowbit.formats.search import search_range
 
 NEEDS_CALIBRATION = True
@@ -111,6 +112,8 @@ def prepare(weight: torch.Tensor, stats: HessianStats, damp: float,
 def gptq_quantize(weight: torch.Tensor, stats: HessianStats, fmt: WeightFormat,
                   cfg: GPTQConfig = GPTQConfig()) -> QuantizedWeight:
     """Quantize weight [out, in] given the Hessian of its inputs; codes come back in the original column order."""
+    if isinstance(fmt, KQuantFormat):
+        return gptq_superblocks(weight, stats, fmt, cfg)
     if not isinstance(fmt, IntFormat):
         raise LowbitError("GPTQ quantizes onto integer grids; use --method rtn (or fp8) for fp8 weights.")
     group = fmt.granularity.size if isinstance(fmt.granularity, PerGroup) else None
@@ -168,6 +171,39 @@ def gptq_quantize(weight: torch.Tensor, stats: HessianStats, fmt: WeightFormat,
         codes[:, order[i1:i2]] = c.round_().clamp_(0, qmax).to(torch.uint8)
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
     return QuantizedWeight(fmt, codes, scale, None if fmt.symmetric else zero)
+
+
+def gptq_superblocks(weight: torch.Tensor, stats: HessianStats, fmt: KQuantFormat,
+                     cfg: GPTQConfig = GPTQConfig()) -> KQuantWeight:
+    """GPTQ onto a llama.cpp k-quant (or IQ4_NL) grid: when the pass reaches a super-block, its two-level statistics
+    are fitted (lowbit.formats.kquant.fit_superblock) from the weights as the earlier columns' updates left them,
+    then each of its columns is rounded on that grid and its error spread as above."""
+    if cfg.act_order:
+        raise LowbitError("GPTQ with --act-order visits columns out of order, but a llama.cpp super-block's "
+                          "statistics are fitted when its first column comes up: drop --act-order.")
+    check_shape(weight.shape, fmt)
+    W, Hinv, _ = prepare(weight, stats, cfg.damp)
+    rows, cols = W.shape
+    sb = fmt.superblock
+    block = max(cfg.block_size // sb, 1) * sb
+    codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
+    fitted: list[dict] = []
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        inv_diag = (1 / torch.diag(Hinv1)).tolist()
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            if (i1 + i) % sb == 0:
+                grid = fit_superblock(W1[:, i:i + sb].unsqueeze(1), fmt)
+                fitted.append(grid)
+            q, codes[:, i1 + i] = round_column(W1[:, i], fmt, grid, (i1 + i) % sb)
+            err = (W1[:, i] - q).mul_(inv_diag[i])
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+            Err1[:, i] = err
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+    return KQuantWeight(fmt, codes, {k: torch.cat([g[k] for g in fitted], dim=1).reshape(rows, -1)
+                                     for k in fitted[0]})
 
 
 def configure(recipe) -> GPTQConfig:

@@ -7,7 +7,9 @@ E ‖(w − ŵ) x‖² = Σ_i a_i (w_i − ŵ_i)² when the columns of x are unc
 by how much its columns are used. Each group then takes the shrink factor p of the range [p·lo, p·hi] (p from 1
 down to 1 − MAX_SHRINK, lowbit.formats.search) with the least Σ_i a_i (w_i − ŵ_i)²; p = 1 (absmax) is a
 candidate, so the weighted error is never worse than plain RTN's. The codes are then plain round-to-nearest on
-that grid: on llama.cpp's block types (--scheme q4_0 …) this is what its quantizer does with an imatrix.
+that grid: on llama.cpp's block types (--scheme q4_0 …) this is what its quantizer does with an imatrix. On its
+k-quants (--scheme q4_k, q4_k_m …) the sub-block fits of lowbit.formats.kquant weight each error by a_i·√(σ² + w²),
+as llama.cpp's k-quant quantizers do with an imatrix.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from lowbit.formats import IntFormat, QuantizedWeight
 from lowbit.formats.granularity import PerChannel, PerGroup
 from lowbit.formats.grouping import grouped
 from lowbit.formats.intgrid import encode, grid_params
+from lowbit.formats.kquant import KQuantFormat, KQuantWeight, quantize_k
 from lowbit.formats.search import best_shrink
 from lowbit.recipe import LayerSpec
 
@@ -58,14 +61,15 @@ def configure(recipe) -> None:
 
 
 def quantize_layer(weight: torch.Tensor, stats: ImportanceStats | None, spec: LayerSpec,
-                   cfg: None = None) -> QuantizedWeight:
+                   cfg: None = None) -> QuantizedWeight | KQuantWeight:
     fmt = spec.weight
+    if isinstance(fmt, KQuantFormat):  # llama.cpp's fits, each weight's error weighted by its column's importance
+        _check(stats)
+        return quantize_k(weight, fmt, stats.importance)
     if not isinstance(fmt, IntFormat) or fmt.g_idx or not isinstance(fmt.granularity, (PerGroup, PerChannel)):
         raise LowbitError(f"--method imatrix chooses integer grids per group or channel; {fmt.kind} weights "
                           "(or one scale per tensor) have no such grid: use --method rtn or gptq.")
-    if stats is None or stats.n == 0:
-        raise LowbitError("--method imatrix needs calibration activations for every layer it quantizes; layers "
-                          "outside the decoder blocks (lm_head) are not supported yet: --ignore them.")
+    _check(stats)
     w = weight.detach().float()
     wg = grouped(w, fmt.granularity)
     imp = grouped(stats.importance.to(w.device).reshape(1, -1), fmt.granularity)[0]  # [groups, size]
@@ -73,6 +77,12 @@ def quantize_layer(weight: torch.Tensor, stats: ImportanceStats | None, spec: La
     scale, zero = grid_params(p * wg.amin(-1), p * wg.amax(-1), fmt)
     codes = encode(wg, scale, zero, fmt).reshape(w.shape)
     return QuantizedWeight(fmt, codes, scale, None if fmt.symmetric else zero)
+
+
+def _check(stats: ImportanceStats | None) -> None:
+    if stats is None or stats.n == 0:
+        raise LowbitError("--method imatrix needs calibration activations for every layer it quantizes; layers "
+                          "outside the decoder blocks (lm_head) are not supported yet: --ignore them.")
 
 
 def weighted_error(weight: torch.Tensor, qw: QuantizedWeight, stats: ImportanceStats) -> float:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from functools import reduce
 
 from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.formats import PerGroup
+from lowbit.formats.ggml_mix import MIXES, block_index, fitted_type, mix_type, say_fallbacks, type_format
 from lowbit.formats.granularity import working_group_sizes
+from lowbit.formats.kquant import KQuantFormat
 from lowbit.formats.spqr import SpQRFormat
 from lowbit.model.architectures import Family
 from lowbit.model.parts import expand_parts, part_layers
@@ -48,6 +51,7 @@ def select_layers(model: nn.Module, family: Family, recipe: Recipe) -> dict[str,
             raise LowbitError(f"recipe override pattern {o.pattern!r} matches none of the {len(chosen)} targeted "
                               f"layers (e.g. {chosen[0]}); fix or remove it.")
     plan = {n: spec for n in chosen if (spec := recipe.layer_spec(n)) is not None}
+    plan = _ggml_types(plan, linears, family, recipe)
     if not plan:
         raise LowbitError("the recipe's overrides skip every targeted layer: nothing would be quantized.")
     _check_group_sizes(plan, linears)
@@ -60,10 +64,35 @@ def select_layers(model: nn.Module, family: Family, recipe: Recipe) -> dict[str,
     return plan
 
 
+def _ggml_types(plan: dict[str, LayerSpec], linears: dict[str, nn.Linear], family: Family,
+                recipe: Recipe) -> dict[str, LayerSpec]:
+    """llama.cpp's per-layer choices: a mix's types (lowbit.formats.ggml_mix), then the fallbacks for rows that are
+    not whole super-blocks (or blocks: such layers stay in 16 bits)."""
+    blocks = [i for n in plan if (i := block_index(n, family.blocks)) is not None]
+    layers = max(blocks) + 1 if blocks else 0
+    out, changed = {}, {}
+    for name, spec in plan.items():
+        w = spec.weight
+        if recipe.scheme in MIXES and isinstance(w, KQuantFormat) and w.type == recipe.scheme[:4] \
+                and (i := block_index(name, family.blocks)) is not None:
+            w = KQuantFormat(mix_type(recipe.scheme, name, i, layers))
+        if isinstance(w, KQuantFormat):
+            cols = linears[name].in_features
+            fitted = fitted_type(w.type, cols)
+            if fitted != w.type:
+                changed.setdefault((w.type, fitted, cols), []).append(name)
+            if fitted is None:
+                continue
+            w = type_format(fitted)
+        out[name] = spec if w == spec.weight else replace(spec, weight=w)
+    say_fallbacks(changed)
+    return out
+
+
 def _check_group_sizes(plan: dict[str, LayerSpec], linears: dict[str, nn.Linear]) -> None:
     bad: dict[int, list[str]] = {}
     for name, spec in plan.items():
-        g = spec.weight.granularity
+        g = getattr(spec.weight, "granularity", None)
         if isinstance(g, PerGroup) and linears[name].in_features % g.size:
             bad.setdefault(g.size, []).append(name)
     if not bad:
