@@ -105,7 +105,7 @@ def test_schemes_refuse_options_the_types_fix():
             scheme_spec("q5_k", args["group_size"], args["symmetric"], args["clip"])
     with pytest.raises(LowbitError, match="not a whole number"):
         quantize(torch.zeros(4, 576), KQuantFormat("q4_k"))
-    with pytest.raises(LowbitError, match="unknown llama.cpp type"):
+    with pytest.raises(LowbitError, match=r"unknown llama\.cpp type"):
         KQuantFormat("q7_k")
 
 
