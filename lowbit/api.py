@@ -85,6 +85,9 @@ def load_tokenizer(name_or_path: str | Path):
 
     directory, gguf = tokenizer_dir_or_gguf(name_or_path)
     if gguf:
+        from lowbit.model.loading import check_gguf
+
+        check_gguf(Path(directory) / gguf)
         return AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
     return AutoTokenizer.from_pretrained(directory)
 

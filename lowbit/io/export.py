@@ -165,8 +165,8 @@ def _export_gguf(source, out: str | Path, overwrite: bool) -> dict:
                           "--overwrite.")
     check_writable(out.parent / f".{out.name}.probe", overwrite=False)
     source_model = source.source if isinstance(source, QuantizeResult) else None
-    model = _source(source)[0]
+    model, _, _, directory = _source(source)
     if source_model is None:
         source_model = model.lowbit_header.get("source_model", "")
-    export_gguf(model, source_model, out)
+    export_gguf(model, str(source_model), out, directory)
     return {"files": {out.name: sha256(out)}, "bytes_on_disk": out.stat().st_size}

@@ -1,7 +1,8 @@
 """`lowbit export DIR --to gguf --out FILE.gguf`: a lowbit checkpoint as a GGUF file for llama.cpp, written with the
 `gguf` package (llama.cpp's own Python library).
 
-Built so far: checkpoints quantized from a GGUF (a built-in model, or a .gguf file), whose layers are on llama.cpp's
+Checkpoints quantized from a GGUF (a built-in model, or a .gguf file) or from a Hugging Face model of the Llama
+family (lowbit.io.gguf_hf writes its metadata and tokenizer), whose layers are on llama.cpp's
 legacy block types (`--scheme q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1`: lowbit.formats.ggml), its k-quants and IQ4_NL
 (`--scheme q2_k` … `q6_k`, `iq4_nl`, and the mixes `q3_k_m`, `q4_k_m`, `q5_k_m`: lowbit.formats.kquant). The source
 GGUF gives the metadata (architecture, hyper-parameters, tokenizer), the tensor order and every tensor lowbit did not
@@ -43,8 +44,8 @@ def ggml_bytes(qw) -> np.ndarray:
 ROPE_PERMUTED = {"attn_q": "head_count", "attn_k": "head_count_kv"}
 
 
-def source_gguf(source_model: str) -> Path:
-    """The GGUF a checkpoint was quantized from, or an error saying why GGUF export cannot use it."""
+def source_gguf(source_model: str) -> Path | None:
+    """The GGUF a checkpoint was quantized from, or None for any other source (a Hugging Face model)."""
     from lowbit.model.builtin import BUILTINS, builtin_gguf
 
     if source_model in BUILTINS:
@@ -52,9 +53,7 @@ def source_gguf(source_model: str) -> Path:
     path = Path(source_model)
     if path.suffix.lower() == ".gguf" and path.is_file():
         return path
-    raise LowbitError(f"GGUF export takes its metadata and tokenizer from the GGUF the model was quantized from; "
-                      f"this checkpoint's source is {source_model!r}, and writing GGUF metadata for Hugging Face "
-                      "sources is not built yet. Quantize from a .gguf file (or a built-in model) to export to GGUF.")
+    return None
 
 
 def check_layers(layers: dict[str, object]) -> str:
@@ -73,61 +72,137 @@ def check_layers(layers: dict[str, object]) -> str:
     return max(kinds, key=kinds.get)
 
 
-def export_gguf(model: torch.nn.Module, source_model: str, out: Path) -> Path:
-    """Write `model` (a loaded lowbit checkpoint) as a GGUF at `out`, atomically."""
-    import gguf
-
+def export_gguf(model: torch.nn.Module, source_model: str, out: Path, tokenizer_dir: Path | None = None) -> Path:
+    """Write `model` (a loaded lowbit checkpoint) as a GGUF at `out`, atomically. A GGUF source gives the metadata
+    and the untouched tensors; a Hugging Face source (Llama family) its config and `tokenizer_dir`'s (else the
+    source directory's) tokenizer.json (lowbit.io.gguf_hf)."""
     from lowbit.runtime.qlinear import QuantLinear
 
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     main_type = check_layers(layers)
     src = source_gguf(source_model)
-    reader = gguf.GGUFReader(src)
-    arch = reader.fields["general.architecture"].contents()
+    if src is not None:
+        return _atomic(out, lambda tmp: _write_from_gguf(model, layers, src, main_type, tmp))
+    from lowbit.io.gguf_hf import hf_arch
+
+    arch = hf_arch(model.config)  # refuses what it cannot describe, before anything is written
+    directory = tokenizer_dir if tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").is_file() \
+        else Path(source_model)
+    return _atomic(out, lambda tmp: _write_from_hf(model, layers, arch, Path(directory), main_type, tmp))
+
+
+def _atomic(out: Path, write) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _tensor_names(arch: str, blocks: int):
+    import gguf
+
     arch_enum = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), None)
-    blocks = int(reader.fields[f"{arch}.block_count"].contents())
     if arch_enum is None:
-        raise LowbitError(f"the source GGUF's architecture {arch!r} is unknown to the gguf package.")
-    names = gguf.get_tensor_name_map(arch_enum, blocks)
+        raise LowbitError(f"the architecture {arch!r} is unknown to the gguf package.")
+    return gguf.get_tensor_name_map(arch_enum, blocks)
+
+
+def _gguf_names(layers: dict, names, arch: str) -> dict:
     by_gguf = {}
     for name, module in layers.items():
         key = names.get_name(name + ".weight", try_suffixes=(".weight",))
         if key is None:
             raise LowbitError(f"layer {name} has no tensor name in llama.cpp's {arch} layout.")
         by_gguf[key] = module
+    return by_gguf
+
+
+def _quantized(module, key: str, heads: dict[str, int]) -> tuple[np.ndarray, object]:
+    """A quantized layer's ggml bytes and type, its rows in llama.cpp's rotary order where `heads` names them."""
+    import gguf
+
+    qw = module.quantized_weight()
+    base = key.split(".")[-2]
+    if base in heads:
+        qw = _rope_rows(qw, heads[base])
+    return ggml_bytes(qw), getattr(gguf.GGMLQuantizationType, ggml_type(qw.fmt).upper())
+
+
+def _write_from_gguf(model, layers: dict, src: Path, main_type: str, tmp: str) -> None:
+    import gguf
+
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    by_gguf = _gguf_names(layers, _tensor_names(arch, int(reader.fields[f"{arch}.block_count"].contents())), arch)
     present = {t.name for t in reader.tensors}
     missing = sorted(set(by_gguf) - present)
     if missing:
         raise LowbitError(f"the source GGUF has no tensor {missing[0]} for a quantized layer (it may tie it to "
                           "another); export the layers the source stores.")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, arch)
-        _copy_metadata(reader, writer, FILE_TYPE[main_type])
-        for t in reader.tensors:
-            module = by_gguf.get(t.name)
-            if module is None:  # untouched by lowbit: the source's own bytes and type
-                writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    heads = {base: int(reader.fields[f"{arch}.attention.{key}"].contents()) for base, key in ROPE_PERMUTED.items()}
+    writer = gguf.GGUFWriter(tmp, arch)
+    _copy_metadata(reader, writer, FILE_TYPE[main_type])
+    for t in reader.tensors:
+        module = by_gguf.get(t.name)
+        if module is None:  # untouched by lowbit: the source's own bytes and type
+            writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+            continue
+        data, qtype = _quantized(module, t.name, heads)
+        writer.add_tensor(t.name, data, raw_dtype=qtype)
+    _finish(writer)
+
+
+def _write_from_hf(model, layers: dict, arch: str, tokenizer_dir: Path, main_type: str, tmp: str) -> None:
+    import gguf
+
+    from lowbit.io.gguf_hf import PERMUTED, add_hparams, add_tokenizer, float_tensor, rotary_pairs
+
+    config = model.config
+    names = _tensor_names(arch, config.num_hidden_layers)
+    by_gguf = _gguf_names(layers, names, arch)
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    heads = {"attn_q": config.num_attention_heads, "attn_k": kv_heads} if arch in PERMUTED else {}
+    writer = gguf.GGUFWriter(tmp, arch)
+    writer.add_name(str(getattr(config, "_name_or_path", "") or "lowbit model"))
+    add_hparams(writer, config, arch)
+    add_tokenizer(writer, tokenizer_dir, config.vocab_size)
+    writer.add_file_type(FILE_TYPE[main_type])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    quantized = {id(m) for m in layers.values()}
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for key, module in by_gguf.items():
+        data, qtype = _quantized(module, key, heads)
+        writer.add_tensor(key, data, raw_dtype=qtype)
+    for name, module in model.named_modules():
+        if id(module) in quantized:
+            continue
+        for pname, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            full = f"{name}.{pname}"
+            if pname not in ("weight", "bias") or (tied and full == "lm_head.weight"):
                 continue
-            qw = module.quantized_weight()
-            base = t.name.split(".")[-2]
-            if base in ROPE_PERMUTED:
-                heads = int(reader.fields[f"{arch}.attention.{ROPE_PERMUTED[base]}"].contents())
-                qw = _rope_rows(qw, heads)
-            qtype = getattr(gguf.GGMLQuantizationType, ggml_type(qw.fmt).upper())
-            writer.add_tensor(t.name, ggml_bytes(qw), raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+            key = names.get_name(full, try_suffixes=(".weight", ".bias"))
+            if key is None:
+                raise LowbitError(f"tensor {full} has no name in llama.cpp's {arch} layout; GGUF export cannot place "
+                                  "it.")
+            base = key.split(".")[-2]
+            if base in heads and t.dim() == 2:
+                t = t[rotary_pairs(t.shape[0], heads[base])]
+            writer.add_tensor(key, float_tensor(t))
+    _finish(writer)
+
+
+def _finish(writer) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def _copy_metadata(reader, writer, file_type: int) -> None:
@@ -145,10 +220,11 @@ def _copy_metadata(reader, writer, file_type: int) -> None:
 
 
 def _rope_rows(qw: QuantizedWeight | KQuantWeight, heads: int) -> QuantizedWeight | KQuantWeight:
-    """Rows of each head from transformers' order (first halves, then second halves of the rotary pairs) to
-    llama.cpp's (pairs interleaved), for codes and per-row statistics alike."""
-    rows = qw.codes.shape[0]
-    idx = torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
+    """Rows of each head in llama.cpp's rotary order (lowbit.io.gguf_hf.rotary_pairs), for codes and per-row
+    statistics alike."""
+    from lowbit.io.gguf_hf import rotary_pairs
+
+    idx = rotary_pairs(qw.codes.shape[0], heads)
     if isinstance(qw, KQuantWeight):
         return KQuantWeight(qw.fmt, qw.codes[idx], {k: v[idx] for k, v in qw.stats.items()})
     return QuantizedWeight(qw.fmt, qw.codes[idx], qw.scale[idx], None if qw.zero is None else qw.zero[idx],

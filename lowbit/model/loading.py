@@ -45,6 +45,7 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
+    check_gguf(path)
     try:
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     except (ValueError, KeyError, OSError, RuntimeError) as e:
@@ -57,6 +58,22 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     model.hf_quantizer = None
     model.is_quantized = False
     return model
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse a file that is not a whole GGUF (a truncated download, another format renamed) in one sentence, before
+    any reader meets its missing bytes: the gguf package reads the header and maps every tensor's data."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+        end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    except Exception as e:
+        raise LowbitError(f"could not read {str(path)!r} as a GGUF model: it is truncated, damaged or not a GGUF file "
+                          f"({type(e).__name__}: {e}). Download or export it again.") from None
+    if end > path.stat().st_size:
+        raise LowbitError(f"{str(path)!r} is truncated: its tensors need {end} bytes, the file has "
+                          f"{path.stat().st_size}. Download or export it again.")
 
 
 def load_gguf_tokenizer(path: Path):
