@@ -68,7 +68,7 @@ def _describe(spec) -> str:
 def print_summary(result, header: dict, out: Path) -> None:
     s = result.sizes
     by_type = ", ".join(f"{k} {v:.3f}" for k, v in s["bits_per_weight_by_type"].items())
-    weights = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    weights = out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.glob("*.safetensors"))
     errors = [b.output_error for b in result.pipeline.blocks if b.output_error is not None]
     recipe, dtype = result.recipe, str(result.dtype).removeprefix("torch.")
     lines = [
@@ -97,8 +97,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit import api
     from lowbit.io.export import check_recipe, check_writable, export
 
-    out = check_writable(args.out, args.overwrite)
     recipe = _recipe_from_args(args)
+    if args.format == "gguf":  # one file; refuse what it cannot hold, or where it cannot go, before quantizing
+        from lowbit.io.gguf_export import check_gguf_target
+
+        out = check_gguf_target(args.model, recipe, args.out, args.overwrite)
+    else:
+        out = check_writable(args.out, args.overwrite)
     if args.format == "compressed-tensors":
         check_recipe(recipe)  # refuse what the format cannot hold before quantizing
     calib = _calib_from_args(args)
@@ -107,6 +112,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                           compute_dtype=args.compute_dtype, progress=not args.quiet)
     if args.format == "compressed-tensors":
         header = export(result, "compressed-tensors", out, tokenizer=tokenizer, overwrite=args.overwrite)
+    elif args.format == "gguf":
+        written = export(result, "gguf", out, overwrite=args.overwrite)
+        header = {"bytes_on_disk": written["bytes_on_disk"]}
     else:
         header = api.save(result, out, tokenizer=tokenizer, overwrite=args.overwrite)
     print_summary(result, header, out)
@@ -263,9 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "AMX, else float32), float32, bfloat16, float16; statistics stay float32")
     q.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    q.add_argument("--format", choices=("lowbit", "compressed-tensors"), default="lowbit",
-                   help="what --out holds: a lowbit checkpoint (default) or a compressed-tensors directory that vLLM, "
-                        "SGLang and transformers load (with --kv-cache fp8 the KV scales are then calibrated)")
+    q.add_argument("--format", choices=("lowbit", "compressed-tensors", "gguf"), default="lowbit",
+                   help="what --out holds: a lowbit checkpoint (default), a compressed-tensors directory that vLLM, "
+                        "SGLang and transformers load (with --kv-cache fp8 the KV scales are then calibrated), or one "
+                        "GGUF file for llama.cpp (llama.cpp's schemes: q4_0 …, q2_k … q6_k, iq4_nl, q4_k_m …)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_quantize)
 

@@ -145,3 +145,22 @@ def test_real_process_exit_codes(stories_path, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "lowbit", "quantize", str(stories_path), "--scheme", "w4a16",
                           "--group-size", "100", "--out", str(tmp_path / "r")], capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "lowbit: error:" in bad.stderr
+
+
+def test_quantize_to_a_gguf_file(capsys, stories_path, tmp_path):
+    """--format gguf: one GGUF file that the gguf package reads, llama.cpp's mix and fallbacks in it; what it cannot
+    hold and an existing file are refused before any work, with nothing written."""
+    gguf = pytest.importorskip("gguf")
+    out = tmp_path / "s.gguf"
+    code, text, _ = run(capsys, "quantize", str(stories_path), "--scheme", "q4_k_m", "--format", "gguf", "--out",
+                        str(out), "--quiet")
+    assert code == 0 and str(out) in text and out.is_file()
+    types = {t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert {"Q5_0", "Q8_0"} <= types  # rows of 64: Q4_K → Q5_0, Q6_K (more bits) → Q8_0, as llama.cpp does
+    code, _, err = run(capsys, "quantize", str(stories_path), "--scheme", "q4_k_m", "--format", "gguf", "--out",
+                       str(out), "--quiet")
+    assert code != 0 and "exists" in err
+    code, _, err = run(capsys, "quantize", str(stories_path), "--scheme", "w4a16", "--group-size", "0", "--format",
+                       "gguf", "--out", str(tmp_path / "t.gguf"), "--quiet")
+    assert code != 0 and "block types" in err and not (tmp_path / "t.gguf").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.gguf"]

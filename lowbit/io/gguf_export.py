@@ -56,6 +56,36 @@ def source_gguf(source_model: str) -> Path | None:
     return None
 
 
+def check_gguf_target(model: str, recipe, out: str | Path, overwrite: bool) -> Path:
+    """Before quantizing for `--format gguf`: the recipe's formats have llama.cpp types, the source can be described
+    to llama.cpp, and `out` is a file that can be written (refused if it exists, unless `overwrite`)."""
+    from lowbit.io.export import check_writable
+
+    specs = [recipe.default_spec] + [s for o in recipe.overrides if (s := recipe.override_spec(o)) is not None]
+    for spec in specs:
+        if ggml_type(spec.weight) is None or spec.act is not None:
+            raise LowbitError(f"--format gguf writes llama.cpp's block types; scheme {recipe.scheme} "
+                              f"({spec.weight.to_dict()}) has none. Use --scheme q4_0, q5_0, q8_0, q4_1, q5_1, "
+                              "q2_k … q6_k, iq4_nl or a mix (q3_k_m, q4_k_m, q5_k_m).")
+    if source_gguf(str(model)) is None:
+        from transformers import AutoConfig
+
+        from lowbit.io.gguf_hf import hf_arch
+        from lowbit.model.sources import resolve
+
+        src = resolve(model)
+        if src.kind != "hf":
+            raise LowbitError(f"--format gguf quantizes a GGUF, a built-in model or a Hugging Face model; {model!r} is "
+                              f"a {src.kind} checkpoint: export it with `lowbit export --to gguf` instead.")
+        hf_arch(AutoConfig.from_pretrained(src.path))
+    out = Path(out)
+    if out.is_dir() or (out.exists() and not overwrite):
+        raise LowbitError(f"{str(out)!r} exists; --format gguf writes one file: choose another --out or pass "
+                          "--overwrite.")
+    check_writable(out.parent / f".{out.name}.probe", overwrite=False)
+    return out
+
+
 def check_layers(layers: dict[str, object]) -> str:
     """The main block type of the quantized layers; refuses a layer format that has no llama.cpp type."""
     kinds: dict[str, int] = {}
@@ -98,6 +128,9 @@ def _atomic(out: Path, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as an ordinary new file, not mkstemp's owner-only mode
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
