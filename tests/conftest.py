@@ -6,6 +6,7 @@ import copy
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,3 +42,16 @@ def stories_tokenizer(stories_path):
 @pytest.fixture(scope="session")
 def story_ids(stories_tokenizer) -> torch.Tensor:
     return stories_tokenizer(STORY, return_tensors="pt").input_ids
+
+
+@pytest.fixture(scope="session")
+def llama_logits():
+    """llama.cpp's (llama-cpp-python's) logits for token ids [1, T] on a GGUF file, as a [T, vocab] array."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+
+    def run(path, ids: torch.Tensor, n_ctx: int = 64) -> np.ndarray:
+        llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_threads=2, verbose=False)
+        llm.eval(ids[0].tolist())
+        return np.array(llm.scores[: ids.shape[1]])
+
+    return run

@@ -129,14 +129,12 @@ def test_gguf_export_of_smollm2_reads_back_in_transformers(tmp_path):
 
 
 @pytest.mark.slow
-def test_llama_cpp_runs_lowbits_gguf(tmp_path):
+def test_llama_cpp_runs_lowbits_gguf(tmp_path, llama_logits):
     """llama.cpp itself (llama-cpp-python) loads lowbit's q4_0 GGUF of SmolLM2-135M and its logits on a fixed prompt
     match lowbit's model as closely as llama.cpp's own logits on the source GGUF match that file's float
     dequantization: llama.cpp's CPU path multiplies q4_0/q4_1 weights with activations rounded to 8-bit blocks
     (q8_0), about 6% relative L2 on this model by itself, while the quantization to q4_0 moves the logits ~30%. A
     misread file (wrong block layout, rotary row order, metadata) would be far outside that."""
-    import llama_cpp
-
     import lowbit
     from lowbit import api
     from lowbit.io.export import export
@@ -144,11 +142,6 @@ def test_llama_cpp_runs_lowbits_gguf(tmp_path):
     from lowbit.model.loading import load_float
     from lowbit.model.sources import resolve
     from lowbit.recipe import Recipe
-
-    def run_llama(path) -> np.ndarray:
-        llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=2, verbose=False)
-        llm.eval(ids[0].tolist())
-        return np.array(llm.scores[: ids.shape[1]])
 
     def rel(a, b) -> float:
         return float(np.linalg.norm(a - b) / np.linalg.norm(b))
@@ -160,7 +153,7 @@ def test_llama_cpp_runs_lowbits_gguf(tmp_path):
     with torch.no_grad():
         ours = result.model(ids).logits[0].float().numpy()
         float_ref = load_float(resolve("smollm2-135m"))(ids).logits[0].float().numpy()
-    llama_ours, llama_src = run_llama(tmp_path / "q4_0.gguf"), run_llama(builtin_gguf("smollm2-135m"))
+    llama_ours, llama_src = llama_logits(tmp_path / "q4_0.gguf", ids), llama_logits(builtin_gguf("smollm2-135m"), ids)
     engine_gap = rel(llama_src, float_ref)  # llama.cpp's arithmetic on the same weights
     assert rel(llama_ours, ours) <= 1.5 * engine_gap + 0.01
     assert rel(llama_ours, ours) < 0.3 * rel(ours, float_ref)

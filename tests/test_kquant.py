@@ -146,14 +146,12 @@ def test_mix_plan_on_a_real_model(stories, caplog):
 
 
 @pytest.mark.slow
-def test_llama_cpp_runs_lowbits_k_quant_gguf(tmp_path):
+def test_llama_cpp_runs_lowbits_k_quant_gguf(tmp_path, llama_logits):
     """lowbit's Q4_K_M GGUF of SmolLM2-135M (Q4_K where rows are 1536 long, llama.cpp's fallbacks Q5_0/Q8_0 on
     rows of 576, Q6_K on the mix's ffn_down layers): transformers' GGUF reader gets exactly lowbit's weights, and
     llama.cpp's logits on a fixed prompt match lowbit's model about as closely as llama.cpp's own logits on the
     source GGUF match that file's float dequantization (llama.cpp's CPU path rounds activations to 8 bits for
     quantized weights; see test_ggml's q4_0 test)."""
-    import llama_cpp
-
     import lowbit
     from lowbit import api
     from lowbit.io.export import export
@@ -176,18 +174,13 @@ def test_llama_cpp_runs_lowbits_k_quant_gguf(tmp_path):
     ids = lowbit.load_tokenizer("smollm2-135m")("The capital of France is Paris. The capital of Germany is",
                                                  return_tensors="pt").input_ids
 
-    def run_llama(path) -> np.ndarray:
-        llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=2, verbose=False)
-        llm.eval(ids[0].tolist())
-        return np.array(llm.scores[: ids.shape[1]])
-
     def rel(a, b) -> float:
         return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
     with torch.no_grad():
         ours = result.model(ids).logits[0].float().numpy()
         float_ref = load_float(resolve("smollm2-135m"))(ids).logits[0].float().numpy()
-    llama_ours, llama_src = run_llama(out), run_llama(builtin_gguf("smollm2-135m"))
+    llama_ours, llama_src = llama_logits(out, ids), llama_logits(builtin_gguf("smollm2-135m"), ids)
     assert rel(llama_ours, ours) <= 1.5 * rel(llama_src, float_ref) + 0.01
     assert rel(llama_ours, ours) < 0.5 * rel(ours, float_ref)
     assert (llama_ours.argmax(-1) == ours.argmax(-1)).mean() >= 0.75

@@ -216,15 +216,21 @@ def _fit_minimum(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelt
 
 def _fit_symmetric(x: torch.Tensor, w: torch.Tensor, nmax: int) -> torch.Tensor:
     """Signed scale s per sub-block (ŵ = s·L, L ∈ [−nmax, nmax − 1]) over llama.cpp's candidates
-    −(nmax + 0.1·k)/x_max, k = −9 … 9, each refit by weighted least squares."""
-    idx = x.abs().argmax(-1, keepdim=True)
-    xmax = x.gather(-1, idx).squeeze(-1)
+    −(nmax + 0.1·k)/x_max, k = −9 … 9."""
+    return _best_scale(x, w, [-(nmax + 0.1 * k) for k in range(-9, 10)],
+                       lambda v: v.round().clamp(-nmax, nmax - 1))
+
+
+def _best_scale(x: torch.Tensor, w: torch.Tensor, numerators: list[float], levels) -> torch.Tensor:
+    """The scale s (ŵ = s·L) with the least w-weighted error among the candidates: for each inverse scale
+    numerator/x_max (x_max the signed weight of largest magnitude), L = levels(inverse·x) and s refit to those
+    levels by weighted least squares. All-zero sub-blocks get s = 0."""
+    xmax = x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    safe = torch.where(xmax == 0, torch.ones_like(xmax), xmax)
     best_s = torch.zeros_like(xmax)
     best_e = (w * x * x).sum(-1)
-    safe = torch.where(xmax == 0, torch.ones_like(xmax), xmax)
-    for k in range(-9, 10):
-        iscale = -(nmax + 0.1 * k) / safe
-        L = (iscale.unsqueeze(-1) * x).round().clamp(-nmax, nmax - 1)
+    for num in numerators:
+        L = levels((num / safe).unsqueeze(-1) * x)
         swl2, swlx = (w * L * L).sum(-1), (w * L * x).sum(-1)
         s = torch.where(swl2 > 0, swlx / swl2.clamp(min=1e-30), torch.zeros_like(swl2))
         e = (w * (s.unsqueeze(-1) * L - x).pow(2)).sum(-1)
@@ -240,22 +246,9 @@ def _nearest_table(v: torch.Tensor) -> torch.Tensor:
 
 
 def _fit_iq4(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """d per block of 32 (ŵ = d·T[c]): candidates (k + T[0])/x_max, k = −7 … 7, each refit by least squares."""
+    """d per block of 32 (ŵ = d·T[c]) over llama.cpp's candidates (k + T[0])/x_max, k = −7 … 7."""
     table = torch.tensor(IQ4_TABLE, dtype=torch.float32, device=x.device)
-    idx = x.abs().argmax(-1, keepdim=True)
-    xmax = x.gather(-1, idx).squeeze(-1)
-    safe = torch.where(xmax == 0, torch.ones_like(xmax), xmax)
-    best_d = torch.zeros_like(xmax)
-    best_e = (w * x * x).sum(-1)
-    for k in range(-7, 8):
-        inv = (k + IQ4_TABLE[0]) / safe
-        q = table[_nearest_table(inv.unsqueeze(-1) * x).long()]
-        sq2, sqx = (w * q * q).sum(-1), (w * q * x).sum(-1)
-        d = torch.where(sq2 > 0, sqx / sq2.clamp(min=1e-30), torch.zeros_like(sq2))
-        e = (w * (d.unsqueeze(-1) * q - x).pow(2)).sum(-1)
-        better = (e < best_e) & (xmax != 0)
-        best_d, best_e = torch.where(better, d, best_d), torch.where(better, e, best_e)
-    return best_d
+    return _best_scale(x, w, [k + IQ4_TABLE[0] for k in range(-7, 8)], lambda v: table[_nearest_table(v).long()])
 
 
 def fit_superblock(x: torch.Tensor, fmt: KQuantFormat, importance: torch.Tensor | None = None) -> dict:
