@@ -235,3 +235,23 @@ def test_truncated_or_foreign_gguf_is_refused(stories_path, tmp_path):
         with pytest.raises(LowbitError, match=name):
             lowbit.load_tokenizer(bad)
     assert lowbit.load(whole) is not None
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q5_0"])
+def test_symmetric_types_round_as_llama_cpp(name):
+    """Q4_0/Q5_0 take llama.cpp's scale rule, s = x_max / −2^(b−1) with the sign of the weight of largest magnitude:
+    that weight is exact in every block, and the error is gguf's own quantizer's (its bytes differ only where a
+    weight lies on a rounding tie of the float16 scale)."""
+    w = _weights(3, rows=64, cols=512)
+    qw = quantize(w, LEGACY[name].lowbit_format())
+    assert qw.fmt.signed_scale and (qw.scale < 0).any() and (qw.scale > 0).any()
+    ours = qw.dequantize()
+    blocks = w.reshape(64, -1, 32)
+    top = blocks.abs().argmax(-1, keepdim=True)
+    nonzero = blocks.abs().amax(-1) > 0
+    err = (ours.reshape(64, -1, 32).gather(-1, top) - blocks.gather(-1, top)).abs().squeeze(-1)
+    assert (err[nonzero] <= 1e-3 * blocks.abs().amax(-1)[nonzero]).all()  # exact up to the float16 scale
+    theirs = gguf_dequantize(gguf_quantize(w.numpy(), QTYPE[name]), QTYPE[name])
+    e_ours = float((ours - w).norm() / w.norm())
+    e_theirs = float(np.linalg.norm(theirs - w.numpy()) / np.linalg.norm(w.numpy()))
+    assert abs(e_ours - e_theirs) <= 0.005 * e_theirs

@@ -10,8 +10,9 @@ groups of 32 (ggml-common.h, block_q*; the dequantization is ggml's, with q the 
     Q5_0   5-bit symmetric, q = c               (q − 16)·d        d, qh (bit i = bit 4 of q_i), 16 bytes       5.5
     Q5_1   5-bit with float minimum, q = c      q·d + m           d, m, qh, 16 bytes                           6.0
 
-lowbit's symmetric grids put the zero at 2^(b−1), which is ggml's offset, on the restricted grid as on the full one
-(both fit the stored range). `to_blocks` writes a lowbit weight in these bytes exactly; `from_blocks` reads them
+lowbit's symmetric grids put the zero at 2^(b−1), which is ggml's offset. Q4_0 and Q5_0 take llama.cpp's own scale
+rule (IntFormat's signed scale: the block's weight of largest magnitude, with its sign, lands exactly on the extra
+negative code, d = x_max / −2^(b−1), so d may be negative); Q8_0 takes max|w| / 127 (or the full range). `to_blocks` writes a lowbit weight in these bytes exactly; `from_blocks` reads them
 back to the same codes and statistics.
 """
 
@@ -51,6 +52,8 @@ class BlockType:
         """The lowbit grid whose codes and statistics this type stores exactly."""
         if self.minimum:
             return IntFormat(self.bits, symmetric=False, granularity=PerGroup(BLOCK), clip=clip, zero_point="float")
+        if self.bits < 8:  # llama.cpp's own rule for Q4_0 and Q5_0 (its Q8_0 takes max|w| / 127)
+            return IntFormat(self.bits, symmetric=True, granularity=PerGroup(BLOCK), clip=clip, signed_scale=True)
         return IntFormat(self.bits, symmetric=True, granularity=PerGroup(BLOCK), clip=clip, full_range=full_range)
 
 

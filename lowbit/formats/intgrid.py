@@ -8,6 +8,9 @@ Codes are stored unsigned, c ∈ [0, 2^b − 1], and dequantize as ŵ = (c − z
               outer codes, still within the half-step bound)
 - asymmetric: s = (max(w, 0) − min(w, 0)) / (2^b − 1),  z = round(−min(w, 0) / s)
 - codes:      c = clamp(round(w / s) + z, 0, 2^b − 1)
+- signed (llama.cpp's Q4_0/Q5_0): s = x_max / −2^(b−1), z = 2^(b−1), x_max the weight of largest magnitude with its
+              sign: it lands exactly on c = 0, the code the symmetric grid has beyond −(2^(b−1) − 1); s < 0 when
+              x_max > 0 (the grid is mirrored), and the other side saturates at 2^(b−1) − 1 steps
 
 Asymmetric grids take an integer zero point z (GPTQ, AWQ, vLLM; packed at b bits) by default. With
 `zero_point="float"` they take llama.cpp's Q4_1-style float offset instead: ŵ = c·s + m with
@@ -43,6 +46,9 @@ class IntFormat:
     zero_point: str = "int"
     full_range: bool = False  # symmetric only: spread max|w| over all 2^b codes
     g_idx: bool = False  # groups given by a stored column → group map (GPTQ act-order without static groups)
+    # symmetric only, llama.cpp's Q4_0/Q5_0 rule: s = x_max / −2^(b−1) with x_max the group's weight of largest
+    # magnitude, sign included, so that weight lands exactly on the grid's extra code (c = 0) and s may be negative
+    signed_scale: bool = False
 
     kind = "int"
 
@@ -58,6 +64,9 @@ class IntFormat:
             raise LowbitError("a column → group map (g_idx) needs groups: give a group size.")
         if self.full_range and not self.symmetric:
             raise LowbitError("--full-range applies to symmetric grids (an asymmetric grid uses every code already).")
+        if self.signed_scale and (not self.symmetric or self.full_range):
+            raise LowbitError("a signed scale (llama.cpp's Q4_0/Q5_0 rule) applies to symmetric grids without "
+                              "--full-range.")
 
     @property
     def float_zero(self) -> bool:
@@ -70,14 +79,15 @@ class IntFormat:
     def to_dict(self) -> dict:
         return {"kind": "int", "bits": self.bits, "symmetric": self.symmetric,
                 "granularity": self.granularity.to_dict(), "clip": self.clip, "zero_point": self.zero_point,
-                "full_range": self.full_range, **({"g_idx": True} if self.g_idx else {})}
+                "full_range": self.full_range, **({"g_idx": True} if self.g_idx else {}),
+                **({"signed_scale": True} if self.signed_scale else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> IntFormat:
         return cls(bits=int(d["bits"]), symmetric=bool(d["symmetric"]),
                    granularity=granularity_from_dict(d["granularity"]), clip=bool(d.get("clip", False)),
                    zero_point=d.get("zero_point", "int"), full_range=bool(d.get("full_range", False)),
-                   g_idx=bool(d.get("g_idx", False)))
+                   g_idx=bool(d.get("g_idx", False)), signed_scale=bool(d.get("signed_scale", False)))
 
 
 def exact_div(x: torch.Tensor, d: float) -> torch.Tensor:
@@ -121,6 +131,12 @@ def grid_params(lo: torch.Tensor, hi: torch.Tensor, fmt: IntFormat) -> tuple[tor
         # Nearest rounding can leave hi uncovered only where float16 steps are coarse (|m| ≫ s, subnormal s).
         covered = hi - (m.float() + fmt.qmax * nearest.float()) <= nearest.float() / 2
         return torch.where(covered, nearest, round_scale_up(needed)), m
+    if fmt.symmetric and fmt.signed_scale:
+        xmax = torch.where(hi >= -lo, hi, lo)  # the weight of largest magnitude, with its sign
+        scale = exact_div(xmax, -(2 ** (fmt.bits - 1))).to(SCALE_DTYPE)
+        _check_finite_scale(scale)
+        scale = torch.where(scale == 0, torch.full_like(scale, _SMALLEST_SCALE), scale)  # an all-zero group
+        return scale, torch.full_like(scale, 2 ** (fmt.bits - 1), dtype=torch.uint8)
     if fmt.symmetric:
         amax = torch.maximum(lo.abs(), hi.abs())
         scale = round_scale_up(exact_div(amax, 2 ** (fmt.bits - 1) - (0.5 if fmt.full_range else 1)))
