@@ -251,12 +251,18 @@ class Recipe:
         if group_size is None and self.method == "spqr":
             group_size = SPQR_DEFAULT_BETA1
         own = scheme == self.scheme  # per-tensor and activation options belong to the recipe's scheme
-        return self._method_spec(scheme_spec(scheme, group_size, symmetric, clip, zero_point,
+        return self.method_spec(scheme_spec(scheme, group_size, symmetric, clip, zero_point,
                                              self.per_tensor and own, self.act_granularity if own else "token",
                                              self.act_static and own, self.uses_full_range))
 
-    def _method_spec(self, spec: LayerSpec) -> LayerSpec:
-        """SpQR stores its own format: the scheme's bits in groups of β1 (= the group size, default 16)."""
+    def method_spec(self, spec: LayerSpec) -> LayerSpec:
+        """SpQR stores its own format: the scheme's bits in groups of β1 (= the group size, default 16). GPTQ rounds
+        Q4_0/Q5_0 on the full-range grid rather than llama.cpp's signed scale, whose largest weight sits exactly on
+        the last code: GPTQ's updates push later columns past it (SmolLM2-135M q4_0, KL 0.49 signed vs 0.41 full
+        range; BENCHMARKS.md). Both are the same ggml type."""
+        w = spec.weight
+        if "gptq" in self.method and isinstance(w, IntFormat) and w.signed_scale:
+            return replace(spec, weight=replace(w, signed_scale=False, full_range=True))
         if self.method != "spqr":
             return spec
         w = spec.weight

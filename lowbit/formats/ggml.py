@@ -12,8 +12,9 @@ groups of 32 (ggml-common.h, block_q*; the dequantization is ggml's, with q the 
 
 lowbit's symmetric grids put the zero at 2^(b−1), which is ggml's offset. Q4_0 and Q5_0 take llama.cpp's own scale
 rule (IntFormat's signed scale: the block's weight of largest magnitude, with its sign, lands exactly on the extra
-negative code, d = x_max / −2^(b−1), so d may be negative); Q8_0 takes max|w| / 127 (or the full range). `to_blocks` writes a lowbit weight in these bytes exactly; `from_blocks` reads them
-back to the same codes and statistics.
+negative code, d = x_max / −2^(b−1), so d may be negative; GPTQ takes the full range instead: lowbit.recipe);
+Q8_0 takes max|w| / 127 (or the full range). `to_blocks` writes a lowbit weight in these bytes exactly;
+`from_blocks` reads them back to the same codes and statistics.
 """
 
 from __future__ import annotations

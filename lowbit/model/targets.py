@@ -84,7 +84,7 @@ def _ggml_types(plan: dict[str, LayerSpec], linears: dict[str, nn.Linear], famil
             if fitted is None:
                 continue
             w = type_format(fitted)
-        out[name] = spec if w == spec.weight else replace(spec, weight=w)
+        out[name] = spec if w == spec.weight else recipe.method_spec(replace(spec, weight=w))
     say_fallbacks(changed)
     return out
 
