@@ -21,3 +21,8 @@ def eval_row(candidate: str | Path, record: Path, max_prompts: int, windows: int
             "kl_generation": kl["generation"]["mean"], "kl_generation_ci": kl["generation"]["ci95"],
             "rejection_generation": kl["generation"]["token_rejection_rate"],
             "ppl": ppl["candidate"], "ppl_reference": ppl["reference"]}
+
+
+def ci_text(ci) -> str:
+    """A 95% interval as the tables print it."""
+    return f"[{ci[0]:.4f}, {ci[1]:.4f}]"

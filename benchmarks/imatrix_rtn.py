@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from _eval_row import eval_row
+from _eval_row import ci_text, eval_row
 
 from lowbit import api
 from lowbit.data.calibration import CalibConfig
@@ -62,12 +62,8 @@ def main() -> None:
     print(f"{'candidate':20}{'KL prefill':>11}{'95% CI':>18}{'KL gen':>9}{'95% CI':>18}{'rej gen':>9}{'ppl':>9}"
           f"{'s':>6}")
     for name, r in rows.items():
-        print(f"{name:20}{r['kl_prefill']:11.4f}{_ci(r['kl_prefill_ci']):>18}{r['kl_generation']:9.4f}"
-              f"{_ci(r['kl_generation_ci']):>18}{r['rejection_generation']:9.4f}{r['ppl']:9.3f}{r['quantize_s']:6.0f}")
-
-
-def _ci(ci) -> str:
-    return f"[{ci[0]:.4f}, {ci[1]:.4f}]"
+        print(f"{name:20}{r['kl_prefill']:11.4f}{ci_text(r['kl_prefill_ci']):>18}{r['kl_generation']:9.4f}"
+              f"{ci_text(r['kl_generation_ci']):>18}{r['rejection_generation']:9.4f}{r['ppl']:9.3f}{r['quantize_s']:6.0f}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from _eval_row import eval_row
+from _eval_row import ci_text, eval_row
 
 # llama.cpp's LLAMA_FTYPE_MOSTLY_* (llama.h)
 FTYPE = {"f16": 1, "q4_0": 2, "q3_k_m": 12, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "q8_0": 7}
@@ -97,12 +97,8 @@ def main() -> None:
           f"{next(iter(rows.values()))['ppl_reference']:.3f}); calibration {args.samples} × {args.seqlen} C4 tokens")
     print(f"{'file':24}{'MB':>7}{'KL prefill':>11}{'95% CI':>18}{'KL gen':>9}{'95% CI':>18}{'ppl':>9}{'s':>6}")
     for name, r in rows.items():
-        print(f"{name:24}{r['mb']:7.1f}{r['kl_prefill']:11.4f}{_ci(r['kl_prefill_ci']):>18}{r['kl_generation']:9.4f}"
-              f"{_ci(r['kl_generation_ci']):>18}{r['ppl']:9.3f}{r['quantize_s']:6.0f}")
-
-
-def _ci(ci) -> str:
-    return f"[{ci[0]:.4f}, {ci[1]:.4f}]"
+        print(f"{name:24}{r['mb']:7.1f}{r['kl_prefill']:11.4f}{ci_text(r['kl_prefill_ci']):>18}{r['kl_generation']:9.4f}"
+              f"{ci_text(r['kl_generation_ci']):>18}{r['ppl']:9.3f}{r['quantize_s']:6.0f}")
 
 
 if __name__ == "__main__":

@@ -109,13 +109,8 @@ class KQuantWeight:
         """ŵ in float32 [out, in], with ggml's operations in ggml's order (bit for bit its dequantization)."""
         t = self.fmt.t
         rows, cols = self.shape
-        c = self.codes.reshape(rows, -1, t.sub).float()
-        if t.name == "iq4_nl":
-            table = torch.tensor(IQ4_TABLE, dtype=torch.float32, device=c.device)
-            return (self.stats["d"].float().unsqueeze(-1) * table[self.codes.reshape(rows, -1, t.sub).long()]) \
-                .reshape(rows, cols)
-        s, m = sub_grid(t, self.stats)
-        w = s.unsqueeze(-1) * (c - t.offset) if not t.minimum else s.unsqueeze(-1) * c - m.unsqueeze(-1)
+        s, m = grid_of(t, self.stats)
+        w = _values(self.codes.reshape(rows, -1, t.sub), t, s.unsqueeze(-1), None if m is None else m.unsqueeze(-1))
         return w.reshape(rows, cols)
 
     def packed(self) -> dict[str, torch.Tensor]:
@@ -283,26 +278,36 @@ def fit_superblock(x: torch.Tensor, fmt: KQuantFormat, importance: torch.Tensor 
     return {"d": d.to(torch.float16), "a": (a + 32).to(torch.uint8) if t.name == "q3_k" else a.to(torch.int8)}
 
 
+def grid_of(t: KType, stats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each sub-block's (S, M) from stats [rows, ...] (`sub_grid`); IQ4_NL's d as S, with no M."""
+    if t.name == "iq4_nl":
+        return stats["d"].float(), None
+    return sub_grid(t, stats)
+
+
+def _encode(x: torch.Tensor, t: KType, s: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    """Codes (uint8) of weights x on sub-block grids s, m broadcast against x (a zero scale gives the zero code)."""
+    safe = torch.where(s == 0, torch.ones_like(s), s)
+    if t.name == "iq4_nl":
+        return _nearest_table(torch.where(s == 0, torch.zeros_like(x), x / safe))
+    c = ((x + m) / safe).round() if t.minimum else (x / safe).round() + t.offset
+    return torch.where(s == 0, torch.full_like(c, t.offset), c).clamp(0, (1 << t.bits) - 1).to(torch.uint8)
+
+
+def _values(c: torch.Tensor, t: KType, s: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    """ŵ of codes c on grids s, m, in ggml's operations and order."""
+    if t.name == "iq4_nl":
+        return s * torch.tensor(IQ4_TABLE, dtype=torch.float32, device=c.device)[c.long()]
+    return s * c.float() - m if t.minimum else s * (c.float() - t.offset)
+
+
 def round_codes(x: torch.Tensor, fmt: KQuantFormat, stats: dict) -> torch.Tensor:
     """Codes (uint8) of weights x [rows, n, superblock] on the grid of stats (from `fit_superblock`)."""
     t = fmt.t
     rows, n, _ = x.shape
-    xs = x.float().reshape(rows, n, -1, t.sub)
-    if t.name == "iq4_nl":
-        d = stats["d"].float().unsqueeze(-1)
-        return _nearest_table(torch.where(d != 0, xs / torch.where(d == 0, torch.ones_like(d), d), 0 * xs)) \
-            .reshape(rows, n, -1)
-    flat = {k: v.reshape(rows * n, -1) for k, v in stats.items()}
-    s, m = sub_grid(t, flat)
-    s = s.reshape(rows, n, -1, 1)
-    qmax = (1 << t.bits) - 1
-    safe = torch.where(s == 0, torch.ones_like(s), s)
-    if t.minimum:
-        c = ((xs + m.reshape(rows, n, -1, 1)) / safe).round()
-    else:
-        c = (xs / safe).round() + t.offset
-    c = torch.where(s == 0, torch.full_like(c, t.offset), c)
-    return c.clamp(0, qmax).to(torch.uint8).reshape(rows, n, -1)
+    s, m = grid_of(t, {k: v.reshape(rows * n, -1) for k, v in stats.items()})
+    s, m = s.reshape(rows, n, -1, 1), None if m is None else m.reshape(rows, n, -1, 1)
+    return _encode(x.float().reshape(rows, n, -1, t.sub), t, s, m).reshape(rows, n, -1)
 
 
 def quantize_k(weight: torch.Tensor, fmt: KQuantFormat, importance: torch.Tensor | None = None) -> KQuantWeight:
@@ -326,28 +331,21 @@ def check_shape(shape: tuple[int, ...], fmt: KQuantFormat) -> None:
                           "type for such tensors (lowbit's --scheme Q4_K_M etc. do the same).")
 
 
-def round_column(w: torch.Tensor, fmt: KQuantFormat, stats: dict, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ŵ, codes) of column j of a super-block (w: [rows]) on the grid `stats` (one super-block, [rows, 1, ...]):
-    GPTQ's quantizer once the super-block's statistics are fixed."""
+def column_grid(fmt: KQuantFormat, stats: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The (S, M) of every sub-block of one super-block (stats [rows, 1, ...] from `fit_superblock`), formed once
+    for `round_column`."""
+    rows = stats["d"].shape[0]
+    return grid_of(fmt.t, {k: v.reshape(rows, -1) for k, v in stats.items()})
+
+
+def round_column(w: torch.Tensor, fmt: KQuantFormat, grid: tuple, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ŵ, codes) of column j of a super-block (w: [rows]) on its grid (`column_grid`): GPTQ's quantizer once the
+    super-block's statistics are fixed."""
     t = fmt.t
-    rows = w.shape[0]
     sub = j // t.sub
-    if t.name == "iq4_nl":
-        d = stats["d"].float().reshape(rows)
-        c = round_codes(w.reshape(rows, 1, 1).expand(rows, 1, t.superblock).contiguous(), fmt, stats)[:, 0, 0]
-        table = torch.tensor(IQ4_TABLE, dtype=torch.float32, device=w.device)
-        return d * table[c.long()], c
-    flat = {k: v.reshape(rows, -1) for k, v in stats.items()}
-    s, m = sub_grid(t, flat)
-    s = s[:, sub]
-    safe = torch.where(s == 0, torch.ones_like(s), s)
-    qmax = (1 << t.bits) - 1
-    if t.minimum:
-        mm = m[:, sub]
-        c = torch.where(s == 0, torch.zeros_like(w), ((w + mm) / safe).round()).clamp(0, qmax)
-        return s * c - mm, c.to(torch.uint8)
-    c = torch.where(s == 0, torch.full_like(w, t.offset), (w / safe).round() + t.offset).clamp(0, qmax)
-    return s * (c - t.offset), c.to(torch.uint8)
+    s, m = grid[0][:, sub], None if grid[1] is None else grid[1][:, sub]
+    c = _encode(w, t, s, m)
+    return _values(c, t, s, m), c
 
 
 # --- bytes ------------------------------------------------------------------------------------------------------

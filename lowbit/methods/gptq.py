@@ -23,7 +23,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats import IntFormat, PerGroup, PerTensor, QuantizedWeight, WeightFormat
 from lowbit.formats.grouping import grouped
 from lowbit.formats.intgrid import grid_params
-from lowbit.formats.kquant import KQuantFormat, KQuantWeight, check_shape, fit_superblock, round_column
+from lowbit.formats.kquant import KQuantFormat, KQuantWeight, check_shape, column_grid, fit_superblock, round_column
 from lowbit.formats.search import search_range
 
 NEEDS_CALIBRATION = True
@@ -195,8 +195,8 @@ def gptq_superblocks(weight: torch.Tensor, stats: HessianStats, fmt: KQuantForma
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             if (i1 + i) % sb == 0:
-                grid = fit_superblock(W1[:, i:i + sb].unsqueeze(1), fmt)
-                fitted.append(grid)
+                fitted.append(fit_superblock(W1[:, i:i + sb].unsqueeze(1), fmt))
+                grid = column_grid(fmt, fitted[-1])
             q, codes[:, i1 + i] = round_column(W1[:, i], fmt, grid, (i1 + i) % sb)
             err = (W1[:, i] - q).mul_(inv_diag[i])
             W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
