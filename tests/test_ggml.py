@@ -259,9 +259,11 @@ def test_symmetric_types_round_as_llama_cpp(name):
 
 def test_gptq_takes_the_full_range_grid_on_q4_0():
     """Same ggml type either way; GPTQ rounds on the full-range grid (its updates overshoot a signed grid's exact
-    edge), round to nearest and imatrix on llama.cpp's signed rule, also for a mix's fallback layers."""
+    edge) with a range search, round to nearest and imatrix on llama.cpp's signed rule, also for a mix's fallback
+    layers."""
     from lowbit.recipe import Recipe
 
     for method, signed in (("rtn", True), ("imatrix", True), ("gptq", False)):
         w = Recipe(method=method, scheme="q4_0").default_spec.weight
         assert w.signed_scale is signed and w.full_range is not signed and block_type(w) == LEGACY["q4_0"]
+        assert w.clip is (method == "gptq")  # GPTQ searches each block's range, weighted by diag(H)

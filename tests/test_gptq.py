@@ -8,6 +8,7 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.formats import FP8Format, IntFormat, PerChannel, PerGroup, PerTensor, quantize
 from lowbit.formats.intgrid import decode, encode, grid_params
+from lowbit.formats.search import best_shrink
 from lowbit.methods.gptq import GPTQConfig, accumulate, gptq_quantize, init_stats
 
 
@@ -24,6 +25,7 @@ def _naive_gptq(W: torch.Tensor, H: torch.Tensor, fmt: IntFormat, damp: float) -
     W = W.double().clone()
     H = H.double().clone()
     cols = W.shape[1]
+    importance = torch.diag(H).float()  # before dampening
     H += damp * torch.diag(H).mean() * torch.eye(cols, dtype=torch.float64)
     Hinv = torch.linalg.inv(H)
     Q = torch.zeros_like(W)
@@ -31,7 +33,10 @@ def _naive_gptq(W: torch.Tensor, H: torch.Tensor, fmt: IntFormat, damp: float) -
     for i in range(cols):
         if i % group == 0:
             block = W[:, i:i + group].float().unsqueeze(1)
-            s, z = grid_params(block.amin(-1), block.amax(-1), fmt)
+            p = 1.0
+            if fmt.clip:  # the range search on the updated group, each column's error weighted by H_jj
+                p = best_shrink(block, fmt, 50, 0.5, importance=importance[i:i + group].unsqueeze(0))
+            s, z = grid_params(p * block.amin(-1), p * block.amax(-1), fmt)
         q = decode(encode(W[:, i].float().view(-1, 1, 1), s, z, fmt), s, z, fmt).view(-1).double()
         Q[:, i] = q
         err = (W[:, i] - q) / Hinv[i, i]
@@ -41,7 +46,8 @@ def _naive_gptq(W: torch.Tensor, H: torch.Tensor, fmt: IntFormat, damp: float) -
 
 
 @pytest.mark.parametrize("fmt", [IntFormat(4, True, PerGroup(16)), IntFormat(3, False, PerChannel()),
-                                 IntFormat(4, False, PerGroup(32), zero_point="float")], ids=str)
+                                 IntFormat(4, False, PerGroup(32), zero_point="float"),
+                                 IntFormat(4, True, PerGroup(16), clip=True, full_range=True)], ids=str)
 @pytest.mark.parametrize("block_size", [128, 16])
 def test_equals_naive_implementation(fmt, block_size):
     W, X = _layer(0)

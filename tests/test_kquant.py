@@ -90,6 +90,11 @@ def test_gptq_on_a_k_grid_lowers_the_output_error():
         err = [float(((q.dequantize() - w) @ x.T).norm()) for q in (rtn, gptq)]
         assert err[1] < 0.85 * err[0], (name, err)
         assert np.array_equal(gguf_dequantize(to_blocks_k(gptq), QTYPE[name]), gptq.dequantize().numpy())
+        # the first super-block, reached before any update, is fitted as imatrix would with diag(H) as importance
+        sb = fmt.superblock
+        first = quantize_k(w[:, :sb], fmt, torch.diag(stats.H)[:sb])
+        for key, v in first.stats.items():
+            assert torch.equal(gptq.stats[key][:, :v.shape[1]], v), (name, key)
     with pytest.raises(LowbitError, match="act-order"):
         from lowbit.methods.gptq import GPTQConfig
 

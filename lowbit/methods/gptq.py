@@ -24,13 +24,14 @@ from lowbit.formats import IntFormat, PerGroup, PerTensor, QuantizedWeight, Weig
 from lowbit.formats.grouping import grouped
 from lowbit.formats.intgrid import grid_params
 from lowbit.formats.kquant import KQuantFormat, KQuantWeight, check_shape, column_grid, fit_superblock, round_column
-from lowbit.formats.search import search_range
+from lowbit.formats.search import best_shrink
 
 NEEDS_CALIBRATION = True
 DEFAULT_BLOCK_SIZE = 128
 DEFAULT_DAMP = 0.01
 
 
+CLIP_GRID, CLIP_MAX_SHRINK = 50, 0.5  # the search inside GPTQ runs once per group: ranges down to half, steps of 1/50
 HESSIAN_PANELS = 3  # row panels of the upper triangle: 2/3 of the full product's work
 
 
@@ -83,22 +84,29 @@ class GPTQConfig:
             raise LowbitError(f"GPTQ needs a block size ≥ 1 and 0 ≤ damp < 1; got {self.block_size}, {self.damp}.")
 
 
-def _params(w: torch.Tensor, fmt: IntFormat) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero [rows, groups] for weights w [rows, groups, size], by absmax or the clipping search."""
-    return search_range(w, fmt) if fmt.clip else grid_params(w.amin(-1), w.amax(-1), fmt)
+def _params(w: torch.Tensor, fmt: IntFormat, importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero [rows, groups] for weights w [rows, groups, size], by absmax or the clipping search; the
+    search weighs each column's error by its importance [groups, size] (diag H: the imatrix of lowbit.methods.
+    imatrix, up to a constant), so the range it keeps is the one the layer's output needs."""
+    if not fmt.clip:
+        return grid_params(w.amin(-1), w.amax(-1), fmt)
+    p = best_shrink(w, fmt, CLIP_GRID, CLIP_MAX_SHRINK, importance=importance)
+    return grid_params(p * w.amin(-1), p * w.amax(-1), fmt)
 
 
 def prepare(weight: torch.Tensor, stats: HessianStats, damp: float,
-            act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """W (float32 copy, dead columns zeroed, permuted), the upper Cholesky factor of (H + λI)⁻¹ and the column
-    permutation (descending diag(H) with act-order, else the identity); λ = damp · mean diag(H)."""
+            act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W (float32 copy, dead columns zeroed, permuted), the upper Cholesky factor of (H + λI)⁻¹, the column
+    permutation (descending diag(H) with act-order, else the identity) and diag(H) before dampening, in the
+    original column order; λ = damp · mean diag(H)."""
     W = weight.detach().float().clone()
     cols = W.shape[1]
     H = stats.H.to(W.device, torch.float32).clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
+    diag = torch.diag(H).clone()
+    perm = torch.argsort(diag, descending=True) if act_order else torch.arange(cols, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, device=W.device)
     try:
@@ -106,7 +114,7 @@ def prepare(weight: torch.Tensor, stats: HessianStats, damp: float,
     except torch.linalg.LinAlgError:
         raise LowbitError("GPTQ's Hessian is not positive definite even after dampening; raise --damp (e.g. 0.1) or "
                           "use more calibration samples.") from None
-    return W, Hinv, perm
+    return W, Hinv, perm, diag
 
 
 def gptq_quantize(weight: torch.Tensor, stats: HessianStats, fmt: WeightFormat,
@@ -119,12 +127,13 @@ def gptq_quantize(weight: torch.Tensor, stats: HessianStats, fmt: WeightFormat,
     group = fmt.granularity.size if isinstance(fmt.granularity, PerGroup) else None
     if group is not None and weight.shape[1] % group:
         raise LowbitError(f"group size {group} does not divide the input dimension {weight.shape[1]}.")
-    W, Hinv, perm = prepare(weight, stats, cfg.damp, cfg.act_order)
+    W, Hinv, perm, diag = prepare(weight, stats, cfg.damp, cfg.act_order)
     rows, cols = W.shape
     scale = zero = None
     if group is None or cfg.act_order:
         # Known before the pass: per tensor/channel (from the original weights, as the paper), or static groups.
-        scale, zero = _params(grouped(W[:, torch.argsort(perm)], fmt.granularity), fmt)
+        scale, zero = _params(grouped(W[:, torch.argsort(perm)], fmt.granularity), fmt,
+                              grouped(diag.expand(rows, -1), fmt.granularity)[0])
     else:
         scale = torch.zeros(rows, cols // group, dtype=torch.float16, device=W.device)
         zero = torch.zeros(rows, cols // group, dtype=torch.float16 if fmt.float_zero else torch.uint8,
@@ -155,7 +164,7 @@ def gptq_quantize(weight: torch.Tensor, stats: HessianStats, fmt: WeightFormat,
             if static:
                 s_i, z_i = S_all[:, i1 + i], Z_all[:, i1 + i]
             elif group is not None and col % group == 0:
-                s, z = _params(W1[:, i:i + group].unsqueeze(1), fmt)
+                s, z = _params(W1[:, i:i + group].unsqueeze(1), fmt, diag[col:col + group].unsqueeze(0))
                 scale[:, col // group], zero[:, col // group] = s[:, 0], z[:, 0]
                 s_i, z_i = s[:, 0].float(), z[:, 0].float()
                 S1[:, i:i + group], Z1[:, i:i + group] = s_i.unsqueeze(1), z_i.unsqueeze(1)
@@ -182,7 +191,7 @@ def gptq_superblocks(weight: torch.Tensor, stats: HessianStats, fmt: KQuantForma
         raise LowbitError("GPTQ with --act-order visits columns out of order, but a llama.cpp super-block's "
                           "statistics are fitted when its first column comes up: drop --act-order.")
     check_shape(weight.shape, fmt)
-    W, Hinv, _ = prepare(weight, stats, cfg.damp)
+    W, Hinv, _, diag = prepare(weight, stats, cfg.damp)
     rows, cols = W.shape
     sb = fmt.superblock
     block = max(cfg.block_size // sb, 1) * sb
@@ -195,7 +204,8 @@ def gptq_superblocks(weight: torch.Tensor, stats: HessianStats, fmt: KQuantForma
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             if (i1 + i) % sb == 0:
-                fitted.append(fit_superblock(W1[:, i:i + sb].unsqueeze(1), fmt))
+                imp = diag[i1 + i:i1 + i + sb].unsqueeze(0)  # the super-block's imatrix weights its fits
+                fitted.append(fit_superblock(W1[:, i:i + sb].unsqueeze(1), fmt, imp))
                 grid = column_grid(fmt, fitted[-1])
             q, codes[:, i1 + i] = round_column(W1[:, i], fmt, grid, (i1 + i) % sb)
             err = (W1[:, i] - q).mul_(inv_diag[i])

@@ -151,7 +151,7 @@ def spqr_quantize(weight: torch.Tensor, stats: HessianStats, fmt: SpQRFormat,
                   cfg: SpQRConfig = SpQRConfig()) -> SpQRWeight:
     """Quantize weight [out, in] with SpQR given the Hessian of its inputs."""
     fmt.check_shape(tuple(weight.shape))
-    W, Hinv, _ = prepare(weight, stats, cfg.damp)
+    W, Hinv, _, _ = prepare(weight, stats, cfg.damp)
     unit = threshold_scale(W, Hinv)
     if cfg.outlier_rate is None or cfg.outlier_rate == 0:
         tau = math.inf if cfg.outlier_rate == 0 else cfg.tau
