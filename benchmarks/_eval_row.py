@@ -3,6 +3,9 @@ prompts, perplexity on WikiText-2 windows), the record made on the first call an
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from lowbit.eval.runner import EvalConfig, evaluate
@@ -26,3 +29,23 @@ def eval_row(candidate: str | Path, record: Path, max_prompts: int, windows: int
 def ci_text(ci) -> str:
     """A 95% interval as the tables print it."""
     return f"[{ci[0]:.4f}, {ci[1]:.4f}]"
+
+
+def cached_rows(files: dict[str, tuple[Path, Callable[[Path], None]]], score: Callable[[Path], dict], suffix: str,
+                time_key: str) -> dict[str, dict]:
+    """Each file's row: made by its callable if missing (timed under `time_key`), scored, with its size, and cached
+    beside it as FILE`suffix` — a row is made and scored once; delete the cache file to redo it."""
+    rows = {}
+    for label, (path, make) in files.items():
+        cached = path.with_suffix(suffix)
+        if cached.exists():
+            rows[label] = json.loads(cached.read_text())
+            continue
+        t = time.perf_counter()
+        if not path.exists():
+            make(path)
+        seconds = time.perf_counter() - t
+        rows[label] = score(path) | {time_key: seconds, "mb": path.stat().st_size / 1e6}
+        cached.write_text(json.dumps(rows[label]))
+        print(label, json.dumps(rows[label]), flush=True)
+    return rows

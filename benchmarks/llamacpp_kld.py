@@ -26,9 +26,10 @@ import json
 import re
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
+from _eval_row import cached_rows
 from llamacpp_tools import tools
 
 LLAMA_TYPE = {"q4_0": "Q4_0", "q4_k_m": "Q4_K_M", "q3_k_m": "Q3_K_M", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K",
@@ -123,23 +124,19 @@ def main() -> None:
                 cmd += ["--calib", "c4", "--calib-samples", args.calib_chunks, "--calib-seqlen", args.calib_ctx]
             files[f"lowbit {method} {mix}"] = (out / f"lowbit-{method}-{mix}.gguf", cmd)
 
-    rows = {}
-    for label, (path, make) in files.items():
-        cached = path.with_suffix(".kld.json")
-        if cached.exists():
-            rows[label] = json.loads(cached.read_text())
-            continue
-        t0 = time.perf_counter()
-        if not path.exists():
+    def make(cmd: list) -> Callable[[Path], None]:
+        def run_it(path: Path) -> None:
             print(f"[bench] making {path.name}", file=sys.stderr, flush=True)
-            run([str(c).replace("{dst}", str(path)) for c in make], path.with_suffix(".make.log"))
-        seconds = time.perf_counter() - t0
+            run([str(c).replace("{dst}", str(path)) for c in cmd], path.with_suffix(".make.log"))
+        return run_it
+
+    def score(path: Path) -> dict:
         print(f"[bench] scoring {path.name}", file=sys.stderr, flush=True)
-        text = run([perplexity, "-m", path, *eval_args, "--kl-divergence-base", base_logits, "--kl-divergence"],
-                   path.with_suffix(".kld.log"))
-        rows[label] = parse(text) | {"mb": path.stat().st_size / 1e6, "make_s": seconds}
-        cached.write_text(json.dumps(rows[label]))
-        print(label, json.dumps(rows[label]), flush=True)
+        return parse(run([perplexity, "-m", path, *eval_args, "--kl-divergence-base", base_logits, "--kl-divergence"],
+                         path.with_suffix(".kld.log")))
+
+    rows = cached_rows({label: (path, make(cmd)) for label, (path, cmd) in files.items()}, score, ".kld.json",
+                       "make_s")
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     print(f"\nllama-perplexity --kl-divergence, {args.chunks} × {args.ctx} tokens of WikiText-2 test, base F16 "
           f"(ppl {next(iter(rows.values()))['ppl_base']:.3f}); calibration {args.calib_chunks} × {args.calib_ctx} C4")

@@ -24,10 +24,9 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from _eval_row import ci_text, eval_row
+from _eval_row import cached_rows, ci_text, eval_row
 
 # llama.cpp's LLAMA_FTYPE_MOSTLY_* (llama.h)
 FTYPE = {"f16": 1, "q4_0": 2, "q3_k_m": 12, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "q8_0": 7}
@@ -78,20 +77,8 @@ def main() -> None:
             files[f"lowbit {method} {mix}"] = (out / f"lowbit-{method}-{mix}.gguf",
                                                lambda d, mix=mix, method=method: lowbit_quantize(
                                                    mix, method, d, args.samples, args.seqlen))
-    rows = {}
-    for label, (path, make) in files.items():
-        cached = path.with_suffix(".eval.json")  # a row is made and evaluated once; delete the file to redo it
-        if cached.exists():
-            rows[label] = json.loads(cached.read_text())
-            continue
-        t = time.perf_counter()
-        if not path.exists():
-            make(path)
-        seconds = time.perf_counter() - t
-        rows[label] = eval_row(path, record, args.max_prompts, args.windows) | {
-            "quantize_s": seconds, "mb": path.stat().st_size / 1e6}
-        cached.write_text(json.dumps(rows[label]))
-        print(label, json.dumps(rows[label]), flush=True)
+    rows = cached_rows(files, lambda path: eval_row(path, record, args.max_prompts, args.windows), ".eval.json",
+                       "quantize_s")
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     print(f"\nKL on {args.max_prompts} prompts; perplexity on {args.windows} WikiText-2 windows of 2048 (reference "
           f"{next(iter(rows.values()))['ppl_reference']:.3f}); calibration {args.samples} × {args.seqlen} C4 tokens")
