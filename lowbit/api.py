@@ -18,11 +18,13 @@ from lowbit.hardware import resolve_compute_dtype, resolve_device
 from lowbit.io.checkpoint import is_packed, quantized_layers, save_checkpoint, unique_state_dict
 from lowbit.io.foreign import READABLE, load_foreign
 from lowbit.methods.registry import get_method
+from lowbit.model.adapt import adapt
+from lowbit.model.architectures import text_config
 from lowbit.model.capture import capture_block_inputs
 from lowbit.model.loading import family_of, load_float, tokenizer_dir_or_gguf
 from lowbit.model.sources import resolve
 from lowbit.model.targets import linear_layers, select_layers
-from lowbit.pipeline import PipelineResult, activation_device, quantize_model
+from lowbit.pipeline import MoEConfig, PipelineResult, activation_device, quantize_model
 from lowbit.recipe import LayerSpec, Recipe
 from lowbit.runtime import kvcache
 
@@ -92,6 +94,15 @@ def load_tokenizer(name_or_path: str | Path):
     return AutoTokenizer.from_pretrained(directory)
 
 
+def model_type(name_or_path: str | Path) -> str:
+    """The transformers model_type of a model argument, from its config alone (no weights are read)."""
+    from transformers import AutoConfig
+
+    directory, gguf = tokenizer_dir_or_gguf(name_or_path)
+    config = AutoConfig.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {}))
+    return config.model_type
+
+
 def storage_dtype(model: nn.Module, requested: str = "auto") -> torch.dtype:
     """16-bit dtype for unquantized tensors: the model's own 16-bit dtype, else float16 when every value fits."""
     if requested != "auto":
@@ -153,7 +164,7 @@ def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, c
     method = get_method(recipe.method)
     if method.required_scheme and recipe.scheme != method.required_scheme:
         raise LowbitError(f"--method {recipe.method} needs --scheme {method.required_scheme}, not {recipe.scheme}.")
-    family = family_of(model)
+    family = family_of(adapt(model))
     plan = select_layers(model, family, recipe)
     linears = linear_layers(model)
     for name in plan:
@@ -176,14 +187,15 @@ def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, c
     if calib is not None:
         if tokenizer is None:
             raise LowbitError("calibration needs the model's tokenizer: pass tokenizer= or a model name or path.")
-        ids = calibration_ids(tokenizer, calib, getattr(model.config, "max_position_embeddings", None))
+        ids = calibration_ids(tokenizer, calib, getattr(text_config(model), "max_position_embeddings", None))
         offload = activation_device(model, ids.numel(), dev, cdtype)
         inputs = capture_block_inputs(model, family, ids, dev, offload=offload, dtype=cdtype)
     else:
         ids, offload = None, torch.device("cpu")
     result = quantize_model(model, family, plan, method, inputs, dev, offload, progress=progress,
                             cfg=method.module.configure(recipe), compute_dtype=cdtype,
-                            transform_cfg=method.transform.configure(recipe) if method.transform else None)
+                            transform_cfg=method.transform.configure(recipe) if method.transform else None,
+                            moe=MoEConfig(recipe.expert_min_tokens, recipe.experts_all_tokens))
     static_kv = None
     if recipe.kv_static:
         static_kv = kvcache.attention_modules(model, family.blocks)
@@ -256,7 +268,7 @@ def fake_quantize_model(model: nn.Module, plan: dict[str, LayerSpec], dtype: tor
         raise LowbitError(f"{len(missing)} layers (e.g. {missing[0]}) take a static activation scale and none was "
                           f"given: pass input_scales={{name: scale}}, e.g. from the quantized model's input_scale "
                           f"buffers.")
-    fake = copy.deepcopy(model)
+    fake = adapt(copy.deepcopy(model))
     if dtype is not None:
         round_unquantized(fake, dtype, set(plan))
     linears = linear_layers(fake)

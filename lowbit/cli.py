@@ -32,7 +32,8 @@ def _recipe_from_args(args: argparse.Namespace):
         act_granularity=args.act_granularity, act_static=True if args.act_static else None, alpha=args.alpha,
         smooth_all=True if args.smooth_all else None,
         awq_clip=False if args.no_awq_clip else None, parts=_names(args.parts) or None, kv_cache=args.kv_cache,
-        kv_static=True if args.kv_static else None,
+        kv_static=True if args.kv_static else None, expert_min_tokens=args.expert_min_tokens,
+        experts_all_tokens=True if args.experts_all_tokens else None,
     )
     if getattr(args, "format", "lowbit") == "compressed-tensors" and recipe.kv_cache and not recipe.kv_static:
         recipe = recipe.with_options(kv_static=True)  # vLLM reads static k_scale / v_scale: calibrate them
@@ -95,7 +96,7 @@ def print_summary(result, header: dict, out: Path) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit import api
-    from lowbit.io.export import check_recipe, check_writable, export
+    from lowbit.io.export import check_family, check_recipe, check_writable, export
 
     recipe = _recipe_from_args(args)
     if args.format == "gguf":  # one file; refuse what it cannot hold, or where it cannot go, before quantizing
@@ -106,6 +107,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         out = check_writable(args.out, args.overwrite)
     if args.format == "compressed-tensors":
         check_recipe(recipe)  # refuse what the format cannot hold before quantizing
+        check_family(api.model_type(args.model))
     calib = _calib_from_args(args)
     tokenizer = api.load_tokenizer(args.model)
     result = api.quantize(args.model, recipe, tokenizer=tokenizer, calib=calib, device=args.device, dtype=args.dtype,
@@ -250,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SmoothQuant: also smooth down_proj's and o_proj's inputs (folded into up_proj and v_proj), "
                         "not only the norm-fed groups of the paper")
     q.add_argument("--no-awq-clip", action="store_true", help="AWQ: skip the clipping-range search")
+    q.add_argument("--expert-min-tokens", type=int, metavar="N",
+                   help="mixture of experts: an expert routed fewer than N calibration tokens (default 16) is "
+                        "calibrated on every token that reaches its block")
+    q.add_argument("--experts-all-tokens", action="store_true",
+                   help="mixture of experts: calibrate every expert on every token of its block, not only the "
+                        "tokens routed to it")
     q.add_argument("--parts", help="comma-separated parts to quantize: mlp, qkv, o_proj, first_last, lm_head, "
                                    "kv_cache, attention; or a Fireworks level L1..L4 (default: every linear layer "
                                    "of the decoder blocks)")

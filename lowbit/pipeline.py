@@ -17,7 +17,9 @@ from tqdm.auto import tqdm
 from lowbit.errors import LowbitError
 from lowbit.formats.activation import activation_scale
 from lowbit.methods.registry import MethodEntry
-from lowbit.model.architectures import Family, decoder_blocks
+from lowbit.methods.scaling import active_groups
+from lowbit.model.adapt import ExpertMLPs, expert_modules
+from lowbit.model.architectures import Family, decoder_blocks, expand, text_config
 from lowbit.model.capture import BlockInputs, StopForward, first_batches, run_block, squared_error, to_device
 from lowbit.recipe import LayerSpec
 from lowbit.runtime.qlinear import QuantLinear, set_module
@@ -31,8 +33,9 @@ def activation_device(model: nn.Module, tokens: int, device: torch.device,
     if device.type != "cuda":
         return torch.device("cpu")
     itemsize = (dtype or next(model.parameters()).dtype).itemsize
-    hidden = model.config.hidden_size
-    need = tokens * (3 * hidden + getattr(model.config, "intermediate_size", 4 * hidden)) * itemsize
+    config = text_config(model)
+    hidden = config.hidden_size
+    need = tokens * (3 * hidden + getattr(config, "intermediate_size", 4 * hidden)) * itemsize
     free, _ = torch.cuda.mem_get_info(device)
     return device if need <= free / 2 else torch.device("cpu")
 
@@ -46,6 +49,8 @@ class BlockReport:
     shortcut: bool = False  # outputs from the residual shortcut (no final pass over the block)
     replay: bool = False  # later passes replayed the attention module instead of recomputing it
     transform: dict | None = None  # what the method's block transform chose (AWQ / SmoothQuant: α per group)
+    expert_tokens: dict[str, list[int]] | None = None  # mixture of experts: calibration tokens routed to each expert
+    experts_on_all_tokens: dict[str, list[int]] | None = None  # experts calibrated on every token (the fallback)
 
 
 @dataclass
@@ -98,8 +103,8 @@ def _relative_error(quantized: BlockInputs, reference: BlockInputs) -> float:
 
 def sequential_groups(order: tuple[tuple[str, ...], ...], names: list[str]) -> list[list[str]]:
     """The block's planned layers in data-flow order (q/k/v, then o, …); unlisted ones come last, together."""
-    groups = [[n for n in group if n in names] for group in order]
-    listed = {n for group in order for n in group}
+    groups = [expand(group, names) for group in order]
+    listed = {n for group in groups for n in group}
     groups.append([n for n in names if n not in listed])
     return [g for g in groups if g]
 
@@ -140,7 +145,7 @@ class DeferredLinear(nn.Module):
 def shortcut_outputs(layer: nn.Module, partial: BlockInputs, deferred: DeferredLinear, device,
                      offload) -> BlockInputs:
     """The quantized block's outputs: each batch's partial output plus the (now quantized) last layer's term."""
-    out = BlockInputs(kwargs=partial.kwargs)
+    out = partial.with_hidden([])
     with torch.no_grad():
         for r, x in zip(partial.hidden, deferred.inputs, strict=True):
             out.hidden.append((r.to(device) + layer(x.to(device))).to(offload))
@@ -190,7 +195,7 @@ def _collect_stats(block: nn.Module, names: list[str], method, inputs: BlockInpu
     """
     result = GroupStats()
     pending: set[str] = set()
-    seen: dict[tuple, str] = {}
+    seen: dict[tuple, tuple[str, torch.Tensor]] = {}  # the tensor is kept: its address stays its own in the batch
     batch = [-1]
 
     def before_batch():
@@ -201,7 +206,7 @@ def _collect_stats(block: nn.Module, names: list[str], method, inputs: BlockInpu
     def hook_for(name):
         def hook(module, args):
             x = args[0].detach()
-            first = seen.setdefault((x.data_ptr(), tuple(x.shape), x.dtype), name)
+            first = seen.setdefault((x.data_ptr(), tuple(x.shape), x.dtype), (name, x))[0]
             if result.owner.setdefault(name, first) != first:
                 raise LowbitError(f"layer {name} shared its input with {result.owner[name]} in one calibration batch "
                                   f"and with {first} in another; the model's forward pass is not deterministic.")
@@ -338,11 +343,60 @@ def _next_inputs(block: nn.Module, br: BlockResult, inputs: BlockInputs, device,
     return run_block(block, inputs, device, offload)
 
 
+@dataclass(frozen=True)
+class MoEConfig:
+    """How experts are calibrated. Each expert's statistics come from the tokens routed to it; an expert that
+    calibration routes fewer than `min_tokens` tokens to (none, often, for rarely chosen experts) is calibrated on
+    every token that reaches its block instead — a wider sample than it sees in use, and better than almost none.
+    `all_tokens` calibrates every expert that way."""
+
+    min_tokens: int = 16
+    all_tokens: bool = False
+
+
+@torch.no_grad()
+def count_routed(block: nn.Module, experts: dict[str, ExpertMLPs], inputs: BlockInputs, device) -> dict[str, list]:
+    """How many calibration tokens the router sends to each expert of each mixture-of-experts module."""
+    counts = {n: torch.zeros(len(m), dtype=torch.long) for n, m in experts.items()}
+    last = list(experts)[-1]
+
+    def hook_for(name):
+        def hook(_module, args, kwargs):
+            index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            counts[name] += torch.bincount(index.flatten().cpu(), minlength=len(counts[name]))[:len(counts[name])]
+            if name == last:
+                raise StopForward
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(n), with_kwargs=True) for n, m in experts.items()]
+    try:
+        run_block(block, inputs, device, "cpu")
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: c.tolist() for n, c in counts.items()}
+
+
+def check_scaling(blocks: nn.ModuleList, family: Family, plan: dict[str, LayerSpec], method: MethodEntry) -> None:
+    """Refuse a scaling method (AWQ, SmoothQuant) when no planned layer has an operation before it to fold scales
+    into: it would be plain rounding under another name."""
+    for i, block in enumerate(blocks):
+        prefix = f"{family.blocks}.{i}."
+        planned = {n[len(prefix):] for n in plan if n.startswith(prefix)}
+        if any(planned & set(g.layers) for g in active_groups(block, family.scaling, planned)):
+            return
+    name = method.description.split(":")[0]
+    raise LowbitError(f"{name} folds per-channel scales into the operation before a layer, and in this "
+                      f"{family.name} model no such operation feeds the selected layers (e.g. {next(iter(plan))}). "
+                      f"Use --method gptq or rtn, or select layers that take scales (see lowbit/model/"
+                      f"architectures.py).")
+
+
 def quantize_model(model: nn.Module, family: Family, plan: dict[str, LayerSpec], method: MethodEntry,
                    inputs: BlockInputs | None = None, device: torch.device | str = "cpu",
                    offload: torch.device | str = "cpu", progress: bool = True, cfg=None,
                    compute_dtype: torch.dtype | None = None, shortcut: bool = True,
-                   transform_cfg=None) -> PipelineResult:
+                   transform_cfg=None, moe: MoEConfig | None = None) -> PipelineResult:
     """Quantize every layer in `plan` block by block, in place.
 
     Each block runs on `device` in `compute_dtype` (default: the model's own) while its layers are quantized from
@@ -354,6 +408,9 @@ def quantize_model(model: nn.Module, family: Family, plan: dict[str, LayerSpec],
     verified: dict = {}
     bar = tqdm(blocks, desc=f"quantizing ({method.description.split(':')[0].split(',')[0]})", unit="block",
                disable=not progress, dynamic_ncols=True)
+    moe = moe or MoEConfig()
+    if method.transform is not None and inputs is not None:
+        check_scaling(blocks, family, plan, method)
     for i, block in enumerate(bar):
         start = time.perf_counter()
         prefix = f"{family.blocks}.{i}."
@@ -361,17 +418,29 @@ def quantize_model(model: nn.Module, family: Family, plan: dict[str, LayerSpec],
         home = next(block.parameters()).device  # where the block's weights go back to (the CPU, usually)
         masters = {n: p.data for n, p in block.named_parameters()}
         block.to(device, compute_dtype)
+        inputs = inputs.for_block(i) if inputs is not None else None
+        report = BlockReport(i, len(specs), 0.0)
+        experts = expert_modules(block)
+        if experts and inputs is not None and specs:
+            report.expert_tokens = count_routed(block, experts, inputs, device)
+            report.experts_on_all_tokens = {
+                n: [e for e, c in enumerate(counts) if moe.all_tokens or c < moe.min_tokens]
+                for n, counts in report.expert_tokens.items()}
+            for n, m in experts.items():
+                m.calibrate_all = set(report.experts_on_all_tokens[n])
         chosen = None
         if method.transform is not None and inputs is not None and specs:
             chosen = method.transform.prepare_block(block, masters, specs, family, inputs, device, transform_cfg)
+        report.transform = chosen
         input_scales = static_input_scales(block, specs, inputs, device, offload) if inputs is not None else {}
         weights = {n: masters[n + ".weight"].to(device) for n in specs}  # quantized from these, on the device
         br = quantize_block(block, specs, method, cfg, family.sequential, inputs, device, offload, weights,
                             shortcut, verified)
         if inputs is not None and br.reference is None:  # no statistics pass (RTN): the block is still unquantized
             br.reference = run_block(block, first_batches(inputs, 1), device, offload)
+        for m in experts.values():
+            m.calibrate_all = set()
         install(block, br.qweights, specs, input_scales)
-        report = BlockReport(i, len(specs), 0.0, transform=chosen)
         if inputs is not None:
             inputs = _next_inputs(block, br, inputs, device, offload, verified)
             report.shortcut = br.deferred is not None and verified.get((type(block), br.deferred_name), False)

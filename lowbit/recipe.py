@@ -183,6 +183,8 @@ class Recipe:
     alpha: float | None = None  # SmoothQuant migration strength (None: searched per scaling group)
     smooth_all: bool = False  # SmoothQuant: also smooth inputs made by a linear layer (down_proj, o_proj)
     awq_clip: bool = True  # AWQ: search each group's clipping range on the calibration activations
+    expert_min_tokens: int = 16  # mixture of experts: fewer routed calibration tokens → calibrate on every token
+    experts_all_tokens: bool = False  # mixture of experts: calibrate every expert on every token of its block
     parts: tuple[str, ...] = ()  # which parts are quantized (lowbit.model.parts); () = every block linear layer
     kv_cache: str | None = None  # int8 or fp8: keys and values stored quantized
     kv_static: bool = False  # KV scales calibrated once per layer (vLLM's k_scale / v_scale), not per token and head
@@ -201,6 +203,9 @@ class Recipe:
                 raise LowbitError(f"--parts {','.join(self.parts)} quantizes the KV cache or attention, but scheme "
                                   f"{self.scheme} has no activation format to take: add --kv-cache int8 or fp8.")
             object.__setattr__(self, "kv_cache", "fp8" if self.scheme == "fp8" else "int8")
+        if self.expert_min_tokens < 1:
+            raise LowbitError(f"--expert-min-tokens must be at least 1, not {self.expert_min_tokens}: an expert "
+                              f"without calibration statistics cannot be quantized by GPTQ.")
         if self.alpha is not None and not 0 <= self.alpha <= 1:
             raise LowbitError(f"the migration strength alpha must lie in [0, 1], got {self.alpha}.")
         if self.kv_cache is not None:

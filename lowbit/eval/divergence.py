@@ -25,6 +25,7 @@ from lowbit.eval.forward import DEFAULT_BATCH_TOKENS, length_batches, logprobs, 
 from lowbit.eval.prompts import encode_prompts
 from lowbit.eval.record import ReferenceRecord, model_fingerprint, tokenizer_fingerprint
 from lowbit.eval.stats import TokenStats, by_position, summarize, token_stats
+from lowbit.model.architectures import text_config
 
 DEFAULT_TOP_N = 16
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -71,7 +72,7 @@ def generate(model: nn.Module, tokenizer, prompt_ids: list[list[int]], max_new_t
 
 def fit_context(prompt_ids: list[list[int]], model: nn.Module, max_new_tokens: int) -> tuple[list[list[int]], int]:
     """Left-truncate prompts so that prompt + generation fits the model's context; returns them and how many."""
-    context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    context = int(getattr(text_config(model), "max_position_embeddings", 0) or 0)
     if not context:
         return prompt_ids, 0
     room = context - max_new_tokens
@@ -90,7 +91,7 @@ def make_record(model: nn.Module, tokenizer, prompts: list[str], *, source: str,
     seqs = generate(model, tokenizer, prompt_ids, max_new_tokens, progress=progress)
     lengths = torch.tensor([len(s) for s in seqs])
     meta = {"model": model_name, "model_fingerprint": model_fingerprint(model),
-            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": int(model.config.vocab_size),
+            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": int(text_config(model).vocab_size),
             "top_n": top_n, "max_new_tokens": max_new_tokens, "prompts": source, "num_prompts": len(prompts),
             "truncated_prompts": truncated,
             "generation_seconds": round(time.perf_counter() - start, 2)}

@@ -31,6 +31,7 @@ from lowbit.eval.forward import DEFAULT_BATCH_TOKENS
 from lowbit.eval.prompts import load_prompts
 from lowbit.eval.record import ReferenceRecord, model_fingerprint, tokenizer_fingerprint
 from lowbit.io.foreign import READABLE
+from lowbit.model.architectures import text_config
 from lowbit.model.sources import resolve
 
 
@@ -60,7 +61,7 @@ class EvalConfig:
 
 
 def _context_length(model) -> int:
-    return int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+    return int(getattr(text_config(model), "max_position_embeddings", 2048) or 2048)
 
 
 def _size(name: str) -> dict | None:

@@ -25,6 +25,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.io.atomic import atomic_directory
+from lowbit.model.adapt import adapt
 from lowbit.model.architectures import family_for
 from lowbit.recipe import LayerSpec
 from lowbit.runtime import kvcache
@@ -150,7 +151,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, verify
     config = AutoConfig.from_pretrained(path)
     family = family_for(config.model_type)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = adapt(AutoModelForCausalLM.from_config(config, dtype=dtype))
     recipe = header.get("recipe") or {}
     static_kv = kvcache.attention_modules(model, family.blocks) if recipe.get("kv_static") else None
     for attn in static_kv or ():

@@ -31,6 +31,23 @@ TARGETS = ("compressed-tensors", "gguf")
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 
+# Families whose lowbit layout differs from what transformers and vLLM read: per-expert layers where they keep
+# fused expert tensors (or per-expert names of their own), nn.Linear where GPT-2 keeps Conv1D's transposed weights.
+NO_COMPRESSED_TENSORS = {"moe": "split experts into per-expert layers", "gpt2": "made Conv1D layers nn.Linear"}
+
+
+def check_family(model_type: str) -> None:
+    """Refuse, before anything is quantized or written, a family whose compressed-tensors layout is not written."""
+    from lowbit.model.architectures import family_for
+
+    family = family_for(model_type)
+    if family.name in NO_COMPRESSED_TENSORS:
+        raise LowbitError(f"compressed-tensors export of the {family.name} family ({model_type}) is not written yet: "
+                          f"lowbit {NO_COMPRESSED_TENSORS[family.name]}, and the tensors would have to go back to "
+                          f"the layout transformers and vLLM read. Save a lowbit checkpoint instead (it loads with "
+                          f"lowbit.load and `lowbit eval`).")
+
+
 def check_target(to: str) -> str:
     if to not in TARGETS:
         raise LowbitError(f"unknown export format {to!r}: use {', '.join(TARGETS)}.")
@@ -122,6 +139,7 @@ def export(source, to: str, out: str | Path, *, tokenizer=None, overwrite: bool 
         return _export_gguf(source, out, overwrite)
     out = check_writable(out, overwrite)
     model, recipe, dtype, directory = _source(source)
+    check_family(model.config.model_type)
     qlayers = quantized_layers(model)
     if not qlayers:
         raise LowbitError("the model has no quantized layer; there is nothing for compressed-tensors to describe.")

@@ -101,7 +101,8 @@ def prepare_block(block: nn.Module, masters: dict[str, torch.Tensor], specs: dic
     Changes `masters` (and the block) in place; returns {prev: α} for the report."""
     groups = active_groups(block, family.scaling, set(specs))
     per_batch = inputs.hidden[0].shape[:-1].numel() if inputs.hidden else 1
-    captured = capture_group_inputs(block, groups, inputs, device, max(1, cfg.search_tokens // per_batch))
+    captured = [gi for gi in capture_group_inputs(block, groups, inputs, device, max(1, cfg.search_tokens // per_batch))
+                if gi.args]  # an expert that no captured token was routed to keeps its weights as they are
     alphas = {}
     for gi in captured:
         alpha, s = search_scale(block, gi, specs, masters, cfg.grid)

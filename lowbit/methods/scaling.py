@@ -10,12 +10,13 @@ change into the block that runs the calibration passes (possibly on another devi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from lowbit.model.architectures import ScaleGroup
+from lowbit.model.architectures import ScaleGroup, expand
 from lowbit.model.capture import BlockInputs, StopForward, squared_error, to_device
 
 
@@ -38,21 +39,42 @@ class GroupInputs:
 
 
 def active_groups(block: nn.Module, groups: tuple[ScaleGroup, ...], planned: set[str]) -> list[ScaleGroup]:
-    """The groups with a planned layer whose prev exists and yields exactly the layers' input channels (o_proj
-    after v_proj only when attention has as many key/value heads as query heads)."""
+    """The groups made concrete for this block — `*` expanded (a group per index where prev has one), layers the
+    block lacks dropped — that hold a planned layer and whose prev exists and yields exactly the layers' input
+    channels (o_proj after v_proj only when attention has as many key/value heads as query heads)."""
+    names = [n for n, _ in block.named_modules()]
     out = []
-    for g in groups:
-        if not planned & set(g.layers):
+    for g in (c for group in groups for c in _concrete(group, names)):
+        if not planned & set(g.layers) or g.prev not in names or g.inspect not in names:
             continue
-        try:
-            prev = block.get_submodule(g.prev)
-            layers = [block.get_submodule(n) for n in g.layers]
-        except AttributeError:
-            continue
-        width = prev.out_features if isinstance(prev, nn.Linear) else getattr(prev, "weight", torch.empty(0)).numel()
-        if all(isinstance(m, nn.Linear) and m.in_features == width for m in layers):
+        width = _output_width(block.get_submodule(g.prev), g)
+        if width and all(_reads(block.get_submodule(n), width) for n in g.layers):
             out.append(g)
     return out
+
+
+def _concrete(g: ScaleGroup, names: list[str]) -> list[ScaleGroup]:
+    if "*" not in g.prev:
+        return [replace(g, layers=tuple(expand(g.layers, names)))]
+    rx = re.compile(re.escape(g.prev).replace(r"\*", r"(\d+)"))
+    indices = [m.group(1) for n in names if (m := rx.fullmatch(n))]
+    return [replace(g, prev=g.prev.replace("*", i), inspect=g.inspect.replace("*", i),
+                    layers=tuple(expand([n.replace("*", i) for n in g.layers], names))) for i in indices]
+
+
+def _output_width(prev: nn.Module, g: ScaleGroup) -> int:
+    """How many channels prev hands the group (0: none that a scale can be folded into)."""
+    if isinstance(prev, nn.Linear):
+        n = g.prev_chunk[1] if g.prev_chunk else 1
+        return prev.out_features // n if prev.out_features % n == 0 else 0
+    weight = getattr(prev, "weight", None)
+    return weight.numel() if isinstance(weight, torch.Tensor) and weight.dim() == 1 and not g.prev_chunk else 0
+
+
+def _reads(module: nn.Module, width: int) -> bool:
+    """A layer (or a router's weight) multiplying inputs of `width` channels."""
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[1] == width
 
 
 @torch.no_grad()
@@ -103,17 +125,25 @@ def run_inspect(block: nn.Module, gi: GroupInputs) -> list[torch.Tensor]:
 
 
 def fold(block: nn.Module, masters: dict[str, torch.Tensor], group: ScaleGroup, s: torch.Tensor) -> None:
-    """Divide prev's output channels by s and multiply the layers' input columns by s, in the float32 masters,
-    then copy the changed tensors into the block's parameters."""
+    """Divide prev's output channels by s (a norm's offset + w as a whole, the group's chunk of a fused layer's
+    rows) and multiply the layers' input columns by s, in the float32 masters, then copy the changed tensors into
+    the block's parameters."""
     s = s.float()
     prev = block.get_submodule(group.prev)
     changed = []
     for pname in ("weight", "bias"):
         key = f"{group.prev}.{pname}"
-        if key in masters and getattr(prev, pname, None) is not None:
-            t = masters[key]
-            t.div_((s.view(-1, 1) if t.dim() == 2 else s).to(t.device))
-            changed.append(key)
+        if key not in masters or getattr(prev, pname, None) is None:
+            continue
+        t = masters[key]
+        if group.prev_chunk:
+            k, n = group.prev_chunk
+            rows = t.shape[0] // n
+            t = t[k * rows:(k + 1) * rows]
+        scale = (s.view(-1, 1) if t.dim() == 2 else s).to(t.device)
+        offset = group.prev_offset if pname == "weight" else 0.0
+        t.add_(offset).div_(scale).sub_(offset)
+        changed.append(key)
     for name in group.layers:
         key = f"{name}.weight"
         masters[key].mul_(s.view(1, -1).to(masters[key].device))

@@ -75,7 +75,7 @@ def prepare_block(block: nn.Module, masters: dict[str, torch.Tensor], specs: dic
     groups = [g for g in active_groups(block, family.scaling, set(specs))
               if cfg.smooth_all or not isinstance(block.get_submodule(g.prev), nn.Linear)]
     alphas = {}
-    for gi in capture_group_inputs(block, groups, inputs, device):
+    for gi in (g for g in capture_group_inputs(block, groups, inputs, device) if g.args):  # experts no token reached
         flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in gi.x])
         x_amax = flat.abs().amax(0).float()
         layers = [n for n in gi.group.layers if n in specs]

@@ -6,12 +6,12 @@ compute device; captured activations live on `offload` (the CPU) between blocks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from lowbit.model.architectures import Family, decoder_blocks, optional_submodule
+from lowbit.model.architectures import Family, decoder_blocks, optional_submodule, text_config
 
 
 class StopForward(Exception):
@@ -20,14 +20,32 @@ class StopForward(Exception):
 
 @dataclass
 class BlockInputs:
-    """Per calibration batch: the block's hidden states and the keyword arguments the model passed with them."""
+    """Per calibration batch: the block's hidden states and the keyword arguments the model passed with them.
+
+    Where blocks differ in kind (Gemma's sliding-window and global attention layers get other masks and rotary
+    tables), `layer_types` gives each block's kind and `by_type` the keyword arguments of each kind, per batch."""
 
     hidden: list[torch.Tensor] = field(default_factory=list)
     kwargs: list[dict] = field(default_factory=list)
+    layer_types: list[str] | None = None
+    by_type: dict[str, list[dict]] = field(default_factory=dict)
 
     @property
     def tokens(self) -> int:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+    def with_hidden(self, hidden: list[torch.Tensor], kwargs: list[dict] | None = None) -> BlockInputs:
+        return replace(self, hidden=hidden, kwargs=self.kwargs if kwargs is None else kwargs)
+
+    def for_block(self, i: int) -> BlockInputs:
+        """The same hidden states with block i's keyword arguments."""
+        return self if self.layer_types is None else self.with_hidden(self.hidden, self.by_type[self.layer_types[i]])
+
+
+def layer_types(model: nn.Module, blocks: int) -> list[str] | None:
+    """Each block's kind from the config's `layer_types`, when the blocks are of more than one kind."""
+    types = list(getattr(text_config(model), "layer_types", None) or [])
+    return types if len(types) == blocks and len(set(types)) > 1 else None
 
 
 def to_device(obj, device: torch.device | str, dtype: torch.dtype | None = None):
@@ -46,19 +64,31 @@ def capture_block_inputs(model: nn.Module, family: Family, ids: torch.Tensor, de
                          batch_size: int = 8, offload: torch.device | str = "cpu",
                          dtype: torch.dtype | None = None) -> BlockInputs:
     """Run the model on ids [n, seqlen] until block 0 and keep block 0's inputs (cast to `dtype`, when given: the
-    precision the blocks will run in)."""
-    first = decoder_blocks(model, family)[0]
+    precision the blocks will run in). Where blocks differ in kind, the pass goes on to the first block of each
+    kind and keeps its keyword arguments too."""
+    blocks = decoder_blocks(model, family)
+    types = layer_types(model, len(blocks))
+    firsts = {t: types.index(t) for t in types} if types else {}
+    store = BlockInputs(layer_types=types, by_type={t: [] for t in firsts})
+    last = max(firsts.values(), default=0)
     pre = [m for p in family.pre_block if (m := optional_submodule(model, p)) is not None]
-    store = BlockInputs()
 
-    def hook(_module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        store.hidden.append(to_device(hidden.detach(), offload, dtype))
-        store.kwargs.append(to_device(kwargs, offload, dtype))
-        raise StopForward
+    def hook_for(i: int):
+        def hook(_module, args, kwargs):
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            moved = to_device(kwargs, offload, dtype)
+            if i == 0:
+                store.hidden.append(to_device(hidden.detach(), offload, dtype))
+                store.kwargs.append(moved)
+            for t, first in firsts.items():
+                if first == i:
+                    store.by_type[t].append(moved)
+            if i == last:
+                raise StopForward
+        return hook
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [blocks[i].register_forward_pre_hook(hook_for(i), with_kwargs=True) for i in {0, *firsts.values()}]
     homes = [next(m.parameters(), torch.empty(0)).device for m in pre]  # weights go back here, not to `offload`
     try:
         for m in pre:
@@ -69,7 +99,8 @@ def capture_block_inputs(model: nn.Module, family: Family, ids: torch.Tensor, de
             except StopForward:
                 pass
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
         for m, home in zip(pre, homes, strict=True):
             m.to(home)
     return store
@@ -81,7 +112,7 @@ def squared_error(a: torch.Tensor, b: torch.Tensor | float) -> float:
 
 
 def first_batches(inputs: BlockInputs, n: int) -> BlockInputs:
-    return BlockInputs(inputs.hidden[:n], inputs.kwargs[:n])
+    return inputs.with_hidden(inputs.hidden[:n], inputs.kwargs[:n])
 
 
 @torch.no_grad()
@@ -92,7 +123,7 @@ def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device | str,
     `before_batch()` is called before each batch; a hook that raises StopForward ends that batch early (its output
     is then left out, so a caller that stops early must not use the outputs).
     """
-    out = BlockInputs(kwargs=inputs.kwargs)
+    out = inputs.with_hidden([])
     for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
         if before_batch is not None:
             before_batch()

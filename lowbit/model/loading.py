@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.model.adapt import adapt
 from lowbit.model.architectures import Family, family_for
 from lowbit.model.sources import Source, resolve
 
@@ -37,7 +38,7 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     except (ValueError, KeyError, OSError) as e:
         raise LowbitError(f"could not read the model config in {str(path)!r}: {e}") from None
     family_for(config.model_type)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    return adapt(AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval())
 
 
 def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -57,7 +58,7 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    return model
+    return adapt(model)
 
 
 def check_gguf(path: Path) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.model.architectures import Family, decoder_blocks
+from lowbit.model.architectures import Family, decoder_blocks, expand
 
 LINEAR_PARTS = ("mlp", "qkv", "o_proj")
 PARTS = (*LINEAR_PARTS, "first_last", "lm_head", "kv_cache", "attention")
@@ -49,10 +49,11 @@ def part_layers(model: nn.Module, family: Family, parts: tuple[str, ...]) -> lis
     parts = expand_parts(parts)
     if not family.parts:
         raise LowbitError(f"--parts is not mapped for the {family.name} family yet; use --targets / --ignore.")
-    n = len(decoder_blocks(model, family))
-    ends = set() if "first_last" in parts else {0, n - 1}
-    names = [f"{family.blocks}.{i}.{layer}" for i in range(n) if i not in ends
-             for part in LINEAR_PARTS if part in parts for layer in family.part_layers(part)]
+    blocks = decoder_blocks(model, family)
+    ends = set() if "first_last" in parts else {0, len(blocks) - 1}
+    patterns = [layer for part in LINEAR_PARTS if part in parts for layer in family.part_layers(part)]
+    names = [f"{family.blocks}.{i}.{n}" for i, block in enumerate(blocks) if i not in ends
+             for n in expand(patterns, [m for m, _ in block.named_modules()])]
     if "lm_head" in parts:
         names.append(family.lm_head)
     return names

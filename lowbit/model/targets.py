@@ -41,7 +41,7 @@ def select_layers(model: nn.Module, family: Family, recipe: Recipe) -> dict[str,
     else:
         candidates = [n for n in linears if n.startswith(family.blocks + ".")]
         what = "the default targets (linear layers of the decoder blocks)"
-    chosen = [n for n in candidates if not any(re.search(p, n) for p in recipe.ignore)]
+    chosen = [n for n in candidates if not any(re.search(p, n) for p in recipe.ignore) and not _kept(n, family)]
     if not chosen:
         examples = ", ".join(list(linears)[:4])
         raise LowbitError(f"no linear layer matched {what} after ignore patterns {list(recipe.ignore)}. "
@@ -62,6 +62,12 @@ def select_layers(model: nn.Module, family: Family, recipe: Recipe) -> dict[str,
             except LowbitError as e:
                 raise LowbitError(f"layer {name}: {e} Set --stat-group (β2) or --group-size (β1) to fit.") from None
     return plan
+
+
+def _kept(name: str, family: Family) -> bool:
+    """A layer the family keeps in 16 bits (a mixture-of-experts router)."""
+    head, _, rest = name.partition(family.blocks + ".")
+    return not head and any(rest.partition(".")[2] == k for k in family.keep)
 
 
 def _ggml_types(plan: dict[str, LayerSpec], linears: dict[str, nn.Linear], family: Family,
