@@ -71,7 +71,8 @@ def capture_block_inputs(model: nn.Module, family: Family, ids: torch.Tensor, de
     firsts = {t: types.index(t) for t in types} if types else {}
     store = BlockInputs(layer_types=types, by_type={t: [] for t in firsts})
     last = max(firsts.values(), default=0)
-    pre = [m for p in family.pre_block if (m := optional_submodule(model, p)) is not None]
+    # the modules the pass runs: those before block 0, and the blocks before the first block of the last kind
+    pre = [m for p in family.pre_block if (m := optional_submodule(model, p)) is not None] + list(blocks[:last])
 
     def hook_for(i: int):
         def hook(_module, args, kwargs):
