@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lowbit from this checkout
-from lowbit.api import to_device
 from lowbit.formats import FP8Format, IntFormat, PerChannel, PerGroup, SpQRFormat, quantize
 from lowbit.formats.activation import ActFormat
 from lowbit.kernels.check import random_spqr
+from lowbit.model.loading import to_device
 from lowbit.recipe import LayerSpec
 from lowbit.runtime.qlinear import QuantLinear, set_module
 

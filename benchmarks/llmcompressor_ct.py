@@ -28,7 +28,7 @@ from _eval_row import eval_row
 
 import lowbit
 from lowbit.data.calibration import CalibConfig, calibration_ids
-from lowbit.model.builtin import builtin_checkpoint
+from lowbit.model.loading import builtin_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

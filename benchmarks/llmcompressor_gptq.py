@@ -30,7 +30,7 @@ import torch
 import lowbit
 from lowbit.data.calibration import CalibConfig, calibration_ids
 from lowbit.eval.runner import EvalConfig, evaluate
-from lowbit.model.builtin import builtin_checkpoint
+from lowbit.model.loading import builtin_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv-llmcompressor"

@@ -14,93 +14,24 @@ from torch import nn
 from lowbit.data.calibration import CalibConfig, calibration_ids
 from lowbit.errors import LowbitError
 from lowbit.formats import fake_quantize, fake_quantize_activation
+from lowbit.formats.spec import LayerSpec
 from lowbit.hardware import resolve_compute_dtype, resolve_device
 from lowbit.io.checkpoint import is_packed, quantized_layers, save_checkpoint, unique_state_dict
-from lowbit.io.foreign import READABLE, load_foreign
-from lowbit.methods.registry import get_method
+from lowbit.io.foreign import READABLE
+from lowbit.io.scales import SCALES_FILE, load_scales, scales_file
+from lowbit.methods.registry import get_method, transform_name
 from lowbit.model.adapt import adapt
 from lowbit.model.architectures import text_config
 from lowbit.model.capture import capture_block_inputs
-from lowbit.model.loading import family_of, load_float, tokenizer_dir_or_gguf
+from lowbit.model.loading import family_of, load, load_tokenizer, model_type, to_device  # noqa: F401 (the public API)
 from lowbit.model.sources import resolve
 from lowbit.model.targets import linear_layers, select_layers
 from lowbit.pipeline import MoEConfig, PipelineResult, activation_device, quantize_model
-from lowbit.recipe import LayerSpec, Recipe
+from lowbit.recipe import Recipe
 from lowbit.runtime import kvcache
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 FP16_MAX = 65504.0
-
-
-def load(name_or_path: str | Path, dtype: torch.dtype | None = None, verify: bool = True,
-         device: str | torch.device = "cpu") -> nn.Module:
-    """The one way in: a lowbit checkpoint, a Hugging Face directory, a .gguf file or a built-in name.
-
-    A lowbit checkpoint, and a compressed-tensors, GPTQ or AWQ directory, come back with QuantLinear layers that keep
-    packed weights; the others as float models. `device="cuda"` moves the model to the GPU and readies the packed
-    layers for lowbit's kernels (lowbit.kernels); there the default dtype is bfloat16, since the kernels take
-    16-bit activations. On the CPU the default is float32.
-    """
-    dev = resolve_device(device)
-    source = resolve(name_or_path)
-    load_dtype = dtype or torch.float32
-    if source.kind == "lowbit":
-        from lowbit.io.checkpoint import load_checkpoint
-
-        model = load_checkpoint(source.path, load_dtype, verify)
-    elif source.kind in READABLE:
-        model = load_foreign(source.path, source.kind, load_dtype)
-    else:
-        model = load_float(source, load_dtype)
-    if dev.type != "cpu":
-        model = to_device(model, dev, dtype or torch.bfloat16)
-    return model
-
-
-def to_device(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Move a loaded model to `device` in `dtype` (floating tensors; packed codes keep theirs) and, on a GPU, put
-    every quantized layer that has a kernel into the kernels' layout once."""
-    from lowbit.runtime.qlinear import QuantLinear
-
-    model.to(device=device)
-    for module in model.modules():
-        for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            if t is not None and t.is_floating_point() and t.dtype != dtype and not _keeps_dtype(module, name):
-                t.data = t.data.to(dtype)
-    model.config.dtype = dtype
-    if device.type == "cuda":
-        for module in model.modules():
-            if isinstance(module, QuantLinear):
-                module.prepare_kernels()
-    return model
-
-
-def _keeps_dtype(module: nn.Module, name: str) -> bool:
-    """Quantization statistics keep their stored dtype (scales, fp8 codes, static input scales)."""
-    from lowbit.runtime.qlinear import QuantLinear
-
-    return isinstance(module, QuantLinear) and name != "bias"
-
-
-def load_tokenizer(name_or_path: str | Path):
-    from transformers import AutoTokenizer
-
-    directory, gguf = tokenizer_dir_or_gguf(name_or_path)
-    if gguf:
-        from lowbit.model.loading import check_gguf
-
-        check_gguf(Path(directory) / gguf)
-        return AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
-    return AutoTokenizer.from_pretrained(directory)
-
-
-def model_type(name_or_path: str | Path) -> str:
-    """The transformers model_type of a model argument, from its config alone (no weights are read)."""
-    from transformers import AutoConfig
-
-    directory, gguf = tokenizer_dir_or_gguf(name_or_path)
-    config = AutoConfig.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {}))
-    return config.model_type
 
 
 def storage_dtype(model: nn.Module, requested: str = "auto") -> torch.dtype:
@@ -142,8 +73,11 @@ class QuantizeResult:
 
 def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, calib: CalibConfig | None = None,
              device: str = "auto", dtype: str = "auto", compute_dtype: str = "auto",
-             progress: bool = True) -> QuantizeResult:
+             progress: bool = True, reuse_scales: str | Path | None = None) -> QuantizeResult:
     """Quantize a model as the recipe says, block by block; returns the model with QuantLinear layers.
+
+    `reuse_scales` (AWQ, SmoothQuant): apply the scales an earlier run saved (its checkpoint directory, or its
+    scales.safetensors) instead of searching them.
 
     Calibration data is used when the method needs it, or when `calib` is given (RTN then reports each block's
     output error on it). Calibration forward passes run in `compute_dtype` (auto: bfloat16 where the hardware is
@@ -157,11 +91,19 @@ def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, c
             what = "already a lowbit checkpoint (its lowbit.json names the source model under source_model)" \
                 if kind == "lowbit" else f"already quantized (a {kind} checkpoint)"
             raise LowbitError(f"{source!r} is {what}; quantize the original float model instead.")
-        if tokenizer is None and (calib is not None or get_method(recipe.method).needs_calibration
+        entry = get_method(recipe.method)
+        needs = entry.module.NEEDS_CALIBRATION if reuse_scales is not None else entry.needs_calibration
+        if tokenizer is None and (calib is not None or needs
                                   or recipe.act_static or recipe.kv_static):
             tokenizer = load_tokenizer(model)
         model = load(model)
     method = get_method(recipe.method)
+    reused = None
+    if reuse_scales is not None:
+        if method.transform is None:
+            raise LowbitError(f"--reuse-scales applies AWQ's or SmoothQuant's saved scales; method {recipe.method} "
+                              f"folds no scales. Drop --reuse-scales, or use the method that saved them.")
+        reused = load_scales(reuse_scales, transform_name(method))
     if method.required_scheme and recipe.scheme != method.required_scheme:
         raise LowbitError(f"--method {recipe.method} needs --scheme {method.required_scheme}, not {recipe.scheme}.")
     family = family_of(adapt(model))
@@ -182,7 +124,9 @@ def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, c
     if outside:
         raise LowbitError(f"static activation scales are calibrated inside the decoder blocks; {outside[0]} lies "
                           f"outside them. Give it dynamic scales (a recipe override with another scheme) or skip it.")
-    if calib is None and (method.needs_calibration or static or recipe.kv_static):
+    # reused scales need no search: the method then calibrates only what its rounding needs (RTN: nothing)
+    needs = method.module.NEEDS_CALIBRATION if reused is not None else method.needs_calibration
+    if calib is None and (needs or static or recipe.kv_static):
         calib = CalibConfig()
     if calib is not None:
         if tokenizer is None:
@@ -195,7 +139,7 @@ def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, c
     result = quantize_model(model, family, plan, method, inputs, dev, offload, progress=progress,
                             cfg=method.module.configure(recipe), compute_dtype=cdtype,
                             transform_cfg=method.transform.configure(recipe) if method.transform else None,
-                            moe=MoEConfig(recipe.expert_min_tokens, recipe.experts_all_tokens))
+                            moe=MoEConfig(recipe.expert_min_tokens, recipe.experts_all_tokens), reuse_scales=reused)
     static_kv = None
     if recipe.kv_static:
         static_kv = kvcache.attention_modules(model, family.blocks)
@@ -248,8 +192,10 @@ def save(result: QuantizeResult, out_dir: str | Path, *, tokenizer=None, overwri
         "size": result.sizes,
         "blocks": [vars(b) for b in result.pipeline.blocks],
     }
+    scales = result.pipeline.scales
+    extra = {SCALES_FILE: scales_file(scales, transform_name(get_method(result.recipe.method)))} if scales else {}
     return save_checkpoint(result.model, out_dir, dtype=result.dtype, tokenizer=tokenizer, overwrite=overwrite,
-                           info=info, texts={"recipe.yaml": result.recipe.to_yaml()})
+                           info=info, texts={"recipe.yaml": result.recipe.to_yaml()}, tensor_files=extra)
 
 
 def fake_quantize_model(model: nn.Module, plan: dict[str, LayerSpec], dtype: torch.dtype | None = None,

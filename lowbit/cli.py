@@ -48,55 +48,10 @@ def _calib_from_args(args: argparse.Namespace):
     return CalibConfig(**given) if given else None
 
 
-def _describe(spec) -> str:
-    w = spec.weight
-    if w.kind == "spqr":
-        stats = "float16 statistics" if w.stat_bits == 16 else f"{w.stat_bits}-bit statistics in groups of {w.beta2}"
-        return f"int{w.bits} asym, groups of {w.beta1}, {stats}, sparse 16-bit outliers"
-    if w.kind == "ggml":
-        mix = f"llama.cpp's mix {spec_mix}; base " if (spec_mix := getattr(spec, "mix", None)) else ""
-        return f"{mix}llama.cpp {w.type.upper()} ({w.t.bits_per_weight:g} bits per weight in GGUF)"
-    gran = w.granularity.to_dict()
-    names = {"per_tensor": "per tensor", "per_channel": "per channel"}
-    where = names.get(gran["type"], f"groups of {gran.get('size')}")
-    sym = "sym" if w.symmetric else ("asym, float zero" if w.kind == "int" and w.float_zero else "asym")
-    kind = "fp8 e4m3" if w.kind == "fp8" else f"int{w.bits} {sym}"
-    clip = ", clipped" if w.clip else ""
-    act = f", {spec.act.describe()}" if spec.act else ""
-    return f"{kind}, {where}{clip}{act}"
-
-
-def print_summary(result, header: dict, out: Path) -> None:
-    s = result.sizes
-    by_type = ", ".join(f"{k} {v:.3f}" for k, v in s["bits_per_weight_by_type"].items())
-    weights = out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    errors = [b.output_error for b in result.pipeline.blocks if b.output_error is not None]
-    recipe, dtype = result.recipe, str(result.dtype).removeprefix("torch.")
-    lines = [
-        f"quantized {result.source} with {recipe.method} {recipe.scheme} ({_describe(recipe.default_spec)})",
-        f"  layers       {s['quantized_layers']} linear layers in {len(result.pipeline.blocks)} blocks"
-        f" ({s['quantized_weights'] / 1e6:.1f}M weights; other tensors kept in {dtype})",
-        f"  bits/weight  {s['bits_per_weight']:.3f} including scales and zeros ({by_type})" if s["bits_per_weight"]
-        else "  bits/weight  no linear layer quantized (16-bit weights)",
-        f"  size         {s['bytes_16bit'] / 1e6:.1f} MB at 16 bits -> {weights / 1e6:.1f} MB of weights"
-        f" (predicted {s['bytes_predicted'] / 1e6:.1f} MB;"
-        f" {header['bytes_on_disk'] / 1e6:.1f} MB with config and tokenizer)",
-    ]
-    if recipe.kv_cache:
-        queries = " and attention queries" if "attention" in recipe.parts else ""
-        scales = "one calibrated scale per layer for keys and one for values" if recipe.kv_static \
-            else "one scale per token and head"
-        lines.append(f"  kv cache     {recipe.kv_cache}, {scales}{queries}")
-    if errors:
-        lines.append(f"  block error  relative output MSE on a calibration batch: first {errors[0]:.2e}, "
-                     f"max {max(errors):.2e}, last {errors[-1]:.2e}")
-    lines += [f"  time         {result.seconds:.1f} s", f"  output       {out}"]
-    print("\n".join(lines))
-
-
 def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit import api
     from lowbit.io.export import check_family, check_recipe, check_writable, export
+    from lowbit.summary import print_summary
 
     recipe = _recipe_from_args(args)
     if args.format == "gguf":  # one file; refuse what it cannot hold, or where it cannot go, before quantizing
@@ -111,6 +66,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     calib = _calib_from_args(args)
     tokenizer = api.load_tokenizer(args.model)
     result = api.quantize(args.model, recipe, tokenizer=tokenizer, calib=calib, device=args.device, dtype=args.dtype,
+                          reuse_scales=args.reuse_scales,
                           compute_dtype=args.compute_dtype, progress=not args.quiet)
     if args.format == "compressed-tensors":
         header = export(result, "compressed-tensors", out, tokenizer=tokenizer, overwrite=args.overwrite)
@@ -187,10 +143,11 @@ def _model_info(name: str, source) -> dict:
 
     from lowbit import api
     from lowbit.io.checkpoint import quantized_layers
+    from lowbit.summary import describe_spec
 
     model = api.load(name)
     sizes = api.size_report(model, _dtype_of(model))
-    formats = Counter(_describe(m.spec) for m in quantized_layers(model).values())
+    formats = Counter(describe_spec(m.spec) for m in quantized_layers(model).values())
     files = [source.path] if source.kind == "gguf" else list(source.path.glob("*.safetensors")) \
         if source.kind != "builtin" else []
     return {"format": source.kind, "model_type": model.config.model_type,
@@ -252,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SmoothQuant: also smooth down_proj's and o_proj's inputs (folded into up_proj and v_proj), "
                         "not only the norm-fed groups of the paper")
     q.add_argument("--no-awq-clip", action="store_true", help="AWQ: skip the clipping-range search")
+    q.add_argument("--reuse-scales", metavar="PATH",
+                   help="AWQ / SmoothQuant: apply the scales (and AWQ's clipping) that an earlier run saved — its "
+                        "checkpoint directory or scales.safetensors — instead of searching them")
     q.add_argument("--expert-min-tokens", type=int, metavar="N",
                    help="mixture of experts: an expert routed fewer than N calibration tokens (default 16) is "
                         "calibrated on every token that reaches its block")

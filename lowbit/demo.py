@@ -39,7 +39,7 @@ def _has_data() -> bool:
 
 
 def run_demo(out: str | None = None, quiet: bool = False) -> int:
-    from lowbit.cli import print_summary
+    from lowbit.summary import print_summary
 
     out_dir = Path(out) if out else cache_dir() / "demo" / f"{MODEL}-rtn-w4a16-g64"
     print(f"lowbit demo: RTN w4a16 with groups of 64 on the built-in {MODEL}; checkpoint in {out_dir}\n")

@@ -16,12 +16,21 @@ from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
 from lowbit.formats.activation import activation_scale
+from lowbit.formats.spec import LayerSpec
 from lowbit.methods.registry import MethodEntry
 from lowbit.methods.scaling import active_groups
+from lowbit.methods.transform import BlockScales, apply_scales
 from lowbit.model.adapt import ExpertMLPs, expert_modules
 from lowbit.model.architectures import Family, decoder_blocks, expand, text_config
-from lowbit.model.capture import BlockInputs, StopForward, first_batches, run_block, squared_error, to_device
-from lowbit.recipe import LayerSpec
+from lowbit.model.capture import (
+    BlockInputs,
+    StopForward,
+    capture_group_inputs,
+    first_batches,
+    run_block,
+    squared_error,
+    to_device,
+)
 from lowbit.runtime.qlinear import QuantLinear, set_module
 
 
@@ -57,6 +66,7 @@ class BlockReport:
 class PipelineResult:
     blocks: list[BlockReport] = field(default_factory=list)
     final_inputs: BlockInputs | None = None  # the last block's quantized outputs (for checks)
+    scales: dict[int, BlockScales] = field(default_factory=dict)  # what a block transform chose, per block
 
 
 def install(module: nn.Module, qweights: dict, specs: dict[str, LayerSpec],
@@ -377,6 +387,25 @@ def count_routed(block: nn.Module, experts: dict[str, ExpertMLPs], inputs: Block
     return {n: c.tolist() for n, c in counts.items()}
 
 
+def transform_block(block: nn.Module, i: int, masters: dict, specs: dict[str, LayerSpec], family: Family,
+                     transform, cfg, inputs: BlockInputs | None, device,
+                     reuse: dict[int, BlockScales] | None) -> BlockScales:
+    """The block transform's scales for this block — searched on the captured inputs of its groups, or reused —
+    applied to the block and its masters."""
+    groups = transform.select_groups(block, active_groups(block, family.scaling, set(specs)), cfg)
+    if reuse is not None:
+        if i not in reuse:
+            raise LowbitError(f"the reused scales have none for block {i}; they were searched for another model or "
+                              f"another choice of layers. Search them again (drop --reuse-scales).")
+        chosen = reuse[i]
+    else:
+        per_batch = inputs.hidden[0].shape[:-1].numel() if inputs.hidden else 1
+        captured = capture_group_inputs(block, groups, inputs, device, transform.capture_batches(cfg, per_batch))
+        chosen = transform.search(block, captured, specs, masters, cfg)
+    apply_scales(block, masters, groups, chosen, specs, f"block {i}")
+    return chosen
+
+
 def check_scaling(blocks: nn.ModuleList, family: Family, plan: dict[str, LayerSpec], method: MethodEntry) -> None:
     """Refuse a scaling method (AWQ, SmoothQuant) when no planned layer has an operation before it to fold scales
     into: it would be plain rounding under another name."""
@@ -396,12 +425,14 @@ def quantize_model(model: nn.Module, family: Family, plan: dict[str, LayerSpec],
                    inputs: BlockInputs | None = None, device: torch.device | str = "cpu",
                    offload: torch.device | str = "cpu", progress: bool = True, cfg=None,
                    compute_dtype: torch.dtype | None = None, shortcut: bool = True,
-                   transform_cfg=None, moe: MoEConfig | None = None) -> PipelineResult:
+                   transform_cfg=None, moe: MoEConfig | None = None,
+                   reuse_scales: dict[int, BlockScales] | None = None) -> PipelineResult:
     """Quantize every layer in `plan` block by block, in place.
 
     Each block runs on `device` in `compute_dtype` (default: the model's own) while its layers are quantized from
     their original weights; its unquantized parameters return to their home device and dtype afterwards. A
-    method's block transform (AWQ, SmoothQuant) first rewrites those originals, and the block with them.
+    method's block transform (AWQ, SmoothQuant) first rewrites those originals, and the block with them: with the
+    scales it searches, or with `reuse_scales` (per block, saved by an earlier run).
     """
     blocks = decoder_blocks(model, family)
     result = PipelineResult()
@@ -428,10 +459,11 @@ def quantize_model(model: nn.Module, family: Family, plan: dict[str, LayerSpec],
                 for n, counts in report.expert_tokens.items()}
             for n, m in experts.items():
                 m.calibrate_all = set(report.experts_on_all_tokens[n])
-        chosen = None
-        if method.transform is not None and inputs is not None and specs:
-            chosen = method.transform.prepare_block(block, masters, specs, family, inputs, device, transform_cfg)
-        report.transform = chosen
+        if method.transform is not None and (inputs is not None or reuse_scales is not None) and specs:
+            chosen = transform_block(block, i, masters, specs, family, method.transform, transform_cfg, inputs,
+                                      device, reuse_scales)
+            result.scales[i] = chosen
+            report.transform = {"alpha": chosen.alpha}
         input_scales = static_input_scales(block, specs, inputs, device, offload) if inputs is not None else {}
         weights = {n: masters[n + ".weight"].to(device) for n in specs}  # quantized from these, on the device
         br = quantize_block(block, specs, method, cfg, family.sequential, inputs, device, offload, weights,

@@ -24,14 +24,13 @@ from lowbit.formats import (
     IntFormat,
     PerGroup,
     PerTensor,
-    WeightFormat,
-    format_from_dict,
     granularity_from_group_size,
 )
 from lowbit.formats.activation import check_kv_kind
 from lowbit.formats.ggml import LEGACY
 from lowbit.formats.ggml_mix import MIXES
 from lowbit.formats.kquant import KTYPES, KQuantFormat
+from lowbit.formats.spec import LayerSpec
 from lowbit.formats.spqr import SpQRFormat
 from lowbit.model.parts import expand_parts
 
@@ -57,21 +56,6 @@ PRESETS: dict[str, dict] = {
     "smoothquant-o3": {"method": "smoothquant", "scheme": "w8a8", "per_tensor": True, "act_granularity": "tensor",
                        "act_static": True},
 }
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """The resolved quantization of one linear layer."""
-
-    weight: WeightFormat
-    act: ActFormat | None = None
-
-    def to_dict(self) -> dict:
-        return {"weight": self.weight.to_dict(), "act": self.act.to_dict() if self.act else None}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> LayerSpec:
-        return cls(format_from_dict(d["weight"]), ActFormat.from_dict(d["act"]) if d.get("act") else None)
 
 
 def check_scheme(scheme: str) -> str:

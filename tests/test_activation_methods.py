@@ -15,9 +15,11 @@ from lowbit.formats import ActFormat, FP8Format, IntFormat, PerChannel, PerTenso
 from lowbit.formats.activation import fake_quantize_activation
 from lowbit.methods import awq, smoothquant
 from lowbit.methods.scaling import active_groups, fold
+from lowbit.methods.transform import clamp_layer
 from lowbit.model.capture import capture_block_inputs, run_block
 from lowbit.model.loading import family_of
 from lowbit.model.targets import select_layers
+from lowbit.pipeline import transform_block
 from lowbit.recipe import Recipe
 from lowbit.runtime.lowp import codes_matmul, weight_operand
 
@@ -31,17 +33,19 @@ def _calibration_inputs(model, tokenizer):
     return capture_block_inputs(model, family_of(model), ids, "cpu")
 
 
-def _transform_blocks(model, tokenizer, recipe: Recipe, prepare) -> list[dict]:
+def _transform_blocks(model, tokenizer, recipe: Recipe, transform) -> list[dict]:
     """Run a block transform over every block of a float model (no rounding), as the pipeline does."""
     family = family_of(model)
     plan = select_layers(model, family, recipe)
     inputs = _calibration_inputs(model, tokenizer)
+    cfg = transform.configure(recipe)
     chosen = []
     for i, block in enumerate(model.get_submodule(family.blocks)):
         prefix = f"{family.blocks}.{i}."
         specs = {n[len(prefix):]: s for n, s in plan.items() if n.startswith(prefix)}
         masters = {n: p.data for n, p in block.named_parameters()}
-        chosen.append(prepare(block, masters, specs, family, inputs, "cpu"))
+        scales = transform_block(block, i, masters, specs, family, transform, cfg, inputs, "cpu", None)
+        chosen.append({"alpha": scales.alpha})
         inputs = run_block(block, inputs, "cpu")
     return chosen
 
@@ -59,14 +63,10 @@ def test_scaling_leaves_float_logits_unchanged(stories, stories_tokenizer, story
     before = copy.deepcopy(stories)
     if method == "awq":
         recipe = Recipe(method="awq", scheme="w3a16", group_size=0, awq_clip=False)
-        cfg = awq.configure(recipe)
-        chosen = _transform_blocks(stories, stories_tokenizer, recipe,
-                                   lambda *a: awq.prepare_block(*a, cfg))
+        chosen = _transform_blocks(stories, stories_tokenizer, recipe, awq)
     else:
         recipe = Recipe(method="smoothquant", scheme="w8a8", alpha=0.5, smooth_all=method == "smoothquant-all")
-        cfg = smoothquant.configure(recipe)
-        chosen = _transform_blocks(stories, stories_tokenizer, recipe,
-                                   lambda *a: smoothquant.prepare_block(*a, cfg))
+        chosen = _transform_blocks(stories, stories_tokenizer, recipe, smoothquant)
     assert all(c["alpha"] for c in chosen)
     assert all(("mlp.up_proj" in c["alpha"]) == (method != "smoothquant") for c in chosen)
     moved = stories.model.layers[1].input_layernorm.weight
@@ -134,7 +134,7 @@ def test_awq_clip_matches_a_brute_force_search():
     torch.manual_seed(1)
     w, x = torch.randn(6, 16), torch.randn(40, 16) * torch.linspace(0.1, 3, 16)
     fmt = IntFormat(3, True, PerChannel())
-    clipped = awq.clip_layer(w, x, fmt)
+    clipped = clamp_layer(w, awq.clip_factors(w, x, fmt), fmt)
     errors = []
     for i in range(int(awq.CLIP_GRID * awq.CLIP_MAX_SHRINK) + 1):
         p = 1 - i / awq.CLIP_GRID
@@ -230,3 +230,29 @@ def test_fake_quantized_reference_takes_static_scales(stories, stories_tokenizer
     with torch.no_grad():
         expected, got = result.model(story_ids).logits, fake(story_ids).logits
     assert (got - expected).norm() <= 1e-4 * expected.norm()
+
+
+def test_saved_scales_reapply_to_the_same_checkpoint(stories, stories_tokenizer, story_ids, tmp_path):
+    """AWQ's scales and clipping ranges are saved beside the checkpoint; --reuse-scales applies them without a
+    search and gives the same model. Scales of another method, or a broken file, are refused."""
+    recipe = Recipe(method="awq", scheme="w4a16", group_size=0)
+    first = api.quantize(copy.deepcopy(stories), recipe, tokenizer=stories_tokenizer, calib=CALIB, progress=False)
+    api.save(first, tmp_path / "awq")
+    assert (tmp_path / "awq" / "scales.safetensors").is_file() and first.pipeline.scales[0].clip
+    again = api.quantize(copy.deepcopy(stories), recipe, progress=False, reuse_scales=tmp_path / "awq")  # no data
+    with torch.no_grad():
+        assert torch.equal(again.model(story_ids).logits, first.model(story_ids).logits)
+    assert [b.transform for b in again.pipeline.blocks] == [b.transform for b in first.pipeline.blocks]
+    sq = Recipe(method="smoothquant", scheme="w8a8")
+    with pytest.raises(LowbitError, match="holds awq scales, and this run's method uses smoothquant's"):
+        api.quantize(copy.deepcopy(stories), sq, tokenizer=stories_tokenizer, calib=CALIB, progress=False,
+                     reuse_scales=tmp_path / "awq")
+    with pytest.raises(LowbitError, match="method rtn folds no scales"):
+        api.quantize(copy.deepcopy(stories), Recipe(), progress=False, reuse_scales=tmp_path / "awq")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(LowbitError, match="could not read scales from"):
+        api.quantize(copy.deepcopy(stories), recipe, tokenizer=stories_tokenizer, calib=CALIB, progress=False,
+                     reuse_scales=tmp_path / "bad.safetensors")
+    with pytest.raises(LowbitError, match="do not fit a weight"):  # ranges searched per channel, not in groups
+        api.quantize(copy.deepcopy(stories), Recipe(method="awq", scheme="w4a16", group_size=4),
+                     tokenizer=stories_tokenizer, calib=CALIB, progress=False, reuse_scales=tmp_path / "awq")

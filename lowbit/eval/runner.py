@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lowbit import api
 from lowbit.errors import LowbitError
 from lowbit.eval import perplexity as ppl_mod
 from lowbit.eval import tasks as tasks_mod
@@ -32,6 +31,7 @@ from lowbit.eval.prompts import load_prompts
 from lowbit.eval.record import ReferenceRecord, model_fingerprint, tokenizer_fingerprint
 from lowbit.io.foreign import READABLE
 from lowbit.model.architectures import text_config
+from lowbit.model.loading import load, load_tokenizer
 from lowbit.model.sources import resolve
 
 
@@ -109,9 +109,9 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     t = time.perf_counter()
     # on a GPU both models run in 16 bits (the candidate's quantized layers on lowbit's kernels)
-    reference = api.load(cfg.reference, device=cfg.device) if cfg.reference else None
-    candidate = api.load(cfg.candidate, device=cfg.device) if cfg.candidate else None
-    tokenizer = api.load_tokenizer(cfg.reference or cfg.candidate)
+    reference = load(cfg.reference, device=cfg.device) if cfg.reference else None
+    candidate = load(cfg.candidate, device=cfg.device) if cfg.candidate else None
+    tokenizer = load_tokenizer(cfg.reference or cfg.candidate)
     cfg.timings["load"] = time.perf_counter() - t
     if record is not None:
         record.check_tokenizer(tokenizer, "reference" if cfg.reference else "candidate")

@@ -24,10 +24,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.formats.spec import LayerSpec
 from lowbit.io.atomic import atomic_directory
 from lowbit.model.adapt import adapt
 from lowbit.model.architectures import family_for
-from lowbit.recipe import LayerSpec
 from lowbit.runtime import kvcache
 from lowbit.runtime.qlinear import QuantLinear, set_module
 
@@ -81,10 +81,12 @@ def storage_state_dict(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, 
 
 
 def save_checkpoint(model: nn.Module, out_dir: str | Path, *, dtype: torch.dtype, tokenizer=None,
-                    overwrite: bool = False, info: dict | None = None, texts: dict[str, str] | None = None) -> dict:
+                    overwrite: bool = False, info: dict | None = None, texts: dict[str, str] | None = None,
+                    tensor_files: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]] | None = None) -> dict:
     """Write model (with QuantLinear layers) to out_dir atomically; returns the header written.
 
-    `texts` are extra text files to include (e.g. recipe.yaml); they are hashed like the others.
+    `texts` are extra text files to include (e.g. recipe.yaml), `tensor_files` extra safetensors files (name →
+    tensors, metadata; e.g. AWQ's scales); they are hashed like the others.
     """
     from lowbit import __version__
 
@@ -102,6 +104,8 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path, *, dtype: torch.dtype
             tokenizer.save_pretrained(tmp)
         for name, text in (texts or {}).items():
             (tmp / name).write_text(text)
+        for name, (extra, metadata) in (tensor_files or {}).items():
+            save_file(extra, str(tmp / name), metadata=metadata)
         files = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         header = {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "lowbit_version": __version__,

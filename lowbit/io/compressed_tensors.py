@@ -30,8 +30,8 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.formats import FP8Format, IntFormat, PerChannel, PerGroup, PerTensor, QuantizedWeight
 from lowbit.formats.activation import ActFormat
+from lowbit.formats.spec import LayerSpec
 from lowbit.formats.spqr import SpQRFormat
-from lowbit.recipe import LayerSpec
 
 # The compressed-tensors releases whose format lowbit writes and reads (tests run against the lower bound).
 SUPPORTED = ((0, 20), (0, 20))

@@ -21,7 +21,7 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.formats import IntFormat, PerChannel, PerGroup, QuantizedWeight
 from lowbit.formats.packing import unpack
-from lowbit.recipe import LayerSpec
+from lowbit.formats.spec import LayerSpec
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 

@@ -23,19 +23,13 @@ from torch import nn
 
 from lowbit.formats import IntFormat, PerChannel, PerGroup, fake_quantize
 from lowbit.formats.grouping import grouped
-from lowbit.formats.search import best_shrink, clamp_to_range
-from lowbit.methods.scaling import (
-    GroupInputs,
-    active_groups,
-    capture_group_inputs,
-    fold,
-    run_inspect,
-    set_weights,
-    total_squared_error,
-)
-from lowbit.model.architectures import Family
-from lowbit.model.capture import BlockInputs
-from lowbit.recipe import LayerSpec, Recipe
+from lowbit.formats.search import best_shrink
+from lowbit.formats.spec import LayerSpec
+from lowbit.methods.scaling import fold_masters, run_inspect, set_weights, total_squared_error
+from lowbit.methods.transform import BlockScales
+from lowbit.model.architectures import ScaleGroup
+from lowbit.model.capture import GroupInputs
+from lowbit.recipe import Recipe
 
 NEEDS_CALIBRATION = True
 GRID = 20
@@ -79,14 +73,13 @@ def search_scale(block: nn.Module, gi: GroupInputs, specs: dict[str, LayerSpec],
     return best[1], best[2]
 
 
-def clip_layer(weight: torch.Tensor, x: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
-    """The weight clamped, per group of its format, to the range that minimizes Σ_t ((w − ŵ)·x_t)² over the
-    tokens x [T, in]; computed on x's device."""
+def clip_factors(weight: torch.Tensor, x: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
+    """The shrink factors p [rows, groups] of the range, per group of the format, that minimize Σ_t ((w − ŵ)·x_t)²
+    over the tokens x [T, in] with ŵ the rounding of the clamped weight; computed on x's device."""
     wg = grouped(weight.to(x.device, torch.float32), fmt.granularity)
     xg = x.float().reshape(x.shape[0], wg.shape[1], wg.shape[2])
     gram = torch.einsum("tgk,tgl->gkl", xg, xg)
-    p = best_shrink(wg, fmt, CLIP_GRID, CLIP_MAX_SHRINK, gram, clamp=True)
-    return clamp_to_range(wg, p, fmt).reshape(weight.shape)
+    return best_shrink(wg, fmt, CLIP_GRID, CLIP_MAX_SHRINK, gram, clamp=True)
 
 
 def _sample_tokens(xs: list[torch.Tensor], n: int) -> torch.Tensor:
@@ -95,30 +88,40 @@ def _sample_tokens(xs: list[torch.Tensor], n: int) -> torch.Tensor:
     return flat[::step][:n]
 
 
-def prepare_block(block: nn.Module, masters: dict[str, torch.Tensor], specs: dict[str, LayerSpec], family: Family,
-                  inputs: BlockInputs, device, cfg: AWQConfig) -> dict:
-    """Search and fold the scales of each scaling group in order, then clamp each layer to its clipping range.
-    Changes `masters` (and the block) in place; returns {prev: α} for the report."""
-    groups = active_groups(block, family.scaling, set(specs))
-    per_batch = inputs.hidden[0].shape[:-1].numel() if inputs.hidden else 1
-    captured = [gi for gi in capture_group_inputs(block, groups, inputs, device, max(1, cfg.search_tokens // per_batch))
-                if gi.args]  # an expert that no captured token was routed to keeps its weights as they are
-    alphas = {}
+def select_groups(block: nn.Module, groups: list[ScaleGroup], cfg: AWQConfig) -> list[ScaleGroup]:
+    return groups
+
+
+def capture_batches(cfg: AWQConfig, tokens_per_batch: int) -> int:
+    return max(1, cfg.search_tokens // max(1, tokens_per_batch))
+
+
+def search(block: nn.Module, captured: list[GroupInputs], specs: dict[str, LayerSpec],
+           masters: dict[str, torch.Tensor], cfg: AWQConfig) -> BlockScales:
+    """Each group's (α*, s) by Eq. 4 on its float inputs, then — on the weights with every s folded in — each
+    clippable layer's range (not q/k). Groups whose inspect module saw no token (an expert nobody was routed to)
+    are left out. The block and `masters` are left as they were."""
+    captured = [gi for gi in captured if gi.args]
+    chosen = BlockScales()
     for gi in captured:
         alpha, s = search_scale(block, gi, specs, masters, cfg.grid)
-        fold(block, masters, gi.group, s)
-        gi.rescale(s.to(gi.x[0].device))
-        alphas[gi.group.prev] = alpha
-    if cfg.clip:
-        for gi in captured:
-            x = None
-            for name in gi.group.layers:
-                fmt = specs[name].weight if name in specs else None
-                clippable = isinstance(fmt, IntFormat) and isinstance(fmt.granularity, (PerGroup, PerChannel))
-                if not clippable or name.rpartition(".")[2] in NO_CLIP:
-                    continue
-                x = _sample_tokens(gi.x, cfg.clip_tokens) if x is None else x
-                key = f"{name}.weight"
-                masters[key].copy_(clip_layer(masters[key], x, fmt).to(masters[key].device))
-                set_weights(block, {name: masters[key]})
-    return {"alpha": alphas}
+        chosen.scales[gi.group.prev], chosen.alpha[gi.group.prev] = s.cpu(), alpha
+    if not cfg.clip:
+        return chosen
+    touched = {k for gi in captured for k in masters
+               if k.rpartition(".")[0] in (gi.group.prev, *gi.group.layers)}
+    folded = masters | {k: masters[k].clone() for k in touched}
+    for gi in captured:
+        fold_masters(folded, gi.group, chosen.scales[gi.group.prev])
+    for gi in captured:
+        x = None
+        for name in gi.group.layers:
+            fmt = specs[name].weight if name in specs else None
+            clippable = isinstance(fmt, IntFormat) and isinstance(fmt.granularity, (PerGroup, PerChannel))
+            if not clippable or name.rpartition(".")[2] in NO_CLIP:
+                continue
+            if x is None:
+                s = chosen.scales[gi.group.prev]
+                x = _sample_tokens(gi.x, cfg.clip_tokens) / s.to(gi.x[0].device, gi.x[0].dtype)
+            chosen.clip[name] = clip_factors(folded[f"{name}.weight"], x, fmt).cpu()
+    return chosen

@@ -25,7 +25,7 @@ from lowbit.formats.grouping import grouped
 from lowbit.formats.intgrid import encode, grid_params
 from lowbit.formats.kquant import KQuantFormat, KQuantWeight, quantize_k
 from lowbit.formats.search import best_shrink
-from lowbit.recipe import LayerSpec
+from lowbit.formats.spec import LayerSpec
 
 NEEDS_CALIBRATION = True
 

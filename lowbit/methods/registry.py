@@ -44,3 +44,8 @@ def get_method(name: str) -> MethodEntry:
     if key in METHODS:
         return METHODS[key]
     raise LowbitError(f"unknown method {name!r}; available methods: {', '.join(METHODS)}.")
+
+
+def transform_name(method: MethodEntry) -> str:
+    """The block transform's name (awq, smoothquant): what its saved scales are labelled with."""
+    return method.transform.__name__.rpartition(".")[2]

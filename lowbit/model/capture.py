@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from lowbit.model.architectures import Family, decoder_blocks, optional_submodule, text_config
+from lowbit.model.architectures import Family, ScaleGroup, decoder_blocks, optional_submodule, text_config
 
 
 class StopForward(Exception):
@@ -135,3 +135,57 @@ def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device | str,
         y = y[0] if isinstance(y, tuple) else y
         out.hidden.append(y.to(offload))
     return out
+
+
+@dataclass
+class GroupInputs:
+    """What one scaling group's `inspect` module received on the calibration batches."""
+
+    group: ScaleGroup
+    args: list[tuple] = field(default_factory=list)
+    kwargs: list[dict] = field(default_factory=list)
+
+    @property
+    def x(self) -> list[torch.Tensor]:
+        """The layers' common input, per batch (the inspect module's first argument)."""
+        return [a[0] for a in self.args]
+
+    def rescale(self, s: torch.Tensor) -> None:
+        """X ← X diag(s)⁻¹ after s was folded into prev (the captured inputs follow the model)."""
+        self.args = [(a[0] / s.to(a[0].dtype), *a[1:]) for a in self.args]
+
+
+@torch.no_grad()
+def capture_group_inputs(block: nn.Module, groups: list[ScaleGroup], inputs: BlockInputs, device,
+                         max_batches: int | None = None) -> list[GroupInputs]:
+    """Run the block on (the first `max_batches` of) the calibration inputs and keep each group's inspect-module
+    arguments, on `device`. Each batch stops once every inspect module has been reached."""
+    captured = [GroupInputs(g) for g in groups]
+    dtype = next(block.parameters()).dtype
+    remaining: set[int] = set()
+
+    def hook_for(i):
+        def hook(_module, args, kwargs):
+            kwargs = dict(kwargs)
+            if not args:  # called as module(hidden_states=x, ...): keep x first, as the layers' input
+                args = (kwargs.pop("hidden_states"),)
+            captured[i].args.append(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+            captured[i].kwargs.append(kwargs)
+            remaining.discard(i)
+            if not remaining:
+                raise StopForward
+        return hook
+
+    handles = [block.get_submodule(g.inspect).register_forward_pre_hook(hook_for(i), with_kwargs=True)
+               for i, g in enumerate(groups)]
+    try:
+        for hidden, kwargs in list(zip(inputs.hidden, inputs.kwargs, strict=True))[:max_batches]:
+            remaining.update(range(len(groups)))
+            try:
+                block(hidden.to(device, dtype), **to_device(kwargs, device, dtype))
+            except StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return captured

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.hardware import resolve_device
+from lowbit.io.atomic import atomic_directory
 from lowbit.model.adapt import adapt
 from lowbit.model.architectures import Family, family_for
+from lowbit.model.builtin import builtin_gguf, cache_dir
 from lowbit.model.sources import Source, resolve
 
 
@@ -20,8 +24,6 @@ def family_of(model: nn.Module) -> Family:
 def load_float(source: Source, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A float (unquantized) model from a built-in name, a Hugging Face directory or a .gguf file."""
     if source.kind == "builtin":
-        from lowbit.model.builtin import builtin_checkpoint
-
         return load_hf(builtin_checkpoint(source.name), dtype)
     if source.kind == "hf":
         return load_hf(source.path, dtype)
@@ -87,9 +89,92 @@ def tokenizer_dir_or_gguf(name_or_path: str | Path) -> tuple[Path, str | None]:
     """Where the tokenizer of a model argument lives: (directory, gguf file name or None)."""
     source = resolve(name_or_path)
     if source.kind == "builtin":
-        from lowbit.model.builtin import builtin_checkpoint
-
         return builtin_checkpoint(source.name), None
     if source.kind == "gguf":
         return source.path.parent, source.path.name
     return source.path, None
+
+
+def load(name_or_path: str | Path, dtype: torch.dtype | None = None, verify: bool = True,
+         device: str | torch.device = "cpu") -> nn.Module:
+    """The one way in: a lowbit checkpoint, a Hugging Face directory, a .gguf file or a built-in name.
+
+    A lowbit checkpoint, and a compressed-tensors, GPTQ or AWQ directory, come back with QuantLinear layers that keep
+    packed weights; the others as float models. `device="cuda"` moves the model to the GPU and readies the packed
+    layers for lowbit's kernels (lowbit.kernels); there the default dtype is bfloat16, since the kernels take
+    16-bit activations. On the CPU the default is float32.
+    """
+    dev = resolve_device(device)
+    source = resolve(name_or_path)
+    load_dtype = dtype or torch.float32
+    from lowbit.io.checkpoint import load_checkpoint
+    from lowbit.io.foreign import READABLE, load_foreign
+
+    if source.kind == "lowbit":
+        model = load_checkpoint(source.path, load_dtype, verify)
+    elif source.kind in READABLE:
+        model = load_foreign(source.path, source.kind, load_dtype)
+    else:
+        model = load_float(source, load_dtype)
+    if dev.type != "cpu":
+        model = to_device(model, dev, dtype or torch.bfloat16)
+    return model
+
+
+def to_device(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Move a loaded model to `device` in `dtype` (floating tensors; packed codes keep theirs) and, on a GPU, put
+    every quantized layer that has a kernel into the kernels' layout once."""
+    from lowbit.runtime.qlinear import QuantLinear
+
+    model.to(device=device)
+    for module in model.modules():
+        for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if t is not None and t.is_floating_point() and t.dtype != dtype and not _keeps_dtype(module, name):
+                t.data = t.data.to(dtype)
+    model.config.dtype = dtype
+    if device.type == "cuda":
+        for module in model.modules():
+            if isinstance(module, QuantLinear):
+                module.prepare_kernels()
+    return model
+
+
+def _keeps_dtype(module: nn.Module, name: str) -> bool:
+    """Quantization statistics keep their stored dtype (scales, fp8 codes, static input scales)."""
+    from lowbit.runtime.qlinear import QuantLinear
+
+    return isinstance(module, QuantLinear) and name != "bias"
+
+
+def load_tokenizer(name_or_path: str | Path):
+    from transformers import AutoTokenizer
+
+    directory, gguf = tokenizer_dir_or_gguf(name_or_path)
+    if gguf:
+        check_gguf(Path(directory) / gguf)
+        return AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def model_type(name_or_path: str | Path) -> str:
+    """The transformers model_type of a model argument, from its config alone (no weights are read)."""
+    from transformers import AutoConfig
+
+    directory, gguf = tokenizer_dir_or_gguf(name_or_path)
+    config = AutoConfig.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {}))
+    return config.model_type
+
+
+def builtin_checkpoint(name: str) -> Path:
+    """The built-in model as a Hugging Face safetensors directory, converted once and cached."""
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    gguf = builtin_gguf(name)
+    print(f"lowbit: converting {gguf.name} to a safetensors checkpoint (once) in {target}", file=sys.stderr)
+    model = load_gguf(gguf)
+    tokenizer = load_gguf_tokenizer(gguf)
+    with atomic_directory(target, overwrite=False) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target

@@ -14,10 +14,11 @@ from lowbit.formats import PerGroup
 from lowbit.formats.ggml_mix import MIXES, block_index, fitted_type, mix_type, say_fallbacks, type_format
 from lowbit.formats.granularity import working_group_sizes
 from lowbit.formats.kquant import KQuantFormat
+from lowbit.formats.spec import LayerSpec
 from lowbit.formats.spqr import SpQRFormat
 from lowbit.model.architectures import Family
 from lowbit.model.parts import expand_parts, part_layers
-from lowbit.recipe import LayerSpec, Recipe
+from lowbit.recipe import Recipe
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:

@@ -21,7 +21,7 @@ from torch import nn
 from lowbit import kernels
 from lowbit.errors import LowbitError
 from lowbit.formats import QuantizedWeight, SpQRWeight, fake_quantize_activation, from_packed, pack, packed_shapes
-from lowbit.recipe import LayerSpec
+from lowbit.formats.spec import LayerSpec
 from lowbit.runtime.lowp import codes_kind, codes_matmul, weight_operand
 
 
