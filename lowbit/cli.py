@@ -51,6 +51,8 @@ def _calib_from_args(args: argparse.Namespace):
 def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit import api
     from lowbit.io.export import check_family, check_recipe, check_writable, export
+    from lowbit.model.architectures import family_for
+    from lowbit.model.sources import resolve
     from lowbit.summary import print_summary
 
     recipe = _recipe_from_args(args)
@@ -64,6 +66,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         check_recipe(recipe)  # refuse what the format cannot hold before quantizing
         check_family(api.model_type(args.model))
     calib = _calib_from_args(args)
+    if resolve(args.model).kind == "hf":  # an architecture lowbit cannot quantize is said before anything loads
+        family_for(api.model_type(args.model))
     tokenizer = api.load_tokenizer(args.model)
     result = api.quantize(args.model, recipe, tokenizer=tokenizer, calib=calib, device=args.device, dtype=args.dtype,
                           reuse_scales=args.reuse_scales,

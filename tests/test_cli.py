@@ -109,11 +109,11 @@ def test_existing_output_directory(capsys, stories_path, tmp_path):
 
 
 def test_unsupported_architecture(capsys, tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import BloomConfig, BloomForCausalLM
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
-    code, _, err = run(capsys, "quantize", str(tmp_path / "gpt2"), "--out", str(tmp_path / "out"))
-    assert code == 2 and "'gpt2' is not supported" in err and "llama" in err
+    BloomForCausalLM(BloomConfig(n_layer=1, hidden_size=16, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "b")
+    code, _, err = run(capsys, "quantize", str(tmp_path / "b"), "--out", str(tmp_path / "out"))
+    assert code == 2 and "'bloom' is not supported" in err and "llama" in err and not (tmp_path / "out").exists()
 
 
 def test_checkpoint_failing_its_hash(capsys, stories_path, tmp_path):

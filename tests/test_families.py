@@ -228,6 +228,10 @@ def test_bad_expert_options_and_unwritten_exports_are_refused(tmp_path):
     with pytest.raises(LowbitError, match="--expert-min-tokens must be at least 1, not 0"):
         Recipe(expert_min_tokens=0)
     result = api.quantize(_model("olmoe"), Recipe(group_size=16), progress=False)  # RTN, no calibration
+    experts = [n for n in result.plan if ".mlp.experts." in n]
+    assert len(experts) == 2 * 16 * 3  # two blocks of 16 experts, gate/up/down each: all counted in the sizes
+    layers = [result.model.get_submodule(n) for n in result.plan]
+    assert result.sizes["quantized_weights"] == sum(m.in_features * m.out_features for m in layers)
     with pytest.raises(LowbitError, match=r"compressed-tensors export of the moe family .*Save a lowbit checkpoint"):
         export(result, "compressed-tensors", tmp_path / "ct")
     assert not (tmp_path / "ct").exists()

@@ -129,12 +129,14 @@ def test_gguf_export_of_smollm2_reads_back_in_transformers(tmp_path):
 
 
 @pytest.mark.slow
-def test_llama_cpp_runs_lowbits_gguf(tmp_path, llama_logits):
+@pytest.mark.parametrize("method", ["rtn", "awq"])
+def test_llama_cpp_runs_lowbits_gguf(tmp_path, llama_logits, method):
     """llama.cpp itself (llama-cpp-python) loads lowbit's q4_0 GGUF of SmolLM2-135M and its logits on a fixed prompt
     match lowbit's model as closely as llama.cpp's own logits on the source GGUF match that file's float
     dequantization: llama.cpp's CPU path multiplies q4_0/q4_1 weights with activations rounded to 8-bit blocks
     (q8_0), about 6% relative L2 on this model by itself, while the quantization to q4_0 moves the logits ~30%. A
-    misread file (wrong block layout, rotary row order, metadata) would be far outside that."""
+    misread file (wrong block layout, rotary row order, metadata) would be far outside that. AWQ folds its scales
+    into the norms, which the file must then hold instead of the source's."""
     import lowbit
     from lowbit import api
     from lowbit.io.export import export
@@ -148,7 +150,10 @@ def test_llama_cpp_runs_lowbits_gguf(tmp_path, llama_logits):
 
     ids = lowbit.load_tokenizer("smollm2-135m")("The capital of France is Paris. The capital of Germany is",
                                                  return_tensors="pt").input_ids
-    result = api.quantize("smollm2-135m", Recipe(method="rtn", scheme="q4_0"), progress=False)
+    from lowbit.data.calibration import CalibConfig
+
+    calib = CalibConfig("c4", 8, 128) if method == "awq" else None
+    result = api.quantize("smollm2-135m", Recipe(method=method, scheme="q4_0"), calib=calib, progress=False)
     export(result, "gguf", tmp_path / "q4_0.gguf")
     with torch.no_grad():
         ours = result.model(ids).logits[0].float().numpy()

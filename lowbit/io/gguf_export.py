@@ -157,6 +157,37 @@ def _gguf_names(layers: dict, names, arch: str) -> dict:
     return by_gguf
 
 
+def _float_tensors(model, names) -> dict[str, torch.Tensor]:
+    """The model's unquantized parameters by their GGUF tensor name."""
+    out = {}
+    for name, p in model.named_parameters():
+        key = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if key is not None:
+            out[key] = p.detach()
+    return out
+
+
+def _changed(value: torch.Tensor | None, source, heads: dict[str, int]) -> np.ndarray | None:
+    """The model's value of a float tensor the source stores in F32 or F16, where it is not the source's value (as the
+    checkpoint's dtype rounds it): then lowbit changed it (scales folded into a norm, or into a layer left
+    unquantized), and the file must hold it. q/k rows are compared and written in llama.cpp's rotary order."""
+    import gguf
+
+    from lowbit.io.gguf_hf import rotary_pairs
+
+    types = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}
+    data = np.asarray(source.data)
+    if value is None or source.tensor_type not in types or data.size != value.numel():
+        return None
+    base = source.name.split(".")[-2]
+    if base in heads and value.dim() == 2:
+        value = value[rotary_pairs(value.shape[0], heads[base])]
+    src = torch.from_numpy(data.astype(np.float32)).reshape(value.shape)
+    if torch.equal(src.to(value.dtype), value):
+        return None
+    return value.float().numpy().astype(types[source.tensor_type]).reshape(data.shape)
+
+
 def _quantized(module, key: str, heads: dict[str, int]) -> tuple[np.ndarray, object]:
     """A quantized layer's ggml bytes and type, its rows in llama.cpp's rotary order where `heads` names them."""
     import gguf
@@ -180,10 +211,15 @@ def _write_from_gguf(model, layers: dict, src: Path, main_type: str, tmp: str) -
         raise LowbitError(f"the source GGUF has no tensor {missing[0]} for a quantized layer (it may tie it to "
                           "another); export the layers the source stores.")
     heads = {base: int(reader.fields[f"{arch}.attention.{key}"].contents()) for base, key in ROPE_PERMUTED.items()}
+    floats = _float_tensors(model, _tensor_names(arch, int(reader.fields[f"{arch}.block_count"].contents())))
     writer = gguf.GGUFWriter(tmp, arch)
     _copy_metadata(reader, writer, FILE_TYPE[main_type])
     for t in reader.tensors:
         module = by_gguf.get(t.name)
+        changed = _changed(floats.get(t.name), t, heads)
+        if changed is not None:  # a norm (or unquantized layer) that AWQ or SmoothQuant folded scales into
+            writer.add_tensor(t.name, changed, raw_dtype=t.tensor_type)
+            continue
         if module is None:  # untouched by lowbit: the source's own bytes and type
             writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
             continue

@@ -152,8 +152,12 @@ def load_tokenizer(name_or_path: str | Path):
     directory, gguf = tokenizer_dir_or_gguf(name_or_path)
     if gguf:
         check_gguf(Path(directory) / gguf)
-        return AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
-    return AutoTokenizer.from_pretrained(directory)
+    try:
+        return AutoTokenizer.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {}))
+    except (ValueError, OSError, KeyError) as e:
+        raise LowbitError(f"could not load the tokenizer of {str(name_or_path)!r} ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0]}). A model directory needs its tokenizer files "
+                          f"(tokenizer.json or the model's own); copy them in from the original model.") from None
 
 
 def model_type(name_or_path: str | Path) -> str:
@@ -161,7 +165,10 @@ def model_type(name_or_path: str | Path) -> str:
     from transformers import AutoConfig
 
     directory, gguf = tokenizer_dir_or_gguf(name_or_path)
-    config = AutoConfig.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {}))
+    try:
+        config = AutoConfig.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {}))
+    except (ValueError, KeyError, OSError) as e:
+        raise LowbitError(f"could not read the model config of {str(name_or_path)!r}: {e}") from None
     return config.model_type
 
 
