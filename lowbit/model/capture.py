@@ -150,10 +150,6 @@ class GroupInputs:
         """The layers' common input, per batch (the inspect module's first argument)."""
         return [a[0] for a in self.args]
 
-    def rescale(self, s: torch.Tensor) -> None:
-        """X ← X diag(s)⁻¹ after s was folded into prev (the captured inputs follow the model)."""
-        self.args = [(a[0] / s.to(a[0].dtype), *a[1:]) for a in self.args]
-
 
 @torch.no_grad()
 def capture_group_inputs(block: nn.Module, groups: list[ScaleGroup], inputs: BlockInputs, device,
