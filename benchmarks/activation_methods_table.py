@@ -33,10 +33,11 @@ def sets() -> dict[str, dict[str, Recipe]]:
         sq[f"W8A8 naive {level}"] = Recipe(scheme="w8a8", per_tensor=True, **act)
         sq[f"SmoothQuant {level} α searched"] = Recipe(method="smoothquant", scheme="w8a8", per_tensor=True, **act)
     for alpha in (0.25, 0.5, 0.75):
-        sq[f"SmoothQuant O3 α={alpha}"] = Recipe(method="smoothquant", scheme="w8a8", per_tensor=True, alpha=alpha,
-                                                 act_granularity="tensor", act_static=True)
+        sq[f"SmoothQuant O3 α={alpha}"] = Recipe(method="smoothquant", scheme="w8a8", per_tensor=True,
+                                                 options={"alpha": alpha}, act_granularity="tensor", act_static=True)
     smooth_all = {f"SmoothQuant {level} α searched, all groups": Recipe(method="smoothquant", scheme="w8a8",
-                                                                     per_tensor=True, smooth_all=True, **act)
+                                                                     per_tensor=True, options={"smooth_all": True},
+                                                                     **act)
                   for level, act in (("O3", {"act_granularity": "tensor", "act_static": True}),
                                      ("O2", {"act_granularity": "tensor"}))}
     levels = {}

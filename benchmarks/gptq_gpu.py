@@ -58,7 +58,7 @@ def main() -> None:
     model = llama3_8b_shaped(args.blocks)
     print(f"model built in {time.perf_counter() - t:.0f} s on {torch.cuda.get_device_name()}", flush=True)
     family = family_of(model)
-    recipe = Recipe(method="gptq", scheme="w4a16", group_size=128, act_order=True)
+    recipe = Recipe(method="gptq", scheme="w4a16", group_size=128, options={"act_order": True})
     plan = select_layers(model, family, recipe)
     ids = torch.randint(0, 128256, (args.samples, args.seqlen))
     torch.cuda.reset_peak_memory_stats()

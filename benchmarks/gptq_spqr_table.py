@@ -32,7 +32,8 @@ def configs() -> dict[str, Recipe]:
     out = {}
     for label, (scheme, group) in settings.items():
         out[f"RTN {label}"] = Recipe(method="rtn", scheme=scheme, group_size=group)
-        out[f"GPTQ {label}"] = Recipe(method="gptq", scheme=scheme, group_size=group, act_order=True)
+        out[f"GPTQ {label}"] = Recipe(method="gptq", scheme=scheme, group_size=group,
+                                               options={"act_order": True})
     for label, (scheme, group) in {"w4a16 g64": ("w4a16", 64), "w3a16 g64": ("w3a16", 64)}.items():
         out[f"RTN {label} restricted"] = Recipe(method="rtn", scheme=scheme, group_size=group, full_range=False)
     out["SpQR near-lossless"] = Recipe.preset("spqr-near-lossless")

@@ -23,11 +23,11 @@ from lowbit.recipe import Recipe
 ROWS = {
     "RTN w4a16 g64": Recipe(method="rtn", scheme="w4a16", group_size=64),
     "RTN w4a16 g64 restricted": Recipe(method="rtn", scheme="w4a16", group_size=64, full_range=False),
-    "GPTQ w4a16 g64": Recipe(method="gptq", scheme="w4a16", group_size=64, act_order=True),
+    "GPTQ w4a16 g64": Recipe(method="gptq", scheme="w4a16", group_size=64, options={"act_order": True}),
     "AWQ w4a16 g64": Recipe(method="awq", scheme="w4a16", group_size=64),
     "RTN w3a16 g64": Recipe(method="rtn", scheme="w3a16", group_size=64),
     "RTN w3a16 g64 restricted": Recipe(method="rtn", scheme="w3a16", group_size=64, full_range=False),
-    "GPTQ w3a16 g64": Recipe(method="gptq", scheme="w3a16", group_size=64, act_order=True),
+    "GPTQ w3a16 g64": Recipe(method="gptq", scheme="w3a16", group_size=64, options={"act_order": True}),
     "AWQ w3a16 g64": Recipe(method="awq", scheme="w3a16", group_size=64),
 }
 REUSED = {"GPTQ w4a16 g64": "lowbit-gptq", "AWQ w4a16 g64": "lowbit-awq"}

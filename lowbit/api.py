@@ -137,8 +137,8 @@ def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, c
     else:
         ids, offload = None, torch.device("cpu")
     result = quantize_model(model, family, plan, method, inputs, dev, offload, progress=progress,
-                            cfg=method.module.configure(recipe), compute_dtype=cdtype,
-                            transform_cfg=method.transform.configure(recipe) if method.transform else None,
+                            cfg=recipe.config(method.module.Config), compute_dtype=cdtype,
+                            transform_cfg=recipe.config(method.transform.Config) if method.transform else None,
                             moe=MoEConfig(recipe.expert_min_tokens, recipe.experts_all_tokens), reuse_scales=reused)
     static_kv = None
     if recipe.kv_static:

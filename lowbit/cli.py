@@ -20,18 +20,19 @@ def _recipe_from_args(args: argparse.Namespace):
     scheme = args.scheme or ("fp8" if args.method == "fp8" else None)
     if scheme is None and (args.method or "").startswith("smoothquant") and recipe.scheme not in ("w8a8", "fp8"):
         scheme = "w8a8"
+    options = {"act_order": True if args.act_order else None, "damp": args.damp, "block_size": args.block_size,
+               "stat_bits": args.stat_bits, "stat_group": args.stat_group,
+               "outlier_threshold": args.outlier_threshold, "outlier_rate": args.outlier_rate, "alpha": args.alpha,
+               "smooth_all": True if args.smooth_all else None, "awq_clip": False if args.no_awq_clip else None}
     recipe = recipe.with_options(
         method=args.method, scheme=scheme, group_size=args.group_size,
         symmetric=False if (args.asym or args.zero_point) else None, clip=True if args.clip else None,
         zero_point=args.zero_point,
         targets=tuple(args.targets) if args.targets else None, ignore=tuple(args.ignore) if args.ignore else None,
-        act_order=True if args.act_order else None, damp=args.damp, block_size=args.block_size,
-        stat_bits=args.stat_bits, stat_group=args.stat_group, outlier_threshold=args.outlier_threshold,
-        outlier_rate=args.outlier_rate, per_tensor=True if args.per_tensor else None,
+        options={k: v for k, v in options.items() if v is not None}, per_tensor=True if args.per_tensor else None,
         full_range=False if args.restricted_range else (True if args.full_range else None),
-        act_granularity=args.act_granularity, act_static=True if args.act_static else None, alpha=args.alpha,
-        smooth_all=True if args.smooth_all else None,
-        awq_clip=False if args.no_awq_clip else None, parts=_names(args.parts) or None, kv_cache=args.kv_cache,
+        act_granularity=args.act_granularity, act_static=True if args.act_static else None,
+        parts=_names(args.parts) or None, kv_cache=args.kv_cache,
         kv_static=True if args.kv_static else None, expert_min_tokens=args.expert_min_tokens,
         experts_all_tokens=True if args.experts_all_tokens else None,
     )
@@ -194,25 +195,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="asymmetric zero point: int (GPTQ/vLLM, default) or float (llama.cpp Q4_1-style "
                         "minimum); implies --asym")
     q.add_argument("--clip", action="store_true", help="choose each group's range by an error-minimizing search")
-    q.add_argument("--act-order", action="store_true", help="GPTQ: columns by descending Hessian diagonal "
+    m = q.add_argument_group("method options", "each belongs to one method (in a recipe file: its `options`); "
+                             "given to another method, it is an error")
+    m.add_argument("--act-order", action="store_true", help="GPTQ: columns by descending Hessian diagonal "
                                                             "(static groups)")
-    q.add_argument("--damp", type=float, help="GPTQ: dampening, a fraction of the mean Hessian diagonal (0.01)")
-    q.add_argument("--block-size", type=int, help="GPTQ: columns per lazy batch (128)")
-    q.add_argument("--stat-bits", type=int, help="SpQR: bits of the quantized scales and zeros (3; 16 = float16)")
-    q.add_argument("--stat-group", type=int, help="SpQR: β2, output rows per second-level statistics grid (16)")
-    q.add_argument("--outlier-threshold", type=float,
+    m.add_argument("--damp", type=float, help="GPTQ, SpQR: dampening, a fraction of the mean Hessian diagonal (0.01)")
+    m.add_argument("--block-size", type=int, help="GPTQ, SpQR: columns per lazy batch (128)")
+    m.add_argument("--stat-bits", type=int, help="SpQR: bits of the quantized scales and zeros (3; 16 = float16)")
+    m.add_argument("--stat-group", type=int, help="SpQR: β2, output rows per second-level statistics grid (16)")
+    m.add_argument("--outlier-threshold", type=float,
                    help="SpQR: τ, relative outlier threshold (0.2; inf = no outliers)")
-    q.add_argument("--outlier-rate", type=float, help="SpQR: target outlier fraction, e.g. 0.01 (τ found per layer)")
+    m.add_argument("--outlier-rate", type=float, help="SpQR: target outlier fraction, e.g. 0.01 (τ found per layer)")
     q.add_argument("--act-granularity", choices=("token", "tensor"),
                    help="w8a8/fp8 activations: one scale per token (default) or per tensor")
     q.add_argument("--act-static", action="store_true",
                    help="w8a8/fp8: the per-tensor activation scale is calibrated once (SmoothQuant O3)")
-    q.add_argument("--alpha", type=float, help="SmoothQuant: migration strength in [0, 1] (default: searched per "
+    m.add_argument("--alpha", type=float, help="SmoothQuant: migration strength in [0, 1] (default: searched per "
                                                "group; the paper's fixed choice is 0.5)")
-    q.add_argument("--smooth-all", action="store_true",
+    m.add_argument("--smooth-all", action="store_true",
                    help="SmoothQuant: also smooth down_proj's and o_proj's inputs (folded into up_proj and v_proj), "
                         "not only the norm-fed groups of the paper")
-    q.add_argument("--no-awq-clip", action="store_true", help="AWQ: skip the clipping-range search")
+    m.add_argument("--no-awq-clip", action="store_true", help="AWQ: skip the clipping-range search")
     q.add_argument("--reuse-scales", metavar="PATH",
                    help="AWQ / SmoothQuant: apply the scales (and AWQ's clipping) that an earlier run saved — its "
                         "checkpoint directory or scales.safetensors — instead of searching them")

@@ -6,6 +6,10 @@ w{b}a16 with 2 ≤ b ≤ 8 also works), the weight granularity and symmetry, whi
 overrides. Patterns are Python regular expressions searched in the module's full name
 (`model.layers.3.mlp.down_proj`). Overrides apply in order; a later one wins.
 
+The method's own options (GPTQ's damp, SmoothQuant's alpha, …) are `options`, checked against the frozen config
+each method module declares (lowbit.methods.registry); only values that differ from the defaults are kept, and the
+saved form lists every option with its value.
+
 It loads from YAML and is saved with every checkpoint, so a checkpoint says exactly how it was made.
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -32,6 +37,8 @@ from lowbit.formats.ggml_mix import MIXES
 from lowbit.formats.kquant import KTYPES, KQuantFormat
 from lowbit.formats.spec import LayerSpec
 from lowbit.formats.spqr import SpQRFormat
+from lowbit.methods.registry import all_options, configure, non_defaults
+from lowbit.methods.spqr import SpQRConfig
 from lowbit.model.parts import expand_parts
 
 RECIPE_VERSION = 1
@@ -46,9 +53,9 @@ SPQR_DEFAULT_BETA1 = 16
 PRESETS: dict[str, dict] = {
     # SpQR paper (Dettmers et al.), §5: 4-bit weights, 3-bit statistics, β1 = β2 = 16, about 1% outliers.
     "spqr-near-lossless": {"method": "spqr", "scheme": "w4a16", "group_size": 16, "symmetric": False,
-                           "stat_bits": 3, "stat_group": 16, "outlier_rate": 0.01},
+                           "options": {"stat_bits": 3, "stat_group": 16, "outlier_rate": 0.01}},
     "spqr-3bit": {"method": "spqr", "scheme": "w3a16", "group_size": 16, "symmetric": False,
-                  "stat_bits": 3, "stat_group": 16, "outlier_rate": 0.01},
+                  "options": {"stat_bits": 3, "stat_group": 16, "outlier_rate": 0.01}},
     # SmoothQuant paper (Xiao et al.), Table 2: int8 per-tensor weights; activations per-token dynamic (O1),
     # per-tensor dynamic (O2), per-tensor static (O3).
     "smoothquant-o1": {"method": "smoothquant", "scheme": "w8a8", "per_tensor": True},
@@ -151,22 +158,13 @@ class Recipe:
     symmetric: bool = True
     clip: bool = False
     zero_point: str = "int"
-    act_order: bool = False
-    damp: float = 0.01
-    block_size: int = 128
-    stat_bits: int = 3  # SpQR: bits of the quantized scales and zeros (16 = keep them in float16)
-    stat_group: int = 16  # SpQR: β2, rows sharing one second-level grid
-    outlier_threshold: float | None = None  # SpQR: τ, relative (default 0.2; inf = no outliers)
-    outlier_rate: float | None = None  # SpQR: target fraction of outliers (τ searched per layer)
+    options: dict[str, Any] = field(default_factory=dict)  # the method's own (its Config's fields, by name)
     per_tensor: bool = False  # one weight scale per tensor (overrides group_size)
     # symmetric grids: True = s = max|w| / (2^(b−1) − ½) (GPTQ's reference), False = / (2^(b−1) − 1), which keeps
     # ±max|w| exactly on a code; None = by method (see uses_full_range)
     full_range: bool | None = None
     act_granularity: str = "token"  # w8a8 / fp8 activations: one scale per token, or per tensor
     act_static: bool = False  # the activation scale is calibrated once (per tensor), not computed at run time
-    alpha: float | None = None  # SmoothQuant migration strength (None: searched per scaling group)
-    smooth_all: bool = False  # SmoothQuant: also smooth inputs made by a linear layer (down_proj, o_proj)
-    awq_clip: bool = True  # AWQ: search each group's clipping range on the calibration activations
     expert_min_tokens: int = 16  # mixture of experts: fewer routed calibration tokens → calibrate on every token
     experts_all_tokens: bool = False  # mixture of experts: calibrate every expert on every token of its block
     parts: tuple[str, ...] = ()  # which parts are quantized (lowbit.model.parts); () = every block linear layer
@@ -177,7 +175,12 @@ class Recipe:
     overrides: tuple[Override, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "method", str(self.method).lower())
         object.__setattr__(self, "scheme", check_scheme(self.scheme))
+        if not isinstance(self.options, dict):
+            raise LowbitError(f"a recipe's options are a mapping of the method's option names to values, got "
+                              f"{self.options!r}.")
+        object.__setattr__(self, "options", non_defaults(configure(self.method, self.options)))  # checks the method
         object.__setattr__(self, "targets", tuple(self.targets))
         object.__setattr__(self, "ignore", tuple(self.ignore))
         object.__setattr__(self, "overrides", tuple(self.overrides))
@@ -190,8 +193,6 @@ class Recipe:
         if self.expert_min_tokens < 1:
             raise LowbitError(f"--expert-min-tokens must be at least 1, not {self.expert_min_tokens}: an expert "
                               f"without calibration statistics cannot be quantized by GPTQ.")
-        if self.alpha is not None and not 0 <= self.alpha <= 1:
-            raise LowbitError(f"the migration strength alpha must lie in [0, 1], got {self.alpha}.")
         if self.kv_cache is not None:
             check_kv_kind(self.kv_cache)
         if self.kv_static and self.kv_cache is None:
@@ -204,10 +205,16 @@ class Recipe:
         if self.method.startswith("smoothquant") and self.scheme not in ("w8a8", "fp8"):
             raise LowbitError(f"SmoothQuant prepares activations for quantization, but scheme {self.scheme} keeps "
                               f"them in 16 bits: use --scheme w8a8 (or fp8).")
-        if self.smooth_all and not self.method.startswith("smoothquant"):
-            raise LowbitError(f"--smooth-all chooses which groups SmoothQuant smooths; method {self.method} does not "
-                              f"smooth: use --method smoothquant or smoothquant+gptq, or drop --smooth-all.")
         self.default_spec  # noqa: B018  (builds the default spec, which validates the combination)
+
+    def config(self, cls: type | None) -> Any:
+        """The recipe's options as the method's frozen config `cls` (its defaults where none is set); None for None."""
+        return None if cls is None else configure(self.method, self.options)[cls]
+
+    def option(self, name: str) -> Any:
+        """One option's value, the method's default where the recipe sets none (None when the method has no such
+        option)."""
+        return all_options(configure(self.method, self.options)).get(name)
 
     def layer_spec(self, name: str) -> LayerSpec | None:
         """The spec for a targeted layer after overrides, or None when an override skips it."""
@@ -261,11 +268,15 @@ class Recipe:
         if not isinstance(w.granularity, PerGroup):
             raise LowbitError("SpQR works in small groups of input columns (β1, default 16); it has no "
                               "per-channel form. Use --group-size 16 (or another small group).")
-        return LayerSpec(SpQRFormat(w.bits, w.granularity.size, self.stat_group, self.stat_bits))
+        cfg = self.config(SpQRConfig)
+        return LayerSpec(SpQRFormat(w.bits, w.granularity.size, cfg.stat_group, cfg.stat_bits))
 
     def with_options(self, **changes) -> Recipe:
-        """A copy with the given fields replaced (None values are ignored)."""
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+        """A copy with the given fields replaced (None values are ignored); `options` are added to the recipe's."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if "options" in changes:
+            changes["options"] = {**self.options, **changes["options"]}
+        return replace(self, **changes)
 
     @property
     def default_spec(self) -> LayerSpec:
@@ -280,6 +291,7 @@ class Recipe:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["targets"], d["ignore"], d["parts"] = list(self.targets), list(self.ignore), list(self.parts)
+        d["options"] = all_options(configure(self.method, self.options))
         d["overrides"] = [{k: v for k, v in asdict(o).items() if v is not None and not (k == "skip" and not v)}
                           for o in self.overrides]
         return {"lowbit_recipe": RECIPE_VERSION, **d}
@@ -293,6 +305,15 @@ class Recipe:
         if version != RECIPE_VERSION:
             raise LowbitError(f"{source}: recipe version {version} is not supported (this lowbit reads version "
                               f"{RECIPE_VERSION}); upgrade lowbit.")
+        options = d.get("options") or {}
+        if not isinstance(options, dict):
+            raise LowbitError(f"{source}: 'options' must be a mapping of the method's option names to values, got "
+                              f"{options!r}.")
+        options = dict(options)
+        for key, old_default in _FLAT_OPTIONS.items():  # recipes written before `options` kept these at the top
+            if key in d and (value := d.pop(key)) != old_default:
+                options.setdefault(key, value)
+        d["options"] = options
         _check_keys(d, [f.name for f in fields(cls)], source)
         overrides = []
         for i, o in enumerate(d.pop("overrides", None) or []):
@@ -319,6 +340,12 @@ class Recipe:
         except yaml.YAMLError as e:
             raise LowbitError(f"recipe file {str(path)!r} is not valid YAML: {e}") from None
         return cls.from_dict(data or {}, source=str(path))
+
+
+# Method options that recipes before `options` kept at the top level, with the defaults they were written with.
+_FLAT_OPTIONS: dict[str, Any] = {"act_order": False, "damp": 0.01, "block_size": 128, "stat_bits": 3,
+                                 "stat_group": 16, "outlier_threshold": None, "outlier_rate": None, "alpha": None,
+                                 "smooth_all": False, "awq_clip": True}
 
 
 def _compile(pattern: str, what: str) -> re.Pattern:

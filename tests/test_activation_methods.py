@@ -38,7 +38,7 @@ def _transform_blocks(model, tokenizer, recipe: Recipe, transform) -> list[dict]
     family = family_of(model)
     plan = select_layers(model, family, recipe)
     inputs = _calibration_inputs(model, tokenizer)
-    cfg = transform.configure(recipe)
+    cfg = recipe.config(transform.Config)
     chosen = []
     for i, block in enumerate(model.get_submodule(family.blocks)):
         prefix = f"{family.blocks}.{i}."
@@ -62,10 +62,11 @@ def test_scaling_leaves_float_logits_unchanged(stories, stories_tokenizer, story
     float model's logits to 1e-5 relative — and the scales really moved the weights."""
     before = copy.deepcopy(stories)
     if method == "awq":
-        recipe = Recipe(method="awq", scheme="w3a16", group_size=0, awq_clip=False)
+        recipe = Recipe(method="awq", scheme="w3a16", group_size=0, options={"awq_clip": False})
         chosen = _transform_blocks(stories, stories_tokenizer, recipe, awq)
     else:
-        recipe = Recipe(method="smoothquant", scheme="w8a8", alpha=0.5, smooth_all=method == "smoothquant-all")
+        recipe = Recipe(method="smoothquant", scheme="w8a8",
+                        options={"alpha": 0.5, "smooth_all": method == "smoothquant-all"})
         chosen = _transform_blocks(stories, stories_tokenizer, recipe, smoothquant)
     assert all(c["alpha"] for c in chosen)
     assert all(("mlp.up_proj" in c["alpha"]) == (method != "smoothquant") for c in chosen)
@@ -124,8 +125,10 @@ def test_smoothquant_beats_naive_w8a8_with_static_per_tensor_activations(stories
 
 
 def test_smoothquant_with_gptq_weights_beats_rounded_weights(stories, stories_tokenizer):
-    rounded = _block_errors(stories, stories_tokenizer, Recipe(method="smoothquant", scheme="w8a8", alpha=0.5))
-    gptq = _block_errors(stories, stories_tokenizer, Recipe(method="smoothquant+gptq", scheme="w8a8", alpha=0.5))
+    rounded = _block_errors(stories, stories_tokenizer, Recipe(method="smoothquant", scheme="w8a8",
+                                                                   options={"alpha": 0.5}))
+    gptq = _block_errors(stories, stories_tokenizer, Recipe(method="smoothquant+gptq", scheme="w8a8",
+                                                                    options={"alpha": 0.5}))
     assert sum(gptq) < sum(rounded)
 
 
@@ -209,9 +212,9 @@ def test_static_scale_needs_calibration_or_fails_clearly(stories):
     (dict(method="smoothquant", scheme="w4a16"), "keeps them in 16 bits"),
     (dict(scheme="w4a16", act_static=True), "keeps activations in 16 bits"),
     (dict(scheme="w8a8", act_static=True), "one per tensor"),
-    (dict(method="smoothquant", scheme="w8a8", alpha=1.5), r"\[0, 1\]"),
+    (dict(method="smoothquant", scheme="w8a8", options={"alpha": 1.5}), r"\[0, 1\]"),
     (dict(scheme="w8a8", kv_cache="int4"), "--kv-cache int8 or fp8"),
-    (dict(method="awq", scheme="w4a16", smooth_all=True), "does not smooth"),
+    (dict(method="awq", scheme="w4a16", options={"smooth_all": True}), "awq has no option 'smooth_all'"),
     (dict(scheme="w4a16", parts=("L3",)), "add --kv-cache"),
 ])
 def test_bad_options_are_explained(bad, match):

@@ -29,7 +29,7 @@ CASES = {
     "w4a16-g-restricted": Recipe(scheme="w4a16", group_size=G, full_range=False),
     "w4a16-g-asym": Recipe(scheme="w4a16", group_size=G, symmetric=False),
     "w4a16-channel": Recipe(scheme="w4a16", group_size=0),
-    "w4a16-gptq-act-order": Recipe(method="gptq", scheme="w4a16", group_size=G, act_order=True),
+    "w4a16-gptq-act-order": Recipe(method="gptq", scheme="w4a16", group_size=G, options={"act_order": True}),
     "w8a16": Recipe(scheme="w8a16"),
     "w8a8-dynamic": Recipe(scheme="w8a8"),
     "w8a8-static": Recipe.preset("smoothquant-o3"),
@@ -174,7 +174,7 @@ def test_config_names_the_schemes(exported):
 
 
 @pytest.mark.parametrize(("recipe", "message"), [
-    (Recipe(method="spqr", scheme="w4a16", group_size=G, stat_group=4, outlier_rate=0.01), "SpQR"),
+    (Recipe(method="spqr", scheme="w4a16", group_size=G, options={"stat_group": 4, "outlier_rate": 0.01}), "SpQR"),
     (Recipe(scheme="w4a16", group_size=G, zero_point="float", symmetric=False), "float zero points"),
     (Recipe(scheme="w3a16", group_size=G), "3-bit weights"),
     (Recipe.preset("smoothquant-o2"), "dynamic per-tensor"),

@@ -122,3 +122,81 @@ def test_full_and_restricted_range_exclude_each_other(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["quantize", "m", "--out", "o", "--full-range", "--restricted-range"])
     assert "not allowed with" in capsys.readouterr().err
+
+
+def test_method_options_round_trip_and_keep_only_what_differs(tmp_path):
+    from lowbit.methods.gptq import GPTQConfig
+
+    recipe = Recipe(method="GPTQ", scheme="w4a16", group_size=32, options={"act_order": True, "damp": 0.01,
+                                                                          "block_size": 64})
+    assert recipe.method == "gptq" and recipe.options == {"act_order": True, "block_size": 64}
+    assert recipe.config(GPTQConfig) == GPTQConfig(block_size=64, damp=0.01, act_order=True)
+    assert recipe.to_dict()["options"] == {"block_size": 64, "damp": 0.01, "act_order": True}  # every option
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe.to_yaml())
+    assert Recipe.from_yaml(path) == recipe
+    assert recipe.option("act_order") is True and Recipe().option("act_order") is None
+    assert recipe.with_options(options={"damp": 0.05}).options == {"act_order": True, "block_size": 64, "damp": 0.05}
+
+
+def test_combined_method_takes_the_options_of_both_parts():
+    from lowbit.methods.gptq import GPTQConfig
+    from lowbit.methods.smoothquant import SmoothQuantConfig
+
+    recipe = Recipe(method="smoothquant+gptq", scheme="w8a8", options={"alpha": 0.5, "damp": 0.02})
+    assert recipe.config(SmoothQuantConfig).alpha == 0.5 and recipe.config(GPTQConfig).damp == 0.02
+
+
+def test_recipes_written_with_flat_method_options_still_load():
+    old = {"lowbit_recipe": 1, "method": "spqr", "scheme": "w3a16", "group_size": 16, "symmetric": False,
+           "act_order": False, "damp": 0.01, "block_size": 128, "stat_bits": 3, "stat_group": 4,
+           "outlier_threshold": None, "outlier_rate": 0.01, "alpha": None, "smooth_all": False, "awq_clip": True}
+    recipe = Recipe.from_dict(old)
+    assert recipe.options == {"outlier_rate": 0.01, "stat_group": 4}
+    assert recipe.default_spec.weight.beta2 == 4
+
+
+@pytest.mark.parametrize("method,options,match", [
+    ("gptq", {"alpha": 0.5}, r"method gptq has no option 'alpha'; its options are block_size, damp, act_order"),
+    ("rtn", {"damp": 0.1}, r"method rtn has no option 'damp'; it has none"),
+    ("gptq", {"damp": "high"}, r"option 'damp' must be float, got 'high'"),
+    ("gptq", {"act_order": 1}, r"option 'act_order' must be bool"),
+    ("gptq", {"block_size": 0}, r"block size ≥ 1"),
+    ("spqr", {"outlier_rate": 0.7}, r"outlier rate must be in \[0, 0\.5\)"),
+    ("awq", {"smooth_all": True}, r"awq has no option 'smooth_all'"),
+])
+def test_method_options_are_checked(method, options, match):
+    scheme = "w8a8" if method.startswith("smoothquant") else "w4a16"
+    with pytest.raises(LowbitError, match=match):
+        Recipe(method=method, scheme=scheme, group_size=16, options=options)
+
+
+def test_a_flag_of_another_method_is_an_error_not_ignored():
+    from lowbit.cli import _recipe_from_args, build_parser
+
+    args = build_parser().parse_args(["quantize", "m", "--out", "o", "--method", "gptq", "--alpha", "0.5"])
+    with pytest.raises(LowbitError, match="method gptq has no option 'alpha'"):
+        _recipe_from_args(args)
+    args = build_parser().parse_args(["quantize", "m", "--out", "o", "--method", "awq", "--no-awq-clip"])
+    assert _recipe_from_args(args).options == {"awq_clip": False}
+
+
+def test_the_readme_lists_every_method_option():
+    import re
+    from dataclasses import fields
+    from pathlib import Path
+
+    from lowbit.methods.registry import METHODS
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = re.findall(r"^\| ((?:`[a-z0-9+]+`(?:, )?)+) \| (.*) \|$", readme, re.M)
+    listed: dict[str, set[str]] = {}
+    for methods, cell in rows:
+        names = set() if cell == "none" else {m.group(1) for m in re.finditer(r"`([a-z_0-9]+)`", cell)}
+        for method in re.findall(r"`([a-z0-9+]+)`", methods):
+            listed.setdefault(method, set()).update(names)
+    assert set(listed) == set(METHODS)
+    for name, entry in METHODS.items():
+        options = [f.name for cls in entry.configs for f in fields(cls)]
+        assert len(options) == len(set(options)), f"{name}: its parts' options share a name"
+        assert listed[name] == set(options), name

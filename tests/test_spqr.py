@@ -37,7 +37,7 @@ def _err(W, Q, X):
 @pytest.mark.parametrize("bits,beta1", [(4, 16), (3, 8), (2, 32)])
 def test_infinite_tau_and_16_bit_statistics_is_gptq_with_groups_of_beta1(bits, beta1):
     W, stats, _ = _layer(0)
-    sp = spqr_quantize(W, stats, SpQRFormat(bits, beta1, 16, stat_bits=16), SpQRConfig(tau=math.inf))
+    sp = spqr_quantize(W, stats, SpQRFormat(bits, beta1, 16, stat_bits=16), SpQRConfig(outlier_threshold=math.inf))
     gp = gptq_quantize(W, stats, IntFormat(bits, symmetric=False, granularity=PerGroup(beta1)), GPTQConfig())
     assert sp.outliers == 0
     assert torch.equal(sp.codes, gp.codes)
@@ -68,7 +68,7 @@ def test_bit_accounting_matches_the_paper_formula():
     W, stats, _ = _layer(2)  # 64 × 256: no padding in any packed tensor
     rows, cols = W.shape
     for fmt in (SpQRFormat(4, 16, 16, 3), SpQRFormat(3, 16, 16, 3), SpQRFormat(3, 16, 16, 16)):
-        sp = spqr_quantize(W, stats, fmt, SpQRConfig(tau=0.2))
+        sp = spqr_quantize(W, stats, fmt, SpQRConfig(outlier_threshold=0.2))
         row_pointers = 32 * (rows + 1)
         assert sp.stored_bits() == round(fmt.estimated_bits(sp.outlier_rate) * rows * cols) + row_pointers
     # the paper's own numbers: 4-bit weights, 3-bit statistics, β1 = β2 = 16 → 4.625 bits + 32 per outlier
@@ -79,7 +79,7 @@ def test_bit_accounting_matches_the_paper_formula():
 def test_outliers_are_exact_16_bit_values_and_reduce_the_layer_error():
     W, stats, X = _layer(3)
     fmt = SpQRFormat(3, 16, 16, 3)
-    none = spqr_quantize(W, stats, fmt, SpQRConfig(tau=math.inf))
+    none = spqr_quantize(W, stats, fmt, SpQRConfig(outlier_threshold=math.inf))
     some = spqr_quantize(W, stats, fmt, SpQRConfig(outlier_rate=0.02))
     assert none.outliers == 0 and some.outliers > 0
     mask, values = some.dense_outliers()
@@ -97,8 +97,8 @@ def test_target_outlier_rate_is_reached():
 
 def test_quantized_statistics_cost_little_and_beat_rtn():
     W, stats, X = _layer(5, heavy=False)
-    exact = spqr_quantize(W, stats, SpQRFormat(3, 16, 16, 16), SpQRConfig(tau=math.inf)).dequantize()
-    coded = spqr_quantize(W, stats, SpQRFormat(3, 16, 16, 3), SpQRConfig(tau=math.inf)).dequantize()
+    exact = spqr_quantize(W, stats, SpQRFormat(3, 16, 16, 16), SpQRConfig(outlier_threshold=math.inf)).dequantize()
+    coded = spqr_quantize(W, stats, SpQRFormat(3, 16, 16, 3), SpQRConfig(outlier_threshold=math.inf)).dequantize()
     rtn = lowbit.formats.quantize(W, IntFormat(3, False, PerGroup(16))).dequantize()
     assert _err(W, coded, X) < 1.15 * _err(W, exact, X)
     assert _err(W, coded, X) < 0.9 * _err(W, rtn, X)
@@ -133,7 +133,7 @@ def test_bad_settings_are_refused():
 def test_pipeline_and_checkpoint_round_trip(_stories, stories_tokenizer, tmp_path):
     """stories260K (dims 64 and 172): β1 = β2 = 4; the loaded checkpoint reproduces the quantized model."""
     calib = CalibConfig(dataset="c4", samples=8, seqlen=128)
-    recipe = Recipe(method="spqr", scheme="w3a16", group_size=4, stat_group=4, outlier_rate=0.01)
+    recipe = Recipe(method="spqr", scheme="w3a16", group_size=4, options={"stat_group": 4, "outlier_rate": 0.01})
     result = api.quantize(copy.deepcopy(_stories), recipe, tokenizer=stories_tokenizer, calib=calib, device="cpu",
                           progress=False)
     layers = [m for m in result.model.modules() if isinstance(m, QuantLinear)]

@@ -70,11 +70,12 @@ def check_writable(out: str | Path, overwrite: bool) -> Path:
 
 def check_recipe(recipe: Recipe) -> None:
     """Refuse, before quantizing, a recipe whose result compressed-tensors cannot hold."""
-    map_spec("(every targeted layer)", recipe.default_spec, recipe.act_order)
+    act_order = bool(recipe.option("act_order"))
+    map_spec("(every targeted layer)", recipe.default_spec, act_order)
     for o in recipe.overrides:
         spec = recipe.override_spec(o)
         if spec is not None:
-            map_spec(f"matching {o.pattern!r}", spec, recipe.act_order)
+            map_spec(f"matching {o.pattern!r}", spec, act_order)
     check_kv(recipe)
 
 
@@ -143,7 +144,8 @@ def export(source, to: str, out: str | Path, *, tokenizer=None, overwrite: bool 
     qlayers = quantized_layers(model)
     if not qlayers:
         raise LowbitError("the model has no quantized layer; there is nothing for compressed-tensors to describe.")
-    mapped: dict[str, Mapped] = {name: map_spec(name, m.spec, recipe.act_order) for name, m in qlayers.items()}
+    act_order = bool(recipe.option("act_order"))
+    mapped: dict[str, Mapped] = {name: map_spec(name, m.spec, act_order) for name, m in qlayers.items()}
     kv = check_kv(recipe)
     linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or n in qlayers]
     kv_scales = {}

@@ -29,7 +29,6 @@ from lowbit.methods.scaling import fold_masters, run_inspect, set_weights, total
 from lowbit.methods.transform import BlockScales
 from lowbit.model.architectures import ScaleGroup
 from lowbit.model.capture import GroupInputs
-from lowbit.recipe import Recipe
 
 NEEDS_CALIBRATION = True
 GRID = 20
@@ -39,14 +38,15 @@ NO_CLIP = ("q_proj", "k_proj", "query", "key")
 
 @dataclass(frozen=True)
 class AWQConfig:
-    clip: bool = True
+    """AWQ's options (a recipe's `options`)."""
+
+    awq_clip: bool = True  # search each group's clipping range on the calibration activations
     grid: int = GRID
     search_tokens: int = 16384  # calibration tokens in the scale search (whole batches, at least one)
     clip_tokens: int = 4096  # tokens (evenly spaced) in the clipping search
 
 
-def configure(recipe: Recipe) -> AWQConfig:
-    return AWQConfig(clip=recipe.awq_clip)
+Config = AWQConfig
 
 
 def search_scale(block: nn.Module, gi: GroupInputs, specs: dict[str, LayerSpec], masters: dict[str, torch.Tensor],
@@ -106,7 +106,7 @@ def search(block: nn.Module, captured: list[GroupInputs], specs: dict[str, Layer
     for gi in captured:
         alpha, s = search_scale(block, gi, specs, masters, cfg.grid)
         chosen.scales[gi.group.prev], chosen.alpha[gi.group.prev] = s.cpu(), alpha
-    if not cfg.clip:
+    if not cfg.awq_clip:
         return chosen
     touched = {k for gi in captured for k in masters
                if k.rpartition(".")[0] in (gi.group.prev, *gi.group.layers)}

@@ -75,13 +75,18 @@ def accumulate(stats: HessianStats, x: torch.Tensor) -> HessianStats:
 
 @dataclass(frozen=True)
 class GPTQConfig:
-    block_size: int = DEFAULT_BLOCK_SIZE
-    damp: float = DEFAULT_DAMP
-    act_order: bool = False
+    """GPTQ's options (a recipe's `options`)."""
+
+    block_size: int = DEFAULT_BLOCK_SIZE  # columns per lazy batch
+    damp: float = DEFAULT_DAMP  # λ, a fraction of the mean Hessian diagonal
+    act_order: bool = False  # columns in order of descending Hessian diagonal
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or not 0 <= self.damp < 1:
             raise LowbitError(f"GPTQ needs a block size ≥ 1 and 0 ≤ damp < 1; got {self.block_size}, {self.damp}.")
+
+
+Config = GPTQConfig
 
 
 def _params(w: torch.Tensor, fmt: IntFormat, importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,10 +219,6 @@ def gptq_superblocks(weight: torch.Tensor, stats: HessianStats, fmt: KQuantForma
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
     return KQuantWeight(fmt, codes, {k: torch.cat([g[k] for g in fitted], dim=1).reshape(rows, -1)
                                      for k in fitted[0]})
-
-
-def configure(recipe) -> GPTQConfig:
-    return GPTQConfig(block_size=recipe.block_size, damp=recipe.damp, act_order=recipe.act_order)
 
 
 def quantize_shared(weights: list[torch.Tensor], stats: HessianStats, spec, cfg: GPTQConfig) -> list[QuantizedWeight]:

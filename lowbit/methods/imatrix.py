@@ -28,6 +28,7 @@ from lowbit.formats.search import best_shrink
 from lowbit.formats.spec import LayerSpec
 
 NEEDS_CALIBRATION = True
+Config = None  # no options beyond the format; the calibration set is the recipe's
 
 
 @dataclass
@@ -53,11 +54,6 @@ def accumulate(stats: ImportanceStats, x: torch.Tensor) -> ImportanceStats:
     stats.sum_sq += x.double().pow(2).sum(0)
     stats.n += x.shape[0]
     return stats
-
-
-def configure(recipe) -> None:
-    """No options beyond the format; the calibration set is the recipe's."""
-    return None
 
 
 def quantize_layer(weight: torch.Tensor, stats: ImportanceStats | None, spec: LayerSpec,

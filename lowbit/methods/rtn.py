@@ -10,14 +10,9 @@ import torch
 
 from lowbit.formats import QuantizedWeight, quantize
 from lowbit.formats.spec import LayerSpec
-from lowbit.recipe import Recipe
 
 NEEDS_CALIBRATION = False
-
-
-def configure(recipe: Recipe) -> None:
-    """RTN has no options beyond the format."""
-    return None
+Config = None  # no options beyond the format
 
 
 def quantize_layer(weight: torch.Tensor, stats: None, spec: LayerSpec, cfg: None = None) -> QuantizedWeight:

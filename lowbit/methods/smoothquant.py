@@ -23,13 +23,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lowbit.errors import LowbitError
 from lowbit.formats import fake_quantize, fake_quantize_activation
 from lowbit.formats.activation import activation_scale
 from lowbit.formats.spec import LayerSpec
 from lowbit.methods.transform import BlockScales
 from lowbit.model.architectures import ScaleGroup
 from lowbit.model.capture import GroupInputs
-from lowbit.recipe import Recipe
 
 NEEDS_CALIBRATION = True
 ALPHA_GRID = 20  # α ∈ {0, 1/20, …, 1}
@@ -38,13 +38,18 @@ MIN_SCALE = 1e-5
 
 @dataclass(frozen=True)
 class SmoothQuantConfig:
-    alpha: float | None = None  # None: searched per group
+    """SmoothQuant's options (a recipe's `options`)."""
+
+    alpha: float | None = None  # migration strength; None: searched per group
     smooth_all: bool = False  # also the groups fed by a linear layer (down after up, o after v)
     search_tokens: int = 4096  # tokens (evenly spaced) on which the α search measures the error
 
+    def __post_init__(self) -> None:
+        if self.alpha is not None and not 0 <= self.alpha <= 1:
+            raise LowbitError(f"the migration strength alpha must lie in [0, 1], got {self.alpha}.")
 
-def configure(recipe: Recipe) -> SmoothQuantConfig:
-    return SmoothQuantConfig(alpha=recipe.alpha, smooth_all=recipe.smooth_all)
+
+Config = SmoothQuantConfig
 
 
 def smoothing_scale(x_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -37,7 +37,7 @@ from lowbit.methods.gptq import (
     prepare,
 )
 
-__all__ = ["NEEDS_CALIBRATION", "SpQRConfig", "accumulate", "configure", "init_stats", "quantize_layer",
+__all__ = ["NEEDS_CALIBRATION", "Config", "SpQRConfig", "accumulate", "init_stats", "quantize_layer",
            "spqr_quantize"]
 
 NEEDS_CALIBRATION = True
@@ -48,14 +48,19 @@ MAX_SEARCH_PASSES = 12
 
 @dataclass(frozen=True)
 class SpQRConfig:
-    block_size: int = DEFAULT_BLOCK_SIZE
-    damp: float = DEFAULT_DAMP
-    tau: float = DEFAULT_TAU
-    outlier_rate: float | None = None  # when set, τ is searched per layer to reach it
+    """SpQR's options (a recipe's `options`); the statistics' bits and β2 go into its format (SpQRFormat)."""
+
+    block_size: int = DEFAULT_BLOCK_SIZE  # GPTQ's columns per lazy batch
+    damp: float = DEFAULT_DAMP  # GPTQ's λ
+    outlier_threshold: float = DEFAULT_TAU  # τ, relative (inf = no outliers)
+    outlier_rate: float | None = None  # when set, τ is searched per layer to reach it (τ above is the start)
+    stat_bits: int = 3  # bits of the quantized scales and zeros (16 = keep them in float16)
+    stat_group: int = 16  # β2: output rows sharing one second-level grid
 
     def __post_init__(self) -> None:
-        if not self.tau > 0:
-            raise LowbitError(f"SpQR's outlier threshold τ must be positive (inf for no outliers); got {self.tau}.")
+        if not self.outlier_threshold > 0:
+            raise LowbitError(f"SpQR's outlier threshold τ must be positive (inf for no outliers); got "
+                              f"{self.outlier_threshold}.")
         if self.outlier_rate is not None and not 0 <= self.outlier_rate < 0.5:
             raise LowbitError(f"the target outlier rate must be in [0, 0.5), e.g. 0.01 for 1%; got "
                               f"{self.outlier_rate}.")
@@ -154,7 +159,7 @@ def spqr_quantize(weight: torch.Tensor, stats: HessianStats, fmt: SpQRFormat,
     W, Hinv, _, _ = prepare(weight, stats, cfg.damp)
     unit = threshold_scale(W, Hinv)
     if cfg.outlier_rate is None or cfg.outlier_rate == 0:
-        tau = math.inf if cfg.outlier_rate == 0 else cfg.tau
+        tau = math.inf if cfg.outlier_rate == 0 else cfg.outlier_threshold
         return _pass(W, Hinv, fmt, tau * unit, cfg.block_size)
     return _search_rate(W, Hinv, fmt, unit, cfg)
 
@@ -164,7 +169,7 @@ def _search_rate(W: torch.Tensor, Hinv: torch.Tensor, fmt: SpQRFormat, unit: flo
     that: the best pass at or under the target is kept when the search runs out)."""
     target = cfg.outlier_rate
     lo, hi = None, None  # log τ bounds: rate too high at lo, too low at hi
-    log_tau = math.log(cfg.tau)
+    log_tau = math.log(cfg.outlier_threshold)
     best = None
     for _ in range(MAX_SEARCH_PASSES):
         result = _pass(W.clone(), Hinv, fmt, math.exp(log_tau) * unit, cfg.block_size)
@@ -181,10 +186,7 @@ def _search_rate(W: torch.Tensor, Hinv: torch.Tensor, fmt: SpQRFormat, unit: flo
     return best if best is not None else result
 
 
-def configure(recipe) -> SpQRConfig:
-    return SpQRConfig(block_size=recipe.block_size, damp=recipe.damp,
-                      tau=recipe.outlier_threshold if recipe.outlier_threshold is not None else DEFAULT_TAU,
-                      outlier_rate=recipe.outlier_rate)
+Config = SpQRConfig
 
 
 def quantize_layer(weight: torch.Tensor, stats: HessianStats | None, spec, cfg: SpQRConfig) -> SpQRWeight:

@@ -1,8 +1,9 @@
 """The contract of a block transform (AWQ, SmoothQuant): the driver captures, the method searches, the scales apply.
 
 A transform module provides
-- `configure(recipe) -> Config` (frozen), `select_groups(block, groups, cfg)` (which of the block's active scaling
-  groups it acts on) and `capture_batches(cfg, tokens_per_batch)` (how many calibration batches its search needs);
+- `Config` (its frozen options, built from a recipe's), `select_groups(block, groups, cfg)` (which of the block's
+  active scaling groups it acts on) and `capture_batches(cfg, tokens_per_batch)` (how many calibration batches its
+  search needs);
 - `search(block, captured, specs, masters, cfg) -> BlockScales`, pure: given the inputs the driver captured for
   each group (`GroupInputs`), it returns what it chose and leaves the block and `masters` as they were.
 
