@@ -122,6 +122,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from lowbit.choose.study import SensitivityConfig, markdown, run, write
+    from lowbit.io.export import check_writable
+
+    cfg = SensitivityConfig(
+        model=args.model, schemes=tuple(_names(args.scheme)), method=args.method, group_size=args.group_size,
+        symmetric=not args.asym, by=args.by, prompts=args.prompts, max_prompts=args.max_prompts,
+        max_new_tokens=args.max_new_tokens, reference_record=args.reference_record, measure=not args.proxy_only,
+        device=args.device, progress=not args.quiet)
+    cfg.recipes()  # a bad scheme, method or unit is said before anything loads
+    check_writable(args.out, args.overwrite)
+    result = run(cfg)
+    print(markdown(result, limit=args.show))
+    for path in write(result, args.out, args.overwrite):
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lowbit.demo import run_demo
 
@@ -295,6 +313,30 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--report", metavar="FILE.html", help="write a self-contained HTML report with plots")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("sensitivity", help="the KL that quantizing each layer (layer kind, block) alone causes, "
+                                           "ranked, with a heat map and a cheap proxy's rank correlation")
+    s.add_argument("model", help="built-in name (smollm2-135m), Hugging Face directory or .gguf file")
+    s.add_argument("--scheme", default="w3a16",
+                   help="comma-separated schemes to measure each unit at (default w3a16), e.g. w2a16,w3a16,w4a16")
+    s.add_argument("--group-size", type=int, help="columns per scale (0 = per output channel); scheme default")
+    s.add_argument("--asym", action="store_true", help="asymmetric grids")
+    s.add_argument("--method", default="rtn", help="rounding: rtn (default), imatrix, gptq or spqr, each layer "
+                                                    "from its own float inputs")
+    s.add_argument("--by", default="layer", choices=("layer", "type", "block"),
+                   help="unit quantized alone: each layer (default), each layer kind across all blocks, each block")
+    s.add_argument("--prompts", help="prompt set, as for eval (default: MT-bench and Vicuna-bench first turns)")
+    s.add_argument("--max-prompts", type=int, default=16, help="first N prompts (default 16)")
+    s.add_argument("--max-new-tokens", type=int, default=64, help="reference generation length (default 64)")
+    s.add_argument("--reference-record", metavar="FILE", help="use a saved record's sequences (made by this model)")
+    s.add_argument("--proxy-only", action="store_true",
+                   help="only the importance-weighted error, no forward passes (seconds instead of minutes)")
+    s.add_argument("--show", type=int, default=20, help="rows printed (default 20; the files hold all)")
+    s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    s.add_argument("--out", required=True, help="directory for sensitivity.json/.csv/.md and heatmap.png")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_sensitivity)
 
     d = sub.add_parser("demo", help="quantize the built-in model and show what it did")
     d.add_argument("--out", help="where to write the demo checkpoint (default: in the lowbit cache)")
