@@ -72,3 +72,131 @@ def test_frontier_equals_brute_force(seed):
     assert sorted(frontier(pts)) == brute
     got = frontier(pts)
     assert [pts[i][0] for i in got] == sorted(pts[i][0] for i in got)
+
+
+@pytest.fixture(scope="module")
+def stories_probe(_stories, stories_tokenizer):
+    import copy
+
+    from lowbit.choose.sensitivity import probe
+    from lowbit.eval.divergence import make_record
+    from lowbit.eval.prompts import load_prompts
+    from lowbit.methods.registry import get_method
+    from lowbit.model.loading import family_of
+    from lowbit.model.targets import select_layers
+    from lowbit.recipe import Recipe
+
+    model = copy.deepcopy(_stories)
+    texts, source = load_prompts(None, 3)
+    record = make_record(model, stories_tokenizer, texts, source=source, model_name="stories", max_new_tokens=24,
+                         progress=False)
+    plan = select_layers(model, family_of(model), Recipe(scheme="w2a16", group_size=0))
+    return probe(model, family_of(model), record, plan, get_method("rtn"), 16, progress=False), record, plan
+
+
+def test_measured_kl_equals_lowbit_eval_of_that_layer_alone(stories_probe, stories_tokenizer):
+    from lowbit.api import fake_quantize_model
+    from lowbit.choose.sensitivity import measure_kl
+    from lowbit.eval.divergence import compare
+    from lowbit.formats import fake_quantize
+
+    pr, record, plan = stories_probe
+    name = "model.layers.2.mlp.up_proj"
+    weight = pr.model.get_submodule(name).weight.detach()
+    ours = measure_kl(pr, {name: fake_quantize(weight, plan[name].weight)})
+    theirs = compare(record, fake_quantize_model(pr.model, {name: plan[name]}), reference=pr.model, progress=False)
+    assert ours == pytest.approx(float(theirs.stats.kl.mean()), rel=1e-5)
+    assert ours > 1e-4
+    assert measure_kl(pr, {name: weight.clone()}) == 0.0
+
+
+def test_fisher_estimate_matches_its_formula_and_ranks_the_layers(stories_probe):
+    import torch
+
+    from lowbit.choose.sensitivity import group_units, output_gradients, rank_correlation, sensitivity
+    from lowbit.methods.registry import get_method
+    from lowbit.model.loading import family_of
+
+    pr, record, plan = stories_probe
+    name = "model.layers.1.self_attn.v_proj"
+    # G_r against autograd of the summed log-likelihood with respect to the layer's output, sequence by sequence
+    layer = pr.model.get_submodule(name)
+    expect = torch.zeros(layer.out_features, dtype=torch.float64)
+    for i in range(record.num_sequences):
+        ids = record.sequence(i).long()[None]
+        out = {}
+        handle = layer.register_forward_hook(lambda _m, _a, o, out=out: out.setdefault("y", o))
+        emb = pr.model.get_input_embeddings()
+        h2 = emb.register_forward_hook(lambda _m, _a, o: o.requires_grad_(True))
+        with torch.enable_grad():
+            lp = torch.log_softmax(pr.model(input_ids=ids, use_cache=False).logits.float(), -1)
+            loss = lp[0, :-1].gather(-1, ids[0, 1:, None]).sum()
+            (g,) = torch.autograd.grad(loss, out["y"])
+        handle.remove()
+        h2.remove()
+        expect += g.double().pow(2).flatten(0, -2).sum(0)
+    got = output_gradients(pr.model, [record.sequence(i).long()[None] for i in range(record.num_sequences)],
+                           [name])[name]
+    torch.testing.assert_close(got, expect, rtol=1e-6, atol=1e-12)
+    rows = sensitivity(pr, group_units(list(plan), family_of(pr.model), "layer"), {"w2": plan}, get_method("rtn"),
+                       progress=False)
+    assert all(r.kl > 0 and r.proxy > 0 for r in rows)
+    assert rank_correlation([r.proxy for r in rows], [r.kl for r in rows]) > 0.6
+
+
+def test_rank_correlation_with_ties():
+    from lowbit.choose.sensitivity import rank_correlation
+
+    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert rank_correlation([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks with ties: a → [1, 2.5, 2.5, 4] (0-based here, same correlation), b → [1, 2, 3, 4]
+    assert rank_correlation([1, 5, 5, 9], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)
+    assert rank_correlation([1, 1, 1], [1, 2, 3]) is None and rank_correlation([1, 2], [2, 1]) is None
+
+
+def test_sensitivity_command_writes_its_files(tmp_path, stories_path, capsys):
+    import json
+
+    from lowbit.cli import main
+
+    out = tmp_path / "sens"
+    assert main(["sensitivity", str(stories_path), "--scheme", "w2a16,w3a16", "--group-size", "0", "--by", "type",
+                 "--max-prompts", "2", "--max-new-tokens", "8", "--out", str(out), "--quiet"]) == 0
+    result = json.loads((out / "sensitivity.json").read_text())
+    assert result["formats"] == ["w2a16 per-channel", "w3a16 per-channel"] and len(result["rows"]) == 14
+    by_unit = {(r["unit"], r["fmt"]): r for r in result["rows"]}
+    for kind in ("self_attn.q_proj", "mlp.down_proj"):  # fewer bits, more damage
+        assert by_unit[(kind, "w2a16 per-channel")]["kl"] > by_unit[(kind, "w3a16 per-channel")]["kl"]
+    assert {p.name for p in out.iterdir()} == {"sensitivity.json", "sensitivity.csv", "sensitivity.md"}
+    assert "| 1 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--method", "awq"], "transforms groups of layers"),
+    (["--scheme", "w9a16"], "2 to 8 bits"),
+    (["--scheme", "w4a16", "--group-size", "3"], "Group sizes that divide"),
+])
+def test_sensitivity_bad_input(tmp_path, stories_path, capsys, argv, match):
+    from lowbit.cli import main
+
+    assert main(["sensitivity", str(stories_path), *argv, "--out", str(tmp_path / "o"), "--quiet",
+                 "--max-prompts", "1", "--max-new-tokens", "4"]) == 2
+    assert match in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_record_from_another_model_is_refused(tmp_path, stories_path, stories, stories_tokenizer, capsys):
+    import torch
+
+    from lowbit.cli import main
+    from lowbit.eval.divergence import make_record
+
+    with torch.no_grad():
+        stories.model.layers[0].mlp.up_proj.weight.mul_(1.5)
+    record = make_record(stories, stories_tokenizer, ["Once upon a time"], source="x", model_name="changed",
+                         max_new_tokens=4, progress=False)
+    record.save(tmp_path / "r.safetensors")
+    assert main(["sensitivity", str(stories_path), "--reference-record", str(tmp_path / "r.safetensors"),
+                 "--out", str(tmp_path / "o"), "--quiet", "--group-size", "0"]) == 2
+    assert "made by another model" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
