@@ -113,7 +113,7 @@ def test_measured_kl_equals_lowbit_eval_of_that_layer_alone(stories_probe, stori
 def test_fisher_estimate_matches_its_formula_and_ranks_the_layers(stories_probe):
     import torch
 
-    from lowbit.choose.sensitivity import group_units, output_gradients, rank_correlation, sensitivity
+    from lowbit.choose.sensitivity import group_units, rank_correlation, sensitivity, statistics
     from lowbit.methods.registry import get_method
     from lowbit.model.loading import family_of
 
@@ -135,8 +135,8 @@ def test_fisher_estimate_matches_its_formula_and_ranks_the_layers(stories_probe)
         handle.remove()
         h2.remove()
         expect += g.double().pow(2).flatten(0, -2).sum(0)
-    got = output_gradients(pr.model, [record.sequence(i).long()[None] for i in range(record.num_sequences)],
-                           [name])[name]
+    seqs = [record.sequence(i).long()[None] for i in range(record.num_sequences)]
+    got = statistics(pr.model, seqs, {name: plan[name]}, get_method("rtn"), progress=False)[1][name]
     torch.testing.assert_close(got, expect, rtol=1e-6, atol=1e-12)
     rows = sensitivity(pr, group_units(list(plan), family_of(pr.model), "layer"), {"w2": plan}, get_method("rtn"),
                        progress=False)

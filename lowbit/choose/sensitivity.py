@@ -81,10 +81,7 @@ class Probe:
     importance: dict[str, torch.Tensor] = field(default_factory=dict)  # a_j, [in]
     grad_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # G_r, [out]
     stats: dict[str, object] = field(default_factory=dict)
-
-    @property
-    def positions(self) -> int:
-        return sum(len(t) for t in self.next_ids)
+    positions: int = 0  # T: predicted positions over every sequence
 
 
 def _logprobs(model: nn.Module, family: Family, hidden: torch.Tensor) -> torch.Tensor:
@@ -98,12 +95,16 @@ def _logprobs(model: nn.Module, family: Family, hidden: torch.Tensor) -> torch.T
 
 @torch.no_grad()
 def probe(model: nn.Module, family: Family, record: ReferenceRecord, plan: dict[str, LayerSpec],
-          method: MethodEntry, top_n: int, progress: bool = True) -> Probe:
-    """Run the float model once over the record, keeping what measuring needs (on the model's device)."""
+          method: MethodEntry, top_n: int = 16, measure: bool = True, progress: bool = True) -> Probe:
+    """Run the float model over the record: a pass with gradients gives every layer's statistics and G_r; with
+    `measure`, a pass block by block keeps each block's inputs and the float model's top-N predictions."""
+    seqs = [record.sequence(i).long()[None] for i in range(record.num_sequences)]
+    importance, grad_sq, stats = statistics(model, seqs, plan, method, progress)
+    positions = sum(ids.shape[1] - 1 for ids in seqs)
+    if not measure:
+        return Probe(model, family, [], [], [], [], [], importance, grad_sq, stats, positions)
     device = next(model.parameters()).device
     blocks = decoder_blocks(model, family)
-    linears = linear_layers(model)
-    seqs = [record.sequence(i).long()[None] for i in range(record.num_sequences)]
     first = BlockInputs()
     for ids in seqs:
         one = capture_block_inputs(model, family, ids, device, batch_size=1, offload=device)
@@ -112,28 +113,11 @@ def probe(model: nn.Module, family: Family, record: ReferenceRecord, plan: dict[
         first.layer_types = one.layer_types
         for t, kw in one.by_type.items():
             first.by_type.setdefault(t, []).extend(kw)
-    gather = method.module.NEEDS_CALIBRATION and method.module is not imatrix
-    imp = {n: imatrix.init_stats(linears[n].in_features, device) for n in plan}
-    stats = {n: method.module.init_stats(linears[n].in_features, device) for n in plan} if gather else {}
-
-    def hook_for(name: str):
-        def hook(_module, args):
-            imatrix.accumulate(imp[name], args[0].float())
-            if gather:
-                method.module.accumulate(stats[name], args[0].float())
-        return hook
-
-    handles = [linears[n].register_forward_pre_hook(hook_for(n)) for n in plan]
     inputs, current = [], first
-    try:
-        for i in tqdm(range(len(blocks)), desc="float pass", unit="block", disable=not progress,
-                      dynamic_ncols=True):
-            current = current.for_block(i)
-            inputs.append(current)
-            current = run_block(blocks[i], current, device, offload=device)
-    finally:
-        for h in handles:
-            h.remove()
+    for i in tqdm(range(len(blocks)), desc="float pass", unit="block", disable=not progress, dynamic_ncols=True):
+        current = current.for_block(i)
+        inputs.append(current)
+        current = run_block(blocks[i], current, device, offload=device)
     top_ids, top_lp, next_lp, next_ids = [], [], [], []
     for ids, hidden in zip(seqs, current.hidden, strict=True):
         lp = _logprobs(model, family, hidden)[0, :-1].cpu()
@@ -143,43 +127,55 @@ def probe(model: nn.Module, family: Family, record: ReferenceRecord, plan: dict[
         top_lp.append(vals)
         next_lp.append(lp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1))
         next_ids.append(nxt)
-    importance = {n: s.importance for n, s in imp.items()}
-    if method.module is imatrix:
-        stats = imp
-    grad_sq = output_gradients(model, seqs, list(plan))
-    return Probe(model, family, inputs, top_ids, top_lp, next_lp, next_ids, importance, grad_sq, stats)
+    return Probe(model, family, inputs, top_ids, top_lp, next_lp, next_ids, importance, grad_sq, stats, positions)
 
 
-def output_gradients(model: nn.Module, seqs: list[torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
-    """G_r = Σ_t g_tr² per output of each named layer, g = ∂ Σ log p(next token) / ∂ output (float64, CPU). The
-    embeddings' output is made to require a gradient, so no weight gradient is ever formed."""
+def statistics(model: nn.Module, seqs: list[torch.Tensor], plan: dict[str, LayerSpec], method: MethodEntry,
+               progress: bool = True) -> tuple[dict, dict, dict]:
+    """One forward and backward pass per sequence. Per named layer: a_j (mean x_j², [in]), G_r = Σ_t g_tr² with
+    g = ∂ Σ log p(next token) / ∂ output ([out], float64, CPU), and the method's own statistics (GPTQ's Hessian,
+    the imatrix). The embeddings' output is made to require a gradient, so no weight gradient is ever formed."""
+    device = next(model.parameters()).device
     linears = linear_layers(model)
-    sums = {n: torch.zeros(linears[n].out_features, dtype=torch.float64) for n in names}
+    gather = method.module.NEEDS_CALIBRATION and method.module is not imatrix
+    imp = {n: imatrix.init_stats(linears[n].in_features, device) for n in plan}
+    stats = {n: method.module.init_stats(linears[n].in_features, device) for n in plan} if gather else {}
+    sums = {n: torch.zeros(linears[n].out_features, dtype=torch.float64) for n in plan}
 
-    def keep(name: str):
+    def hooks_for(name: str):
         def add(g: torch.Tensor) -> None:
             sums[name].add_(g.detach().double().pow(2).flatten(0, -2).sum(0).cpu())
 
-        def hook(_module, _args, out):
+        def before(_module, args):
+            x = args[0].detach().float()
+            imatrix.accumulate(imp[name], x)
+            if gather:
+                method.module.accumulate(stats[name], x)
+
+        def after(_module, _args, out):
             if out.requires_grad:
                 out.register_hook(add)
-        return hook
+        return before, after
 
     def needs_grad(_module, _args, out):
         return out.requires_grad_(True)
 
-    handles = [linears[n].register_forward_hook(keep(n)) for n in names]
+    handles = []
+    for n in plan:
+        before, after = hooks_for(n)
+        handles += [linears[n].register_forward_pre_hook(before), linears[n].register_forward_hook(after)]
     handles.append(model.get_input_embeddings().register_forward_hook(needs_grad))
     try:
         with torch.enable_grad():
-            for ids in seqs:
-                lp = torch.log_softmax(model(input_ids=ids.to(next(model.parameters()).device),
-                                             use_cache=False).logits.float(), dim=-1)
-                lp[0, :-1].gather(-1, ids[0, 1:].to(lp.device).unsqueeze(-1)).sum().backward()
+            for ids in tqdm(seqs, desc="gradients", unit="seq", disable=not progress, dynamic_ncols=True):
+                ids = ids.to(device)
+                lp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+                lp[0, :-1].gather(-1, ids[0, 1:].unsqueeze(-1)).sum().backward()
     finally:
         for h in handles:
             h.remove()
-    return sums
+    importance = {n: s.importance for n, s in imp.items()}
+    return importance, sums, imp if method.module is imatrix else stats
 
 
 def quantize_weight(probe: Probe, name: str, spec: LayerSpec, method: MethodEntry, cfg=None):
