@@ -69,6 +69,7 @@ class QuantizeResult:
     source: str = ""
     sizes: dict = field(default_factory=dict)
     compute_dtype: str = "float32"
+    allocation: dict | None = None  # mixed precision: how the per-layer formats were chosen (lowbit.choose.mixed)
 
 
 def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, calib: CalibConfig | None = None,
@@ -192,6 +193,8 @@ def save(result: QuantizeResult, out_dir: str | Path, *, tokenizer=None, overwri
         "size": result.sizes,
         "blocks": [vars(b) for b in result.pipeline.blocks],
     }
+    if result.allocation is not None:
+        info["allocation"] = result.allocation
     scales = result.pipeline.scales
     extra = {SCALES_FILE: scales_file(scales, transform_name(get_method(result.recipe.method)))} if scales else {}
     return save_checkpoint(result.model, out_dir, dtype=result.dtype, tokenizer=tokenizer, overwrite=overwrite,

@@ -70,9 +70,24 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if resolve(args.model).kind == "hf":  # an architecture lowbit cannot quantize is said before anything loads
         family_for(api.model_type(args.model))
     tokenizer = api.load_tokenizer(args.model)
-    result = api.quantize(args.model, recipe, tokenizer=tokenizer, calib=calib, device=args.device, dtype=args.dtype,
+    model, mixed = args.model, None
+    if args.target_bpw is not None:
+        from lowbit.choose.mixed import DEFAULT_CHOICES, check_target, choose, parse_choices
+        from lowbit.data.calibration import CalibConfig
+        from lowbit.model.loading import family_of
+
+        check_target(args.target_bpw, recipe.method)
+        menu = parse_choices(args.choices or DEFAULT_CHOICES)
+        model = api.load(args.model)
+        mixed = choose(model, tokenizer, family_of(model), recipe, args.target_bpw, menu,
+                       calib or CalibConfig(samples=16, seqlen=512), progress=not args.quiet)
+        recipe = mixed.recipe
+    result = api.quantize(model, recipe, tokenizer=tokenizer, calib=calib, device=args.device, dtype=args.dtype,
                           reuse_scales=args.reuse_scales,
                           compute_dtype=args.compute_dtype, progress=not args.quiet)
+    if mixed is not None:
+        result.source = args.model
+        result.allocation = {**mixed.info, "bits_per_weight_measured": targeted_bpw(result, mixed.weights)}
     if args.format == "compressed-tensors":
         header = export(result, "compressed-tensors", out, tokenizer=tokenizer, overwrite=args.overwrite)
     elif args.format == "gguf":
@@ -82,6 +97,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         header = api.save(result, out, tokenizer=tokenizer, overwrite=args.overwrite)
     print_summary(result, header, out)
     return 0
+
+
+def targeted_bpw(result, weights: int) -> float:
+    """Bits per targeted weight, everything counted: the quantized layers' stored bits, 16 for each kept one."""
+    s = result.sizes
+    return (s["bits_per_weight"] * s["quantized_weights"] + 16 * (weights - s["quantized_weights"])) / weights
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -234,6 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SmoothQuant: also smooth down_proj's and o_proj's inputs (folded into up_proj and v_proj), "
                         "not only the norm-fed groups of the paper")
     m.add_argument("--no-awq-clip", action="store_true", help="AWQ: skip the clipping-range search")
+    q.add_argument("--target-bpw", type=float, metavar="BITS",
+                   help="mixed precision: choose each layer's format from --choices for the least predicted KL "
+                        "(Fisher estimate on calibration text) within BITS per targeted weight, everything counted; "
+                        "the chosen formats become the recipe's overrides (recipe.yaml reproduces the checkpoint)")
+    q.add_argument("--choices",
+                   help="formats --target-bpw may give a layer: SCHEME[:GROUP] and 16 (kept in 16 bits), comma-"
+                        "separated (default: w2a16:64, w3a16:128, w3a16:64, w4a16:128, w4a16:64, w4a16:32, "
+                        "w5a16:64, w6a16:128, w8a16:0 and 16)")
     q.add_argument("--reuse-scales", metavar="PATH",
                    help="AWQ / SmoothQuant: apply the scales (and AWQ's clipping) that an earlier run saved — its "
                         "checkpoint directory or scales.safetensors — instead of searching them")

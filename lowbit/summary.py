@@ -44,6 +44,12 @@ def print_summary(result, header: dict, out: Path) -> None:
         scales = "one calibrated scale per layer for keys and one for values" if recipe.kv_static \
             else "one scale per token and head"
         lines.append(f"  kv cache     {recipe.kv_cache}, {scales}{queries}")
+    if result.allocation:
+        a = result.allocation
+        chosen = ", ".join(f"{n} × {label}" for label, n in sorted(a["layers"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"  allocation   {a['bits_per_weight_measured']:.3f} bits per targeted weight, everything counted "
+                     f"(target {a['target_bits_per_weight']:g}); predicted KL {a['predicted_kl']:.4f} "
+                     f"(Fisher estimate); {chosen}; the per-layer formats are recipe.yaml's overrides")
     if errors:
         lines.append(f"  block error  relative output MSE on a calibration batch: first {errors[0]:.2e}, "
                      f"max {max(errors):.2e}, last {errors[-1]:.2e}")

@@ -200,3 +200,71 @@ def test_a_record_from_another_model_is_refused(tmp_path, stories_path, stories,
                  "--out", str(tmp_path / "o"), "--quiet", "--group-size", "0"]) == 2
     assert "made by another model" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+MENU = "w2a16:0,w3a16:0,w4a16:0,w8a16:0,16"
+
+
+@pytest.mark.slow
+def test_target_bpw_stays_in_budget_and_its_recipe_reproduces_the_checkpoint(tmp_path, stories_path, capsys):
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from lowbit.cli import main
+
+    common = ["--method", "gptq", "--calib-samples", "4", "--calib-seqlen", "64", "--quiet"]
+    assert main(["quantize", str(stories_path), "--target-bpw", "5", "--choices", MENU, *common,
+                 "--out", str(tmp_path / "mixed")]) == 0
+    assert "allocation" in capsys.readouterr().out
+    header = json.loads((tmp_path / "mixed" / "lowbit.json").read_text())
+    alloc = header["allocation"]
+    assert alloc["bits_per_weight_measured"] <= 5 and alloc["bits_per_weight"] == alloc["bits_per_weight_measured"]
+    assert len(alloc["layers"]) >= 2 and sum(alloc["layers"].values()) == 35
+    assert header["recipe"]["overrides"]
+    assert main(["quantize", str(stories_path), "--recipe", str(tmp_path / "mixed" / "recipe.yaml"), *common,
+                 "--out", str(tmp_path / "again")]) == 0
+    a, b = load_file(tmp_path / "mixed" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--target-bpw", "0"], "not a budget"),
+    (["--target-bpw", "16.5"], "not a budget"),
+    (["--target-bpw", "2", "--choices", MENU], "below the smallest allocation the choices allow, 2.268"),
+    (["--target-bpw", "4", "--choices", "w4a16:x"], "must be an integer"),
+    (["--target-bpw", "4", "--choices", "w3a16:0,w3a16:0"], "lists a format twice"),
+    (["--target-bpw", "4", "--choices", "w9a16:0"], "2 to 8 bits"),
+    (["--target-bpw", "8", "--method", "smoothquant"], "quantizes activations too"),
+])
+def test_target_bpw_bad_input(tmp_path, stories_path, capsys, argv, match):
+    from lowbit.cli import main
+
+    assert main(["quantize", str(stories_path), *argv, "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert match in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "o").exists()
+
+
+def test_allocation_recipe_patterns_select_exactly_their_layers(stories):
+    from lowbit.choose.allocate import Allocation, Choice
+    from lowbit.choose.mixed import allocation_recipe, parse_choices
+    from lowbit.model.loading import family_of
+    from lowbit.model.targets import select_layers
+    from lowbit.recipe import Recipe
+
+    family = family_of(stories)
+    names = list(select_layers(stories, family, Recipe(scheme="w4a16", group_size=0)))
+    menu = parse_choices(MENU)
+    labels = [m.label for m in menu]
+    picks = {n: labels[(i * 7) % len(labels)] for i, n in enumerate(names)}
+    alloc = Allocation({n: Choice(label, 1, 0.0) for n, label in picks.items()}, len(names), 0.0, True)
+    recipe = allocation_recipe(Recipe(method="gptq", scheme="w4a16", group_size=0), alloc, menu, family.blocks)
+    plan = select_layers(stories, family, recipe)
+    for n, label in picks.items():
+        if label == "16":
+            assert n not in plan
+        else:
+            scheme = label.partition(":")[0]
+            assert plan[n].weight.bits == int(scheme[1]) and plan[n].weight.granularity.to_dict()["type"] == \
+                "per_channel", (n, label)

@@ -1,0 +1,223 @@
+"""Mixed precision under a budget: `lowbit quantize … --target-bpw 3.5` (or `--target-size 80MB`).
+
+1. The menu: formats a layer may take (`--choices`, default DEFAULT_CHOICES), each an ordinary scheme and group
+   size, plus "16" (the layer kept in 16 bits).
+2. The costs: per layer and choice, the stored bits (everything: codes, scales, zeros; 16 per weight for a kept
+   layer) and the predicted KL, the Fisher estimate of lowbit.choose.sensitivity (½ Σ G_r a_j ΔW_rj² / T) with
+   ΔW from the method's own rounding of the float layer, on calibration text (never the evaluation prompts).
+3. The allocation: lowbit.choose.allocate, exact, within budget × targeted weights.
+4. The result is an ordinary recipe: the most common choice is the recipe's scheme and every other layer gets an
+   override (one per choice and layer kind, its blocks listed), 16-bit layers a `skip`. Quantizing with it is
+   quantizing with the allocation; `recipe.yaml` in the checkpoint reproduces it through `--recipe`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from lowbit.choose.allocate import Allocation, Choice, allocate
+from lowbit.choose.sensitivity import block_of, probe, proxy_errors, quantize_weight
+from lowbit.errors import LowbitError
+from lowbit.formats.spec import LayerSpec
+from lowbit.methods import rtn
+from lowbit.methods.registry import get_method
+from lowbit.model.architectures import Family
+from lowbit.model.targets import linear_layers, select_layers
+from lowbit.recipe import Override, Recipe
+
+KEEP = "16"
+DEFAULT_CHOICES = ("w2a16:64", "w3a16:128", "w3a16:64", "w4a16:128", "w4a16:64", "w4a16:32", "w5a16:64",
+                   "w6a16:128", "w8a16:0", KEEP)
+# Methods whose rounding predicts the cost of a layer on its own; AWQ's layers are costed by RTN.
+OWN_ROUNDING = ("rtn", "imatrix", "gptq")
+MIXED_METHODS = (*OWN_ROUNDING, "awq")  # weight-only methods on integer grids
+
+
+@dataclass(frozen=True)
+class MenuItem:
+    """A scheme and group size (None: the scheme's default), or the layer kept in 16 bits."""
+
+    scheme: str | None
+    group_size: int | None = None
+
+    @property
+    def label(self) -> str:
+        if self.scheme is None:
+            return KEEP
+        return self.scheme if self.group_size is None else f"{self.scheme}:{self.group_size}"
+
+
+def parse_choices(text: str | tuple[str, ...]) -> list[MenuItem]:
+    """'w3a16:64,w4a16:128,16' → menu items (checked as schemes; duplicates refused)."""
+    parts = [p.strip() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
+    if not parts:
+        raise LowbitError("--choices is empty; give formats like w3a16:64,w4a16:128,16.")
+    items = []
+    for part in parts:
+        if part in (KEEP, "bf16", "fp16", "keep"):
+            items.append(MenuItem(None))
+            continue
+        scheme, _, group = part.partition(":")
+        try:
+            size = int(group) if group else None
+        except ValueError:
+            raise LowbitError(f"choice {part!r}: the group size after ':' must be an integer (0 = per channel), e.g. "
+                              f"w4a16:128.") from None
+        Recipe(scheme=scheme, group_size=size)  # a bad scheme or group size is said here
+        items.append(MenuItem(scheme.lower(), size))
+    labels = [i.label for i in items]
+    if len(set(labels)) != len(labels):
+        raise LowbitError(f"--choices lists a format twice: {', '.join(labels)}.")
+    return items
+
+
+def check_target(target_bpw: float, method: str) -> None:
+    if method not in MIXED_METHODS:
+        raise LowbitError(f"--target-bpw chooses among weight formats for {', '.join(MIXED_METHODS)}; method "
+                          f"{method} has formats of its own (SpQR) or quantizes activations too (SmoothQuant, FP8).")
+    if not 0 < target_bpw <= 16:
+        raise LowbitError(f"--target-bpw {target_bpw} is not a budget: give bits per weight above 0 and at most 16 "
+                          f"(16 keeps every layer in 16 bits).")
+
+
+def item_recipe(base: Recipe, item: MenuItem) -> Recipe:
+    return base if item.scheme is None else Recipe(**{**_fields(base), "scheme": item.scheme,
+                                                      "group_size": item.group_size, "overrides": ()})
+
+
+def _fields(recipe: Recipe) -> dict:
+    return {f: getattr(recipe, f) for f in recipe.__dataclass_fields__}
+
+
+def menu_plans(model: nn.Module, family: Family, base: Recipe, menu: list[MenuItem]) -> dict[str, dict]:
+    """label → layer → spec (None for the 16-bit choice), over the layers the base recipe targets (its targets,
+    ignore and parts; its scheme does not matter)."""
+    targeting = replace(base, scheme="w8a16", group_size=0, overrides=(), per_tensor=False, act_granularity="token",
+                        act_static=False)
+    layers = list(select_layers(model, family, targeting))
+    plans = {}
+    for item in menu:
+        if item.scheme is None:
+            plans[item.label] = dict.fromkeys(layers)
+            continue
+        plan = select_layers(model, family, item_recipe(base, item))
+        plans[item.label] = {n: plan[n] for n in layers}
+    return plans
+
+
+def layer_bits(weight: torch.Tensor, spec: LayerSpec | None) -> int:
+    """Stored bits of a layer at a spec: its shape decides them (RTN on zeros); 16 per weight when kept."""
+    if spec is None:
+        return 16 * weight.numel()
+    return int(rtn.quantize_layer(torch.zeros_like(weight, dtype=torch.float32), None, spec).stored_bits())
+
+
+def budget_check(model: nn.Module, plans: dict[str, dict], target_bpw: float) -> tuple[int, int]:
+    """(budget in bits, targeted weights); refuses a budget below the smallest allocation before any work."""
+    linears = linear_layers(model)
+    names = list(next(iter(plans.values())))
+    weights = sum(linears[n].weight.numel() for n in names)
+    cache: dict[tuple, int] = {}
+    smallest = 0
+    for n in names:
+        w = linears[n].weight
+        sizes = []
+        for label, plan in plans.items():
+            key = (tuple(w.shape), label)
+            if key not in cache:
+                cache[key] = layer_bits(w, plan[n])
+            sizes.append(cache[key])
+        smallest += min(sizes)
+    budget = int(target_bpw * weights)
+    if budget < smallest:
+        raise LowbitError(f"--target-bpw {target_bpw} is below the smallest allocation the choices allow, "
+                          f"{smallest / weights:.3f} bits per weight (every layer at its smallest choice): raise the "
+                          f"target or add a smaller format to --choices.")
+    return budget, weights
+
+
+def layer_costs(pr, plans: dict[str, dict], method_name: str, recipe: Recipe,
+                progress: bool = True) -> dict[str, list[Choice]]:
+    """Per layer, every choice with its stored bits and Fisher-estimated KL (0 for a kept layer)."""
+    from tqdm.auto import tqdm
+
+    method = get_method(method_name if method_name in OWN_ROUNDING else "rtn")
+    cfg = recipe.config(method.module.Config)
+    linears = linear_layers(pr.model)
+    names = list(next(iter(plans.values())))
+    out: dict[str, list[Choice]] = {n: [] for n in names}
+    for n in tqdm(names, desc="costs", unit="layer", disable=not progress, dynamic_ncols=True):
+        w = linears[n].weight.detach()
+        for label, plan in plans.items():
+            if plan[n] is None:
+                out[n].append(Choice(label, 16 * w.numel(), 0.0))
+                continue
+            qw = quantize_weight(pr, n, plan[n], method, cfg)
+            fisher, _ = proxy_errors(w, qw.dequantize(), pr.importance[n], pr.grad_sq[n], pr.positions)
+            out[n].append(Choice(label, int(qw.stored_bits()), fisher))
+    return out
+
+
+def allocation_recipe(base: Recipe, allocation: Allocation, menu: list[MenuItem], blocks: str) -> Recipe:
+    """The allocation as a recipe: the most common choice as its scheme, an override per other choice and layer
+    kind (anchored, blocks listed), `skip` for 16-bit layers."""
+    by_label = {i.label: i for i in menu}
+    counts = Counter(c.label for c in allocation.choices.values())
+    common = next((label for label, _ in counts.most_common() if label != KEEP), None)
+    recipe = item_recipe(base, by_label[common]) if common else base
+    groups: dict[tuple[str, str], list[int]] = {}
+    for name, c in allocation.choices.items():
+        if c.label == common:
+            continue
+        block, kind = block_of(name, blocks)
+        groups.setdefault((c.label, kind), []).append(block)
+    overrides = []
+    for (label, kind), idx in groups.items():
+        which = str(idx[0]) if len(idx) == 1 else f"(?:{'|'.join(map(str, sorted(idx)))})"
+        pattern = rf"^{re.escape(blocks)}\.{which}\.{re.escape(kind)}$"
+        item = by_label[label]
+        overrides.append(Override(pattern=pattern, skip=True) if item.scheme is None
+                         else Override(pattern=pattern, scheme=item.scheme, group_size=item.group_size))
+    return Recipe(**{**_fields(recipe), "overrides": (*base.overrides, *overrides)})
+
+
+@dataclass
+class Mixed:
+    recipe: Recipe
+    allocation: Allocation
+    budget_bits: int
+    weights: int
+    info: dict
+
+
+def choose(model: nn.Module, tokenizer, family: Family, base: Recipe, target_bpw: float, menu: list[MenuItem],
+           calib, progress: bool = True) -> Mixed:
+    """Cost every layer at every choice on calibration text, allocate within the budget, return the recipe."""
+    from lowbit.data.calibration import calibration_ids
+    from lowbit.eval.divergence import text_record
+    from lowbit.model.architectures import text_config
+
+    check_target(target_bpw, base.method)
+    if base.overrides:
+        raise LowbitError("--target-bpw writes the per-layer overrides itself; give a recipe without overrides (its "
+                          "targets, ignore and method options are kept).")
+    plans = menu_plans(model, family, base, menu)
+    budget, weights = budget_check(model, plans, target_bpw)
+    ids = calibration_ids(tokenizer, calib, getattr(text_config(model), "max_position_embeddings", None))
+    record = text_record(ids, {"model": "calibration", "top_n": 16})
+    costed = get_method(base.method if base.method in OWN_ROUNDING else "rtn")
+    first = next(p for p in plans.values() if any(v is not None for v in p.values()))
+    pr = probe(model, family, record, first, costed, measure=False, progress=progress)
+    costs = layer_costs(pr, plans, base.method, base, progress)
+    allocation = allocate(costs, budget)
+    recipe = allocation_recipe(base, allocation, menu, family.blocks)
+    info = {"target_bits_per_weight": target_bpw, "bits_per_weight": allocation.bits / weights,
+            "predicted_kl": allocation.cost, "cost": "fisher", "costed_with": costed.module.__name__.rpartition(".")[2],
+            "choices": [i.label for i in menu], "calibration": calib.to_dict(),
+            "layers": dict(Counter(c.label for c in allocation.choices.values())), "exact": allocation.exact}
+    return Mixed(recipe, allocation, budget, weights, info)
