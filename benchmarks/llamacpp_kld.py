@@ -117,12 +117,13 @@ def main() -> None:
         files[f"llama.cpp {t}"] = (out / f"llama-{mix}.gguf", [quantize, base, "{dst}", t, args.threads])
         files[f"llama.cpp {t} + imatrix"] = (out / f"llama-{mix}-imatrix.gguf",
                                              [quantize, "--imatrix", imat, base, "{dst}", t, args.threads])
-        for method in filter(None, args.methods.split(",")):
+        for variant in filter(None, args.methods.split(",")):  # METHOD[/FLAG…]: gptq/act-order → --act-order
+            method, *flags = variant.split("/")
             cmd = [sys.executable, "-m", "lowbit", "quantize", "smollm2-135m", "--method", method, "--scheme", mix,
-                   "--format", "gguf", "--out", "{dst}", "--quiet"]
+                   *(f"--{f}" for f in flags), "--format", "gguf", "--out", "{dst}", "--quiet"]
             if method != "rtn":
                 cmd += ["--calib", "c4", "--calib-samples", args.calib_chunks, "--calib-seqlen", args.calib_ctx]
-            files[f"lowbit {method} {mix}"] = (out / f"lowbit-{method}-{mix}.gguf", cmd)
+            files[f"lowbit {variant} {mix}"] = (out / f"lowbit-{variant.replace('/', '-')}-{mix}.gguf", cmd)
 
     def make(cmd: list) -> Callable[[Path], None]:
         def run_it(path: Path) -> None:

@@ -161,6 +161,36 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from lowbit.choose import frontier
+    from lowbit.choose.sweep import Grid, sweep
+    from lowbit.io.atomic import atomic_file
+
+    grid = Grid.load(args.grid)  # every point is checked before any work
+    if args.kl_threshold is not None:
+        grid.kl_threshold = args.kl_threshold
+    if args.size_budget is not None:
+        grid.size_budget_bpw = args.size_budget
+    out = Path(args.out)
+    if out.exists() and not (out / "grid.json").exists():
+        raise LowbitError(f"{str(out)!r} exists and is not a sweep's directory; choose another --out (a sweep's own "
+                          f"directory is resumed).")
+    results = sweep(args.model, grid, out, Path(args.reference_record) if args.reference_record else None,
+                    progress=not args.quiet)
+    rec = frontier.recommend(results, grid.kl_threshold, grid.size_budget_bpw)
+    table = frontier.markdown(results, rec)
+    for name, text in (("sweep.md", table), ("sweep.csv", frontier.csv_text(results)),
+                       ("sweep.json", json.dumps({"results": results, "recommendation": rec}, indent=1))):
+        with atomic_file(out / name) as tmp:
+            tmp.write_text(text)
+    if frontier.finished(results):
+        with atomic_file(out / "frontier.png") as tmp:
+            frontier.chart_png(results, rec, tmp, f"{args.model}: {len(results)} configurations")
+    print(table)
+    print(f"wrote {out / 'sweep.md'}, sweep.csv, sweep.json and frontier.png in {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lowbit.demo import run_demo
 
@@ -366,6 +396,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_sensitivity)
+
+    w = sub.add_parser("sweep", help="quantize and evaluate a grid of configurations; table, Pareto chart and a "
+                                     "recommendation (resumes where it stopped)")
+    w.add_argument("model", help="built-in name (smollm2-135m), Hugging Face directory or .gguf file")
+    w.add_argument("--grid", required=True, help="YAML grid: methods, schemes, group_sizes, parts, budgets, choices, "
+                                                 "options, calib, eval, kl_threshold, size_budget_bpw")
+    w.add_argument("--out", required=True, help="the sweep's directory (rerun with the same --out to resume)")
+    w.add_argument("--reference-record", metavar="FILE", help="a record of this model saved by lowbit eval")
+    w.add_argument("--kl-threshold", type=float, help="recommend the smallest point under this mean KL (0.007)")
+    w.add_argument("--size-budget", type=float, metavar="BPW", help="also recommend the best point within this size")
+    w.add_argument("--quiet", action="store_true", help="no progress bars")
+    w.set_defaults(func=cmd_sweep)
 
     d = sub.add_parser("demo", help="quantize the built-in model and show what it did")
     d.add_argument("--out", help="where to write the demo checkpoint (default: in the lowbit cache)")

@@ -268,3 +268,99 @@ def test_allocation_recipe_patterns_select_exactly_their_layers(stories):
             scheme = label.partition(":")[0]
             assert plan[n].weight.bits == int(scheme[1]) and plan[n].weight.granularity.to_dict()["type"] == \
                 "per_channel", (n, label)
+
+
+GRID = """
+methods: [rtn, gptq]
+schemes: [w4a16, w2a16]
+group_sizes: [0]
+calib: {samples: 2, seqlen: 32}
+eval: {max_prompts: 2, max_new_tokens: 8, ppl: [wikitext2], max_windows: 1, seqlen: 64}
+size_budget_bpw: 4.5
+"""
+
+
+@pytest.mark.slow
+def test_sweep_interrupted_and_resumed_gives_the_same_table(tmp_path, stories_path, monkeypatch, capsys):
+    import json
+
+    from lowbit.choose import sweep as sweep_mod
+    from lowbit.cli import main
+
+    (tmp_path / "grid.yaml").write_text(GRID)
+    argv = ["sweep", str(stories_path), "--grid", str(tmp_path / "grid.yaml"), "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    whole = (tmp_path / "whole" / "sweep.md").read_text()
+    assert whole.count("| rtn ") == 2 and whole.count("| gptq ") == 2 and "Within 4.5 bits per weight" in whole
+
+    real, calls = sweep_mod.run_point, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 3:  # killed in the middle of the third point
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_mod, "run_point", interrupted)
+    assert main([*argv, "--out", str(tmp_path / "split")]) == 130
+    assert len(list((tmp_path / "split" / "points").glob("*.json"))) == 2
+    monkeypatch.setattr(sweep_mod, "run_point", real)
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "split")]) == 0
+    assert capsys.readouterr().out.count("done before, kept") == 2
+    assert (tmp_path / "split" / "sweep.md").read_text() == whole
+    data = json.loads((tmp_path / "split" / "sweep.json").read_text())
+    fits = [r for r in data["results"] if r["bits_per_weight"] <= 4.5]
+    assert data["recommendation"]["best_within_size"] == min(fits, key=lambda r: r["kl"])["label"]
+
+
+def test_a_failed_point_is_recorded_and_the_sweep_goes_on(tmp_path, stories_path, monkeypatch):
+    from lowbit.choose import sweep as sweep_mod
+    from lowbit.choose.sweep import Grid, sweep
+
+    def fake(model_name, point, grid, record, work, progress=True):
+        if point.method == "gptq":
+            raise RuntimeError("out of memory")
+        return {"label": point.label, "point": {}, "bits_per_weight": 4.0 if "w4" in point.scheme else 2.0,
+                "bytes": 1, "kl": 0.1, "kl_ci95": [0.09, 0.11], "token_rejection_rate": 0.1, "ppl": {}}
+
+    monkeypatch.setattr(sweep_mod, "run_point", fake)
+    monkeypatch.setattr(sweep_mod, "make_record", lambda *a, **k: None)
+    grid = Grid.from_dict({"methods": ["rtn", "gptq"], "schemes": ["w4a16", "w2a16"], "group_sizes": [0]})
+    results = sweep(str(stories_path), grid, tmp_path / "s", progress=False, log=lambda *_: None)
+    assert [("error" in r) for r in results] == [False, False, True, True]
+    assert "out of memory" in results[2]["error"]
+
+
+@pytest.mark.parametrize("grid,match", [
+    ({"methods": ["rtn"], "schemes": ["w4a16"], "group_size": [64]}, "unknown key.*group_size"),
+    ({"methods": ["magic"], "schemes": ["w4a16"]}, "unknown method 'magic'"),
+    ({"methods": ["rtn"], "schemes": ["w4a17"]}, "unknown scheme"),
+    ({"methods": ["rtn"]}, "give 'schemes'"),
+    ({"schemes": ["w4a16"]}, "'methods' is required"),
+    ({"methods": ["gptq"], "budgets": [17]}, "not a budget"),
+    ({"methods": ["rtn"], "schemes": ["w4a16"], "eval": {"prompt": "x"}}, "unknown eval key"),
+    ({"methods": ["rtn"], "schemes": ["w4a16"], "parts": ["nothing"]}, "nothing"),
+])
+def test_bad_grids_are_refused(grid, match):
+    from lowbit.choose.sweep import Grid
+
+    with pytest.raises(LowbitError, match=match):
+        Grid.from_dict(grid)
+
+
+def test_sweep_refuses_a_record_from_another_model(tmp_path, stories_path, stories, stories_tokenizer, capsys):
+    import torch
+
+    from lowbit.cli import main
+    from lowbit.eval.divergence import make_record
+
+    with torch.no_grad():
+        stories.model.layers[1].mlp.up_proj.weight.mul_(1.5)
+    make_record(stories, stories_tokenizer, ["Once"], source="x", model_name="changed", max_new_tokens=4,
+                progress=False).save(tmp_path / "r.safetensors")
+    (tmp_path / "grid.yaml").write_text(GRID)
+    assert main(["sweep", str(stories_path), "--grid", str(tmp_path / "grid.yaml"), "--out", str(tmp_path / "s"),
+                 "--reference-record", str(tmp_path / "r.safetensors"), "--quiet"]) == 2
+    assert "made by another model" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "s").exists()

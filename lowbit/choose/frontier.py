@@ -1,0 +1,102 @@
+"""A sweep's results as a table, a Pareto chart and a recommendation.
+
+The frontier is over (bits per weight, mean KL), both minimized (lowbit.choose.pareto). The recommendation: the
+smallest point whose KL is under the threshold (default 0.007, Fireworks' "high quality" line), and the point with
+the least KL at or under the size budget.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from lowbit.choose.pareto import frontier
+
+
+def finished(results: list[dict]) -> list[dict]:
+    return [r for r in results if "error" not in r]
+
+
+def on_frontier(results: list[dict]) -> list[dict]:
+    done = finished(results)
+    return [done[i] for i in frontier([(r["bits_per_weight"], r["kl"]) for r in done])]
+
+
+def recommend(results: list[dict], kl_threshold: float, size_budget_bpw: float | None) -> dict:
+    done = finished(results)
+    under = [r for r in done if r["kl"] <= kl_threshold]
+    smallest = min(under, key=lambda r: (r["bits_per_weight"], r["kl"])) if under else None
+    fits = [r for r in done if size_budget_bpw is not None and r["bits_per_weight"] <= size_budget_bpw]
+    best = min(fits, key=lambda r: (r["kl"], r["bits_per_weight"])) if fits else None
+    return {"kl_threshold": kl_threshold, "smallest_under_threshold": smallest and smallest["label"],
+            "size_budget_bpw": size_budget_bpw, "best_within_size": best and best["label"]}
+
+
+def markdown(results: list[dict], rec: dict) -> str:
+    front = {r["label"] for r in on_frontier(results)}
+    lines = ["| configuration | bits/weight | MB | mean KL [95% CI] | token rejection | ppl | frontier |",
+             "|---|---:|---:|---|---:|---|:-:|"]
+    for r in sorted(finished(results), key=lambda r: (r["bits_per_weight"], r["kl"])):
+        ci = r["kl_ci95"]
+        ppl = ", ".join(f"{k} {v:.3f}" for k, v in r["ppl"].items()) or "–"
+        mb = f"{r['bytes'] / 1e6:.1f}" if r.get("bytes") else "–"
+        lines.append(f"| {r['label']} | {r['bits_per_weight']:.3f} | {mb} | {r['kl']:.5f} [{ci[0]:.5f}, {ci[1]:.5f}] "
+                     f"| {r['token_rejection_rate']:.4f} | {ppl} | {'●' if r['label'] in front else ''} |")
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['label']} | failed: {r['error'][:200]} | | | | | |")
+    lines.append("")
+    s, b = rec["smallest_under_threshold"], rec["best_within_size"]
+    lines.append(f"Recommended: {s} (the smallest with mean KL ≤ {rec['kl_threshold']:g})" if s else
+                 f"No configuration reaches mean KL ≤ {rec['kl_threshold']:g}.")
+    if rec["size_budget_bpw"] is not None:
+        lines.append(f"Within {rec['size_budget_bpw']:g} bits per weight: {b}" if b else
+                     f"No configuration fits {rec['size_budget_bpw']:g} bits per weight.")
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(results: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["configuration", "bits_per_weight", "bytes", "kl", "kl_lo", "kl_hi", "token_rejection_rate", "ppl",
+                "error"])
+    for r in results:
+        if "error" in r:
+            w.writerow([r["label"], "", "", "", "", "", "", "", r["error"]])
+        else:
+            w.writerow([r["label"], f"{r['bits_per_weight']:.4f}", r.get("bytes") or "", r["kl"], *r["kl_ci95"],
+                        r["token_rejection_rate"], ";".join(f"{k}={v}" for k, v in r["ppl"].items()), ""])
+    return buf.getvalue()
+
+
+def chart_png(results: list[dict], rec: dict, path: Path, title: str) -> None:
+    """Mean KL (log scale) against bits per weight; the frontier joined, the threshold dashed, mixed points as
+    diamonds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = finished(results)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for mixed, marker in ((False, "o"), (True, "D")):
+        pts = [r for r in done if (r["point"].get("target_bpw") is not None) == mixed]
+        if pts:
+            ax.scatter([r["bits_per_weight"] for r in pts], [r["kl"] for r in pts], marker=marker, s=28, zorder=3,
+                       label="mixed precision" if mixed else "uniform")
+    front = on_frontier(results)
+    ax.plot([r["bits_per_weight"] for r in front], [r["kl"] for r in front], "-", color="0.3", lw=1, zorder=2,
+            label="Pareto frontier")
+    for r in front:
+        ax.annotate(r["label"], (r["bits_per_weight"], r["kl"]), fontsize=6, xytext=(4, 3), textcoords="offset points")
+    ax.axhline(rec["kl_threshold"], ls="--", color="tab:green", lw=1, label=f"KL {rec['kl_threshold']:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (everything counted)")
+    ax.set_ylabel("mean KL vs the 16-bit model")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
