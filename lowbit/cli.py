@@ -163,7 +163,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from lowbit.choose import frontier
-    from lowbit.choose.sweep import Grid, sweep
+    from lowbit.choose.sweep import Grid, RayOptions, sweep
     from lowbit.io.atomic import atomic_file
 
     grid = Grid.load(args.grid)  # every point is checked before any work
@@ -175,8 +175,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if out.exists() and not (out / "grid.json").exists():
         raise LowbitError(f"{str(out)!r} exists and is not a sweep's directory; choose another --out (a sweep's own "
                           f"directory is resumed).")
+    ray = RayOptions(args.ray_address, args.cpus_per_point, args.gpus_per_point)
     results = sweep(args.model, grid, out, Path(args.reference_record) if args.reference_record else None,
-                    progress=not args.quiet)
+                    progress=not args.quiet, executor=args.executor, ray_options=ray)
     rec = frontier.recommend(results, grid.kl_threshold, grid.size_budget_bpw)
     table = frontier.markdown(results, rec)
     for name, text in (("sweep.md", table), ("sweep.csv", frontier.csv_text(results)),
@@ -406,6 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--reference-record", metavar="FILE", help="a record of this model saved by lowbit eval")
     w.add_argument("--kl-threshold", type=float, help="recommend the smallest point under this mean KL (0.007)")
     w.add_argument("--size-budget", type=float, metavar="BPW", help="also recommend the best point within this size")
+    w.add_argument("--executor", choices=("sequential", "ray"), default="sequential",
+                   help="sequential (default: one point after another here) or ray: points as tasks on an existing "
+                        "Ray cluster (RAY_ADDRESS or --ray-address; else a local Ray instance), the same table")
+    w.add_argument("--ray-address", help="the Ray cluster to join (default: RAY_ADDRESS, else start one here)")
+    w.add_argument("--cpus-per-point", type=float, default=1, help="Ray: CPUs each point reserves (default 1)")
+    w.add_argument("--gpus-per-point", type=float, default=0, help="Ray: GPUs each point reserves (default 0)")
     w.add_argument("--quiet", action="store_true", help="no progress bars")
     w.set_defaults(func=cmd_sweep)
 

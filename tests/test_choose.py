@@ -364,3 +364,22 @@ def test_sweep_refuses_a_record_from_another_model(tmp_path, stories_path, stori
                  "--reference-record", str(tmp_path / "r.safetensors"), "--quiet"]) == 2
     assert "made by another model" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_on_ray_gives_the_sequential_table(tmp_path, stories_path):
+    ray = pytest.importorskip("ray")
+    from lowbit.cli import main
+
+    grid = GRID.replace("methods: [rtn, gptq]", "methods: [rtn]").replace(", ppl: [wikitext2], max_windows: 1", "")
+    (tmp_path / "grid.yaml").write_text(grid)
+    argv = ["sweep", str(stories_path), "--grid", str(tmp_path / "grid.yaml"), "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "seq")]) == 0
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # a local instance with this machine's CPUs
+    try:
+        # the same record, so that both runs compare against the same reference generations
+        assert main([*argv, "--out", str(tmp_path / "ray"), "--executor", "ray", "--cpus-per-point", "2",
+                     "--reference-record", str(tmp_path / "seq" / "reference.safetensors")]) == 0
+    finally:
+        ray.shutdown()
+    assert (tmp_path / "ray" / "sweep.md").read_text() == (tmp_path / "seq" / "sweep.md").read_text()

@@ -207,11 +207,72 @@ def check_record(model_name: str, record_path: Path) -> None:
                           f"this model.")
 
 
+def attempt(model_name: str, point: Point, grid: Grid, record: Path, work: Path, progress: bool = True) -> dict:
+    """run_point, or the point's error as its result (the sweep goes on); the scratch directory is removed."""
+    try:
+        return run_point(model_name, point, grid, record, work, progress)
+    except Exception as e:  # a failed point is recorded with its error
+        detail = str(e) if isinstance(e, LowbitError) else "".join(traceback.format_exception_only(e)).strip()
+        return {"label": point.label, "point": asdict(point), "error": detail}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how points run on Ray: an existing cluster's address (None: RAY_ADDRESS, else a local instance)
+    and what each point reserves."""
+
+    address: str | None = None
+    cpus_per_point: float = 1
+    gpus_per_point: float = 0
+
+
+def _ray_point(model_name: str, point: Point, grid: Grid, record_bytes: bytes) -> dict:
+    """A point on a Ray worker: the record arrives as bytes (no shared filesystem needed), the checkpoint goes to
+    the worker's scratch space, torch uses the CPUs the task reserved."""
+    import tempfile
+
+    import ray
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    if cpus:
+        torch.set_num_threads(max(int(cpus), 1))
+    with tempfile.TemporaryDirectory(prefix="lowbit-sweep-") as tmp:
+        record = Path(tmp) / "reference.safetensors"
+        record.write_bytes(record_bytes)
+        return attempt(model_name, point, grid, record, Path(tmp) / "work", progress=False)
+
+
+def _run_on_ray(model_name: str, grid: Grid, record: Path, todo: list[tuple[Point, Path]], options: RayOptions,
+                done, log) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise LowbitError("--executor ray needs Ray: pip install ray (the version your cluster runs).") from None
+    if not ray.is_initialized():
+        ray.init(address=options.address, log_to_driver=False, include_dashboard=False)
+    task = ray.remote(_ray_point).options(num_cpus=options.cpus_per_point, num_gpus=options.gpus_per_point,
+                                          max_retries=0)
+    record_ref = ray.put(record.read_bytes())
+    pending = {task.remote(model_name, point, grid, record_ref): (point, path) for point, path in todo}
+    log(f"{len(pending)} points submitted to Ray ({ray.cluster_resources().get('CPU', 0):g} CPUs, "
+        f"{ray.cluster_resources().get('GPU', 0):g} GPUs)")
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        point, path = pending.pop(ready[0])
+        done(point, path, ray.get(ready[0]))
+
+
 def sweep(model_name: str, grid: Grid, out: Path, record: Path | None = None, progress: bool = True,
-          log=print) -> list[dict]:
-    """Run every point without a result yet; returns every point's result (finished and failed), in grid order."""
+          log=print, executor: str = "sequential", ray_options: RayOptions | None = None) -> list[dict]:
+    """Run every point without a result yet (one after another, or as Ray tasks); returns every point's result
+    (finished and failed), in grid order. Each result is written when its point ends."""
     from lowbit.io.atomic import atomic_file
 
+    if executor not in ("sequential", "ray"):
+        raise LowbitError(f"--executor {executor!r}: choose sequential or ray.")
     if record is not None:
         check_record(model_name, record)
     points_dir = out / "points"
@@ -224,27 +285,27 @@ def sweep(model_name: str, grid: Grid, out: Path, record: Path | None = None, pr
         if not record.exists():
             log(f"recording the reference ({model_name}) once for every point")
             make_record(model_name, grid, record, progress)
-    results = []
+    paths = {point: points_dir / f"{grid.point_id(point)}.json" for point in grid.points}
+    todo = []
     for i, point in enumerate(grid.points, 1):
-        path = points_dir / f"{grid.point_id(point)}.json"
-        if path.exists():
-            results.append(json.loads(path.read_text()))
+        if paths[point].exists():
             log(f"[{i}/{len(grid.points)}] {point.label}: done before, kept")
-            continue
-        log(f"[{i}/{len(grid.points)}] {point.label}")
-        work = out / "work"
-        try:
-            row = run_point(model_name, point, grid, record, work, progress)
-        except Exception as e:  # a failed point is recorded with its error and the sweep goes on
-            detail = str(e) if isinstance(e, LowbitError) else "".join(traceback.format_exception_only(e)).strip()
-            row = {"label": point.label, "point": asdict(point), "error": detail}
-            log(f"    failed: {detail}")
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        else:
+            todo.append((point, paths[point]))
+
+    def done(point: Point, path: Path, row: dict) -> None:
         with atomic_file(path) as tmp:
             tmp.write_text(json.dumps(row, indent=1))
-        results.append(row)
-    return results
+        log(f"    {point.label}: failed: {row['error']}" if "error" in row else
+            f"    {point.label}: mean KL {row['kl']:.5f} at {row['bits_per_weight']:.3f} bits per weight")
+
+    if executor == "ray":
+        _run_on_ray(model_name, grid, record, todo, ray_options or RayOptions(), done, log)
+    else:
+        for point, path in todo:
+            log(f"[{grid.points.index(point) + 1}/{len(grid.points)}] {point.label}")
+            done(point, path, attempt(model_name, point, grid, record, out / "work", progress))
+    return [json.loads(paths[point].read_text()) for point in grid.points]
 
 
-__all__ = ["Grid", "Point", "check_record", "make_record", "run_point", "sweep"]
+__all__ = ["Grid", "Point", "RayOptions", "attempt", "check_record", "make_record", "run_point", "sweep"]
