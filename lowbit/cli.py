@@ -164,7 +164,6 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from lowbit.choose import frontier
     from lowbit.choose.sweep import Grid, RayOptions, sweep
-    from lowbit.io.atomic import atomic_file
 
     grid = Grid.load(args.grid)  # every point is checked before any work
     if args.kl_threshold is not None:
@@ -179,16 +178,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     results = sweep(args.model, grid, out, Path(args.reference_record) if args.reference_record else None,
                     progress=not args.quiet, executor=args.executor, ray_options=ray)
     rec = frontier.recommend(results, grid.kl_threshold, grid.size_budget_bpw)
-    table = frontier.markdown(results, rec)
-    for name, text in (("sweep.md", table), ("sweep.csv", frontier.csv_text(results)),
-                       ("sweep.json", json.dumps({"results": results, "recommendation": rec}, indent=1))):
-        with atomic_file(out / name) as tmp:
-            tmp.write_text(text)
-    if frontier.finished(results):
-        with atomic_file(out / "frontier.png") as tmp:
-            frontier.chart_png(results, rec, tmp, f"{args.model}: {len(results)} configurations")
-    print(table)
-    print(f"wrote {out / 'sweep.md'}, sweep.csv, sweep.json and frontier.png in {out}")
+    written = frontier.write(results, rec, out, f"{args.model}: {len(results)} configurations")
+    print(frontier.markdown(results, rec))
+    print(f"wrote {', '.join(p.name for p in written)} in {out}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""`lowbit demo`: quantize the built-in model (RTN w4a16, groups of 64), save, reload, evaluate, show a sample."""
+"""`lowbit demo`: quantize the built-in model (RTN w4a16, groups of 64), save, reload, evaluate, show a sample;
+then a small sweep's quality/size frontier."""
 
 from __future__ import annotations
 
@@ -65,4 +66,28 @@ def run_demo(out: str | None = None, quiet: bool = False) -> int:
     print(f"reference: {greedy(reference, tokenizer, PROMPT)}")
     print(f"quantized: {greedy(quantized, tokenizer, PROMPT)}")
     sys.stdout.flush()
+    if has_data:
+        small_sweep(out_dir.parent / "sweep", quiet)
     return 0
+
+
+# About two minutes on 2 CPU cores: round-to-nearest at three widths and the allocator at 4 bits per weight, each
+# scored on the same 8 prompts.
+DEMO_GRID = {"methods": ["rtn"], "schemes": ["w8a16", "w4a16", "w3a16"], "group_sizes": [64],
+             "budgets": [4.0], "choices": "w3a16:64,w4a16:64,w8a16:0,16", "calib": {"samples": 8, "seqlen": 512},
+             "eval": {"max_prompts": 8, "max_new_tokens": 64}, "size_budget_bpw": 4.5}
+
+
+def small_sweep(out: Path, quiet: bool = False) -> None:
+    """The quality/size frontier of a few configurations (`lowbit sweep` with DEMO_GRID; resumed if run before)."""
+    from lowbit.choose import frontier
+    from lowbit.choose.sweep import Grid, sweep
+
+    grid = Grid.from_dict(DEMO_GRID, "the demo's grid")
+    print(f"\na small sweep: {len(grid.points)} configurations, each quantized and scored on the same 8 prompts "
+          f"(`lowbit sweep` does this for any grid; resumed from {out} if run before)\n")
+    results = sweep(MODEL, grid, out, progress=not quiet)
+    rec = frontier.recommend(results, grid.kl_threshold, grid.size_budget_bpw)
+    written = frontier.write(results, rec, out, f"{MODEL}: the demo's sweep")
+    print("\n" + frontier.markdown(results, rec))
+    print(f"the Pareto chart: {next((p for p in written if p.suffix == '.png'), out)}")

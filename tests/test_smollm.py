@@ -89,6 +89,7 @@ def test_demo_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "divergence over 8 prompts" in out and "perplexity wikitext2 (4 windows of 512)" in out
     assert "piqa" in out and "reference:" in out and "quantized:" in out
+    assert "rtn mixed 4 bpw" in out and "the Pareto chart:" in out and (tmp_path / "sweep" / "frontier.png").exists()
 
 
 def _design_keys(result: dict) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 
 from lowbit.choose.pareto import frontier
@@ -100,3 +101,20 @@ def chart_png(results: list[dict], rec: dict, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
+
+
+def write(results: list[dict], rec: dict, out: Path, title: str) -> list[Path]:
+    """sweep.md, sweep.csv, sweep.json and (with a finished point) frontier.png in `out`, each atomically."""
+    from lowbit.io.atomic import atomic_file
+
+    texts = {"sweep.md": markdown(results, rec), "sweep.csv": csv_text(results),
+             "sweep.json": json.dumps({"results": results, "recommendation": rec}, indent=1)}
+    for name, text in texts.items():
+        with atomic_file(out / name) as tmp:
+            tmp.write_text(text)
+    written = [out / name for name in texts]
+    if finished(results):
+        with atomic_file(out / "frontier.png") as tmp:
+            chart_png(results, rec, tmp, title)
+        written.append(out / "frontier.png")
+    return written
