@@ -71,16 +71,24 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         family_for(api.model_type(args.model))
     tokenizer = api.load_tokenizer(args.model)
     model, mixed = args.model, None
-    if args.target_bpw is not None:
-        from lowbit.choose.mixed import DEFAULT_CHOICES, check_target, choose, parse_choices
+    if args.target_bpw is not None or args.target_size is not None:
+        from lowbit.choose.mixed import DEFAULT_CHOICES, check_target, choose, parse_choices, parse_size, size_to_bpw
         from lowbit.data.calibration import CalibConfig
         from lowbit.model.loading import family_of
 
-        check_target(args.target_bpw, recipe.method)
+        if args.target_bpw is not None and args.target_size is not None:
+            raise LowbitError("give either --target-bpw or --target-size, not both.")
+        size = parse_size(args.target_size) if args.target_size is not None else None
+        check_target(args.target_bpw if size is None else 16.0, recipe.method)
         menu = parse_choices(args.choices or DEFAULT_CHOICES)
         model = api.load(args.model)
-        mixed = choose(model, tokenizer, family_of(model), recipe, args.target_bpw, menu,
-                       calib or CalibConfig(samples=16, seqlen=512), progress=not args.quiet)
+        family = family_of(model)
+        target = args.target_bpw if size is None else size_to_bpw(model, family, recipe, size,
+                                                                  api.storage_dtype(model, args.dtype))
+        mixed = choose(model, tokenizer, family, recipe, target, menu, calib or CalibConfig(samples=16, seqlen=512),
+                       progress=not args.quiet)
+        if size is not None:
+            mixed.info["target_size_bytes"] = size
         recipe = mixed.recipe
     result = api.quantize(model, recipe, tokenizer=tokenizer, calib=calib, device=args.device, dtype=args.dtype,
                           reuse_scales=args.reuse_scales,
@@ -282,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision: choose each layer's format from --choices for the least predicted KL "
                         "(Fisher estimate on calibration text) within BITS per targeted weight, everything counted; "
                         "the chosen formats become the recipe's overrides (recipe.yaml reproduces the checkpoint)")
+    q.add_argument("--target-size", metavar="SIZE",
+                   help="mixed precision like --target-bpw, with the budget given as the size of every stored "
+                        "tensor (e.g. 80MB, 1.5GB; model.safetensors less its JSON header): what the unquantized "
+                        "tensors leave goes to the targeted layers")
     q.add_argument("--choices",
                    help="formats --target-bpw may give a layer: SCHEME[:GROUP] and 16 (kept in 16 bits), comma-"
                         "separated (default: w2a16:64, w3a16:128, w3a16:64, w4a16:128, w4a16:64, w4a16:32, "

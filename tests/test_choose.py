@@ -237,6 +237,11 @@ def test_target_bpw_stays_in_budget_and_its_recipe_reproduces_the_checkpoint(tmp
     (["--target-bpw", "4", "--choices", "w3a16:0,w3a16:0"], "lists a format twice"),
     (["--target-bpw", "4", "--choices", "w9a16:0"], "2 to 8 bits"),
     (["--target-bpw", "8", "--method", "smoothquant"], "quantizes activations too"),
+    (["--target-size", "lots"], "is not a size"),
+    (["--target-size", "1KB", "--choices", MENU], "does not even hold the tensors that are not quantized"),
+    (["--target-size", "0.6MB", "--choices", MENU, "--calib-samples", "2", "--calib-seqlen", "32"],
+     "keeps every targeted layer in 16 bits"),
+    (["--target-size", "1MB", "--target-bpw", "4"], "not both"),
 ])
 def test_target_bpw_bad_input(tmp_path, stories_path, capsys, argv, match):
     from lowbit.cli import main
@@ -383,3 +388,15 @@ def test_a_sweep_on_ray_gives_the_sequential_table(tmp_path, stories_path):
     finally:
         ray.shutdown()
     assert (tmp_path / "ray" / "sweep.md").read_text() == (tmp_path / "seq" / "sweep.md").read_text()
+
+
+def test_target_size_bounds_the_stored_tensors(tmp_path, stories_path):
+    from safetensors import safe_open
+
+    from lowbit.cli import main
+
+    assert main(["quantize", str(stories_path), "--target-size", "0.45MB", "--choices", MENU, "--calib-samples", "2",
+                 "--calib-seqlen", "32", "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    with safe_open(str(tmp_path / "o" / "model.safetensors"), "pt") as f:
+        stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+    assert 0.40e6 < stored <= 0.45e6

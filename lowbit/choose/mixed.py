@@ -85,6 +85,34 @@ def check_target(target_bpw: float, method: str) -> None:
                           f"(16 keeps every layer in 16 bits).")
 
 
+_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'80MB', '1.5GiB', '120000000' → bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmg]i?b|b)?\s*", str(text).lower())
+    if not m:
+        raise LowbitError(f"--target-size {text!r} is not a size; write e.g. 80MB, 1.5GB, 500MiB or a number of bytes.")
+    return int(float(m.group(1)) * _UNITS[m.group(2) or "b"])
+
+
+def size_to_bpw(model: nn.Module, family: Family, base: Recipe, size_bytes: int, dtype: torch.dtype) -> float:
+    """The bits per targeted weight that a whole checkpoint of `size_bytes` leaves once every other tensor is
+    stored (in `dtype`; integer tensors at their own size; tied tensors once)."""
+    from lowbit.io.checkpoint import unique_state_dict
+
+    targets = set(menu_plans(model, family, base, [MenuItem(None)])[KEEP])
+    tensors, _ = unique_state_dict(model)
+    weights = sum(t.numel() for k, t in tensors.items() if k.removesuffix(".weight") in targets)
+    other_bits = 8 * sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+                         for k, t in tensors.items() if k.removesuffix(".weight") not in targets)
+    bpw = (8 * size_bytes - other_bits) / weights
+    if bpw <= 0:
+        raise LowbitError(f"--target-size {size_bytes / 1e6:.1f} MB does not even hold the tensors that are not "
+                          f"quantized ({other_bits / 8e6:.1f} MB in {str(dtype).removeprefix('torch.')}): raise it.")
+    return min(bpw, 16.0)
+
+
 def item_recipe(base: Recipe, item: MenuItem) -> Recipe:
     return base if item.scheme is None else Recipe(**{**_fields(base), "scheme": item.scheme,
                                                       "group_size": item.group_size, "overrides": ()})
@@ -215,6 +243,9 @@ def choose(model: nn.Module, tokenizer, family: Family, base: Recipe, target_bpw
     pr = probe(model, family, record, first, costed, measure=False, progress=progress)
     costs = layer_costs(pr, plans, base.method, base, progress)
     allocation = allocate(costs, budget)
+    if all(c.label == KEEP for c in allocation.choices.values()):
+        raise LowbitError(f"the budget ({target_bpw:.2f} bits per targeted weight) keeps every targeted layer in 16 "
+                          f"bits, so there is nothing to quantize: lower it.")
     recipe = allocation_recipe(base, allocation, menu, family.blocks)
     info = {"target_bits_per_weight": target_bpw, "bits_per_weight": allocation.bits / weights,
             "predicted_kl": allocation.cost, "cost": "fisher", "costed_with": costed.module.__name__.rpartition(".")[2],
