@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("sensitivity", help="the KL that quantizing each layer (layer kind, block) alone causes, "
-                                           "ranked, with a heat map and a cheap proxy's rank correlation")
+                                           "ranked, with a heat map and two cheap proxies' rank correlations")
     s.add_argument("model", help="built-in name (smollm2-135m), Hugging Face directory or .gguf file")
     s.add_argument("--scheme", default="w3a16",
                    help="comma-separated schemes to measure each unit at (default w3a16), e.g. w2a16,w3a16,w4a16")
@@ -394,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=64, help="reference generation length (default 64)")
     s.add_argument("--reference-record", metavar="FILE", help="use a saved record's sequences (made by this model)")
     s.add_argument("--proxy-only", action="store_true",
-                   help="only the importance-weighted error, no forward passes (seconds instead of minutes)")
+                   help="only the proxies (Fisher KL estimate, importance-weighted error): one forward and backward "
+                        "pass, no measurement per unit")
     s.add_argument("--show", type=int, default=20, help="rows printed (default 20; the files hold all)")
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     s.add_argument("--out", required=True, help="directory for sensitivity.json/.csv/.md and heatmap.png")
