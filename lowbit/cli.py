@@ -171,7 +171,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from lowbit.choose import frontier
-    from lowbit.choose.sweep import Grid, RayOptions, sweep
+    from lowbit.choose.sweep import Grid, RayOptions, evaluations, sweep
 
     grid = Grid.load(args.grid)  # every point is checked before any work
     if args.kl_threshold is not None:
@@ -186,7 +186,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     results = sweep(args.model, grid, out, Path(args.reference_record) if args.reference_record else None,
                     progress=not args.quiet, executor=args.executor, ray_options=ray)
     rec = frontier.recommend(results, grid.kl_threshold, grid.size_budget_bpw)
-    written = frontier.write(results, rec, out, f"{args.model}: {len(results)} configurations")
+    written = frontier.write(results, rec, out, f"{args.model}: {len(results)} configurations",
+                             evaluations(grid, out))
     print(frontier.markdown(results, rec))
     print(f"wrote {', '.join(p.name for p in written)} in {out}")
     return 0

@@ -400,3 +400,39 @@ def test_target_size_bounds_the_stored_tensors(tmp_path, stories_path):
     with safe_open(str(tmp_path / "o" / "model.safetensors"), "pt") as f:
         stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
     assert 0.40e6 < stored <= 0.45e6
+
+
+def test_sweep_report_renders_in_a_real_browser(tmp_path, stories_path):
+    import shutil
+
+    sync = pytest.importorskip("playwright.sync_api")
+    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser_path is None:
+        pytest.skip("no Chromium here (./dev installs Debian's chromium where it can)")
+    from lowbit.cli import main
+
+    grid = GRID.replace("methods: [rtn, gptq]", "methods: [rtn]")
+    (tmp_path / "grid.yaml").write_text(grid)
+    assert main(["sweep", str(stories_path), "--grid", str(tmp_path / "grid.yaml"), "--out", str(tmp_path / "s"),
+                 "--quiet"]) == 0
+    page_path = tmp_path / "s" / "report.html"
+    errors, requests = [], []
+    with sync.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(page_path.as_uri())
+        page.wait_for_load_state("load")
+        images = page.query_selector_all("img")
+        drawn = [img.evaluate("i => i.complete && i.naturalWidth > 100") for img in images]
+        tokens = page.query_selector_all(".worst .t")
+        hover = tokens[-1].get_attribute("title")
+        headings = [h.inner_text() for h in page.query_selector_all("h2, h3")]
+        browser.close()
+    assert errors == []
+    assert all(u.startswith(("file:", "data:")) for u in requests)  # self-contained: nothing from the network
+    assert len(images) == 4 and all(drawn)  # the frontier, KL by position, per prompt, the distribution
+    assert len(tokens) > 10 and "reference:" in hover and "candidate:" in hover
+    assert {"Quality against size", "Summary", "Where it diverges", "rtn w4a16 per-channel"} <= set(headings)

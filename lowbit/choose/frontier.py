@@ -103,8 +103,10 @@ def chart_png(results: list[dict], rec: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write(results: list[dict], rec: dict, out: Path, title: str) -> list[Path]:
-    """sweep.md, sweep.csv, sweep.json and (with a finished point) frontier.png in `out`, each atomically."""
+def write(results: list[dict], rec: dict, out: Path, title: str,
+          runs: list[tuple[str, dict]] | None = None) -> list[Path]:
+    """sweep.md, sweep.csv, sweep.json and, with a finished point, frontier.png and report.html (every finished
+    point's evaluation side by side, lowbit.eval.report) in `out`, each atomically."""
     from lowbit.io.atomic import atomic_file
 
     texts = {"sweep.md": markdown(results, rec), "sweep.csv": csv_text(results),
@@ -117,4 +119,14 @@ def write(results: list[dict], rec: dict, out: Path, title: str) -> list[Path]:
         with atomic_file(out / "frontier.png") as tmp:
             chart_png(results, rec, tmp, title)
         written.append(out / "frontier.png")
+    if runs:
+        import base64
+
+        from lowbit.eval.report import comparison_report
+
+        png = base64.b64encode((out / "frontier.png").read_bytes()).decode()
+        page = comparison_report(runs, f"<img alt='frontier' src='data:image/png;base64,{png}'>", title)
+        with atomic_file(out / "report.html") as tmp:
+            tmp.write_text(page, encoding="utf-8")
+        written.append(out / "report.html")
     return written

@@ -177,7 +177,8 @@ def run_point(model_name: str, point: Point, grid: Grid, record: Path, work: Pat
             "kl": kl["mean"], "kl_ci95": kl["ci95"], "token_rejection_rate": kl["token_rejection_rate"],
             "ppl": {k: v["candidate"] for k, v in (out.get("ppl") or {}).items()},
             "predicted_kl": allocation.info["predicted_kl"] if allocation else None,
-            "quantize_s": round(quantize_s, 1), "seconds": round(time.perf_counter() - start, 1)}
+            "quantize_s": round(quantize_s, 1), "seconds": round(time.perf_counter() - start, 1),
+            "eval": {**out, "size": {**size, "bits_per_weight": bpw}}}
 
 
 def make_record(model_name: str, grid: Grid, path: Path, progress: bool = True) -> None:
@@ -294,6 +295,10 @@ def sweep(model_name: str, grid: Grid, out: Path, record: Path | None = None, pr
             todo.append((point, paths[point]))
 
     def done(point: Point, path: Path, row: dict) -> None:
+        full = row.pop("eval", None)  # the whole evaluation, for the report, beside the point's result
+        if full is not None:
+            with atomic_file(path.with_suffix(".eval.json")) as tmp:
+                tmp.write_text(json.dumps(full))
         with atomic_file(path) as tmp:
             tmp.write_text(json.dumps(row, indent=1))
         log(f"    {point.label}: failed: {row['error']}" if "error" in row else
@@ -308,4 +313,14 @@ def sweep(model_name: str, grid: Grid, out: Path, record: Path | None = None, pr
     return [json.loads(paths[point].read_text()) for point in grid.points]
 
 
-__all__ = ["Grid", "Point", "RayOptions", "attempt", "check_record", "make_record", "run_point", "sweep"]
+def evaluations(grid: Grid, out: Path) -> list[tuple[str, dict]]:
+    """Each finished point's whole evaluation (label, lowbit eval's result), in grid order."""
+    runs = []
+    for point in grid.points:
+        path = out / "points" / f"{grid.point_id(point)}.eval.json"
+        if path.exists():
+            runs.append((point.label, json.loads(path.read_text())))
+    return runs
+
+
+__all__ = ["Grid", "Point", "RayOptions", "attempt", "check_record", "evaluations", "make_record", "run_point", "sweep"]

@@ -30,6 +30,8 @@ from lowbit.model.architectures import text_config
 DEFAULT_TOP_N = 16
 DEFAULT_MAX_NEW_TOKENS = 256
 POSITION_BUCKET = 32
+SHOWN_TOP = 3  # most likely tokens of each model kept per position, for the report's worst prompts
+WORST_PROMPTS, WORST_TOKENS = 5, 400
 
 
 def eos_ids(model: nn.Module, tokenizer) -> list[int]:
@@ -118,6 +120,8 @@ class Divergence:
     prefill: np.ndarray  # bool: the position predicts a prompt token
     generation_offset: np.ndarray  # t − (prompt_len − 1), for generation positions
     shared: int = 0  # positions t < shared have the same context in every sequence (a common prompt prefix)
+    cand_top_ids: np.ndarray | None = None  # [positions, SHOWN_TOP] the candidate's most likely tokens
+    cand_top_logprobs: np.ndarray | None = None
 
 
 def compare(record: ReferenceRecord, candidate: nn.Module | None, reference: nn.Module | None = None,
@@ -139,6 +143,7 @@ def compare(record: ReferenceRecord, candidate: nn.Module | None, reference: nn.
         record.top_logprobs = torch.zeros(total, top_n)
         record.next_logprob = torch.zeros(total)
     parts: dict[int, TokenStats] = {}
+    cand_top: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     bar = tqdm(total=sum(lengths), desc="teacher forcing", unit="tok", disable=not progress, dynamic_ncols=True,
                unit_scale=True)
     for rows in length_batches(lengths, batch_tokens):
@@ -156,6 +161,8 @@ def compare(record: ReferenceRecord, candidate: nn.Module | None, reference: nn.
                 record.top_ids[sl], record.top_logprobs[sl] = top.int(), vals
                 record.next_logprob[sl] = full_ref.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
             if cand_lp is not None:
+                vals, top = cand_lp[r, :n].topk(SHOWN_TOP, dim=-1)
+                cand_top[i] = (top.int(), vals)
                 parts[i] = token_stats(record.top_ids[sl], record.top_logprobs[sl], record.next_logprob[sl],
                                        cand_lp[r, :n], nxt, full_ref)
         bar.update(sum(lengths[i] for i in rows))
@@ -167,7 +174,9 @@ def compare(record: ReferenceRecord, candidate: nn.Module | None, reference: nn.
     position = np.concatenate([np.arange(lengths[i] - 1) for i in range(n_seq)])
     plen = record.prompt_lens.numpy()[prompt]
     prefill = position < plen - 1
-    return Divergence(stats, prompt, position, prefill, position - (plen - 1), common_prefix(record))
+    return Divergence(stats, prompt, position, prefill, position - (plen - 1), common_prefix(record),
+                      torch.cat([cand_top[i][0] for i in range(n_seq)]).numpy(),
+                      torch.cat([cand_top[i][1] for i in range(n_seq)]).numpy())
 
 
 def common_prefix(record: ReferenceRecord) -> int:
@@ -220,3 +229,39 @@ def histogram(kl: np.ndarray, lo: float = -8.0, hi: float = 2.0, step: float = 0
     edges = np.arange(lo, hi + step / 2, step)
     counts, _ = np.histogram(np.clip(np.log10(np.maximum(kl, 1e-30)), lo, hi - 1e-9), bins=edges)
     return {"log10_edges": [round(float(e), 4) for e in edges], "counts": counts.tolist()}
+
+
+def worst_prompts(d: Divergence, record: ReferenceRecord, tokenizer, k: int = WORST_PROMPTS,
+                  max_tokens: int = WORST_TOKENS) -> list[dict]:
+    """The k prompts with the highest mean KL, token by token: each token's text, the KL of its prediction, and
+    both models' most likely tokens there (for the report's shading and hover). Up to `max_tokens` per prompt."""
+    if d.cand_top_ids is None:
+        return []
+    means = {i: float(d.stats.kl[d.prompt == i].mean()) for i in np.unique(d.prompt)}
+    pos_off = record.position_offsets()
+    text = lambda ids: [tokenizer.decode([int(t)]) for t in ids]  # noqa: E731  (a top token on its own)
+    out = []
+    for i in sorted(means, key=means.get, reverse=True)[:k]:
+        seq = record.sequence(int(i)).tolist()[: max_tokens + 1]
+        sl = slice(int(pos_off[i]), int(pos_off[i]) + len(seq) - 1)
+        ref_ids, ref_lp = record.top_ids[sl, :SHOWN_TOP], record.top_logprobs[sl, :SHOWN_TOP].float()
+        out.append({
+            "prompt": int(i), "mean": means[i], "prompt_tokens": int(record.prompt_lens[i]),
+            "tokens": token_texts(tokenizer, seq), "kl": d.stats.kl[sl].round(6).tolist(),
+            "reference_top": [list(zip(text(ids), np.exp(lp.numpy()).round(4).tolist(), strict=True))
+                              for ids, lp in zip(ref_ids, ref_lp, strict=True)],
+            "candidate_top": [list(zip(text(ids), np.exp(lp).round(4).tolist(), strict=True))
+                              for ids, lp in zip(d.cand_top_ids[sl], d.cand_top_logprobs[sl], strict=True)],
+        })
+    return out
+
+
+def token_texts(tokenizer, ids: list[int]) -> list[str]:
+    """Each token's text as it reads in the decoded sequence (with the spaces a tokenizer only shows in context):
+    the growth of the decoded prefix at each token."""
+    out, prev = [], ""
+    for k in range(1, len(ids) + 1):
+        cur = tokenizer.decode(ids[:k])
+        out.append(cur[len(prev):] if cur.startswith(prev) else tokenizer.decode(ids[k - 1:k]))
+        prev = cur
+    return out

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import itertools
 from pathlib import Path
 
 from lowbit.io.atomic import atomic_file
@@ -79,72 +78,145 @@ def _png(fig) -> str:
     return "<img alt='plot' src='data:image/png;base64," + base64.b64encode(buf.getvalue()).decode() + "'>"
 
 
-def _plots(kl: dict) -> list[str]:
+def _plots(runs: list[tuple[str, dict]]) -> list[str]:
+    """KL by position (prefill and generation) with a line per candidate, per-prompt KL sorted, and the per-token
+    KL distribution."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figs = []
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    for key, label in (("by_position_prefill", "prefill (position in prompt)"),
-                       ("by_position", "generation (tokens since prompt end)")):
-        b = kl.get(key) or []
-        if b:
-            ax.plot([x["start"] for x in b], [x["mean"] for x in b], marker="o", label=label)
-    ax.set_xlabel("position (bucket start)")
-    ax.set_ylabel("mean top-N KL (nats)")
-    ax.set_title("KL by position")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
+    for ax, key, title in ((axes[0], "by_position_prefill", "prefill: position in the prompt"),
+                           (axes[1], "by_position", "generation: tokens since the prompt ended")):
+        for label, kl in runs:
+            b = kl.get(key) or []
+            if b:
+                ax.plot([x["start"] for x in b], [x["mean"] for x in b], marker="o", ms=3, label=label)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("position (bucket start)")
+    axes[0].set_ylabel("mean top-N KL (nats)")
+    axes[1].legend(fontsize=7)
+    fig.suptitle("KL by position")
     figs.append(_png(fig))
-    hist = kl.get("histogram")
-    if hist and sum(hist["counts"]):
-        fig, ax = plt.subplots(figsize=(7, 3.2))
-        edges = hist["log10_edges"]
-        ax.bar(edges[:-1], hist["counts"], width=[b - a for a, b in itertools.pairwise(edges)], align="edge")
-        ax.set_xlabel("log10 KL per token (values below 1e-8 in the first bin)")
-        ax.set_ylabel("tokens")
-        ax.set_title("Distribution of per-token KL")
-        figs.append(_png(fig))
-    pp = [x for x in kl.get("per_prompt") or [] if x is not None]
-    if pp:
-        fig, ax = plt.subplots(figsize=(7, 3.2))
-        ax.bar(range(len(pp)), sorted(pp, reverse=True))
-        ax.set_xlabel("prompt (sorted)")
-        ax.set_ylabel("mean KL")
-        ax.set_title("Per-prompt KL")
-        figs.append(_png(fig))
+    fig, ax = plt.subplots(figsize=(10, 3.2))
+    for label, kl in runs:
+        pp = sorted((x for x in kl.get("per_prompt") or [] if x is not None), reverse=True)
+        if pp:
+            ax.plot(range(len(pp)), pp, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("prompt, sorted by its mean KL")
+    ax.set_ylabel("mean KL")
+    ax.set_title("Per-prompt KL")
+    ax.legend(fontsize=7)
+    figs.append(_png(fig))
+    fig, ax = plt.subplots(figsize=(10, 3.2))
+    for label, kl in runs:
+        hist = kl.get("histogram")
+        if hist and sum(hist["counts"]):
+            edges = hist["log10_edges"]
+            ax.step(edges[:-1], hist["counts"], where="post", label=label)
+    ax.set_xlabel("log10 KL per token (values below 1e-8 in the first bin)")
+    ax.set_ylabel("tokens")
+    ax.set_title("Distribution of per-token KL")
+    ax.legend(fontsize=7)
+    figs.append(_png(fig))
     return figs
 
 
-def html_report(result: dict) -> str:
+def _shade(kl: float) -> str:
+    """Background for a token by its KL: white below 1e-3, through yellow to deep red at 1 nat and above."""
+    import math
+
+    t = min(max((math.log10(max(kl, 1e-12)) + 3) / 3, 0.0), 1.0)
+    return f"hsl({int(55 - 55 * t)},95%,{int(97 - 32 * t)}%)"
+
+
+def _tops(tops: list) -> str:
+    return ", ".join(f"{tok!r} {p:.2f}" for tok, p in tops)
+
+
+def worst_html(worst: list[dict]) -> str:
+    """The worst prompts as text, each predicted token shaded by the KL of its prediction; hovering shows both models'
+    most likely tokens there. The prompt's tokens are set apart from the generated ones."""
     esc = html.escape
-    body = [f"<h1>lowbit evaluation</h1><p>reference <code>{esc(str(result['reference']))}</code><br>candidate "
-            f"<code>{esc(str(result['candidate']))}</code></p>"]
-    kl = result.get("kl")
-    if kl:
-        rows = "".join(
-            f"<tr><td>{s}</td><td>{kl[s]['tokens']}</td><td>{_f(kl[s]['mean'])}</td><td>{_ci(kl[s]['ci95'])}</td>"
-            f"<td>{_f(kl[s]['mean_full'])}</td><td>{_f(kl[s]['token_rejection_rate'], 3)}</td>"
-            f"<td>{_f(kl[s]['spec_rejection'], 3)}</td><td>{_f(kl[s]['rms_dp'], 3)}</td></tr>"
-            for s in ("prefill", "generation", "all"))
-        body.append(f"<h2>Divergence ({kl['prompts']} prompts, top-{kl['top_n']})</h2><table><tr><th>split</th>"
-                    f"<th>tokens</th><th>KL</th><th>95% CI</th><th>KL full</th><th>rejection</th>"
-                    f"<th>spec. rejection</th><th>RMS Δp</th></tr>{rows}</table>")
-        body += _plots(kl)
-    ppl = result.get("ppl") or {}
-    tasks = result.get("tasks") or {}
-    if ppl or tasks:
-        rows = "".join(f"<tr><td>ppl {esc(n)}</td><td>{_f(p['reference'])}</td><td>{_f(p['candidate'])}</td>"
-                       f"<td>{p['windows']} × {p['seqlen']}</td></tr>" for n, p in ppl.items())
-        rows += "".join(f"<tr><td>{esc(n)} acc</td><td>{_f(t['reference'], 3)}</td><td>{_f(t['candidate'], 3)}</td>"
-                        f"<td>n = {t['n']}, flips {_f(t['flips'], 3)}</td></tr>" for n, t in tasks.items())
-        body.append("<h2>Perplexity and tasks</h2><table><tr><th></th><th>reference</th><th>candidate</th>"
-                    f"<th></th></tr>{rows}</table>")
-    style = ("body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}img{display:block;margin:1em 0}")
-    head = f"<!doctype html><meta charset='utf-8'><title>lowbit evaluation</title><style>{style}</style>"
-    return head + "".join(body)
+    parts = []
+    for w in worst:
+        spans = [f"<span class='t'>{esc(w['tokens'][0])}</span>"]
+        for t, (tok, kl) in enumerate(zip(w["tokens"][1:], w["kl"], strict=False)):
+            where = "p" if t < w["prompt_tokens"] - 1 else "g"
+            tip = (f"KL {kl:.4f}\nreference: {_tops(w['reference_top'][t])}\n"
+                   f"candidate: {_tops(w['candidate_top'][t])}")
+            spans.append(f"<span class='t {where}' style='background:{_shade(kl)}' title='{esc(tip)}'>"
+                         f"{esc(tok)}</span>")
+        parts.append(f"<div class='worst'><div class='meta'>prompt {w['prompt']}, mean KL {w['mean']:.4f}</div>"
+                     f"<div class='text'>{''.join(spans)}</div></div>")
+    return "".join(parts)
+
+
+STYLE = ("body{font-family:system-ui,sans-serif;max-width:72em;margin:2em auto;padding:0 1em}"
+         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.25em .6em;"
+         "text-align:right}td:first-child,th:first-child{text-align:left}img{display:block;margin:1em 0;"
+         "max-width:100%}.worst{margin:1em 0;border:1px solid #ddd;padding:.5em}.meta{font-size:.85em;color:#555}"
+         ".text{white-space:pre-wrap;overflow-wrap:anywhere;font-family:ui-monospace,monospace;font-size:.85em;"
+         "line-height:1.5}"
+         ".t.p{color:#555;font-style:italic}.t{border-radius:2px}.t:hover{outline:1px solid #333}"
+         ".legend span{padding:0 .5em;margin-right:.3em}")
+
+
+def comparison_report(runs: list[tuple[str, dict]], frontier_png: str | None = None,
+                      title: str = "lowbit evaluation") -> str:
+    """One self-contained page (inline PNGs and CSS, no script, no network) comparing candidates: the frontier
+    (when given), a table, KL by position and per prompt for every candidate, and where each diverges."""
+    esc = html.escape
+    reference = next((r["reference"] for _, r in runs), "")
+    body = [f"<h1>{esc(title)}</h1><p>reference <code>{esc(str(reference))}</code>; "
+            f"{len(runs)} candidate{'s' if len(runs) != 1 else ''}</p>"]
+    if frontier_png:
+        body.append(f"<h2>Quality against size</h2>{frontier_png}")
+    rows = []
+    for label, r in runs:
+        kl, size = r.get("kl") or {}, r.get("size") or {}
+        cells = [esc(label), _f(size.get("bits_per_weight"), 3)]
+        for split in ("all", "prefill", "generation"):
+            s = kl.get(split) or {}
+            cells.append(f"{_f(s.get('mean'))} {_ci(s.get('ci95')) if split == 'all' else ''}")
+        cells.append(_f((kl.get("all") or {}).get("token_rejection_rate"), 3))
+        cells.append(", ".join(f"{esc(n)} {_f(p['candidate'], 3)}" for n, p in (r.get("ppl") or {}).items()) or "—")
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    body.append("<h2>Summary</h2><table><tr><th>candidate</th><th>bits/weight</th><th>KL all [95% CI]</th>"
+                "<th>KL prefill</th><th>KL generation</th><th>token rejection</th><th>perplexity</th></tr>"
+                + "".join(rows) + "</table>")
+    metrics = {}
+    for label, r in runs:
+        for n, q in (r.get("ppl") or {}).items():
+            metrics.setdefault(f"perplexity {n}", {"reference": q["reference"]})[label] = q["candidate"]
+        for n, t in (r.get("tasks") or {}).items():
+            metrics.setdefault(f"{n} acc", {"reference": t["reference"]})[label] = t["candidate"]
+    if metrics:
+        cols = ["reference", *(label for label, _ in runs)]
+        body.append("<h2>Perplexity and tasks</h2><table><tr><th></th>" + "".join(f"<th>{esc(c)}</th>" for c in cols)
+                    + "</tr>" + "".join(f"<tr><td>{esc(m)}</td>" + "".join(f"<td>{_f(v.get(c), 3)}</td>" for c in cols)
+                                        + "</tr>" for m, v in metrics.items()) + "</table>")
+    with_kl = [(label, r["kl"]) for label, r in runs if r.get("kl")]
+    if with_kl:
+        body.append("<h2>Divergence</h2>")
+        body += _plots(with_kl)
+        legend = "".join(f"<span style='background:{_shade(k)}'>KL {k:g}</span>" for k in (0.001, 0.01, 0.1, 1))
+        body.append(f"<h2>Where it diverges</h2><p class='legend'>The prompts with the highest mean KL, token by "
+                    f"token: each token is shaded by the KL of the prediction that produced it (prompt tokens in "
+                    f"italics). Hover a token to see both models' most likely tokens there. {legend}</p>")
+        for label, kl in with_kl:
+            if kl.get("worst"):
+                body.append(f"<h3>{esc(label)}</h3>{worst_html(kl['worst'])}")
+    head = f"<!doctype html><html lang='en'><meta charset='utf-8'><title>{esc(title)}</title><style>{STYLE}</style>"
+    return head + "<body>" + "".join(body) + "</body></html>"
+
+
+def html_report(result: dict) -> str:
+    """The page for one candidate (`lowbit eval --report`)."""
+    return comparison_report([(str(result["candidate"]), result)])
 
 
 def write_text(text: str, path: str | Path) -> None:

@@ -25,6 +25,7 @@ from lowbit.eval.divergence import (
     make_record,
     summarize_divergence,
     text_record,
+    worst_prompts,
 )
 from lowbit.eval.forward import DEFAULT_BATCH_TOKENS
 from lowbit.eval.prompts import load_prompts
@@ -162,6 +163,7 @@ def _divergence(cfg, record, reference, candidate, tokenizer, prompts) -> dict |
     if d is None:
         return None
     summary = summarize_divergence(d, int(record.meta["top_n"]), cfg.seed)
+    summary["worst"] = worst_prompts(d, record, tokenizer)
     summary["record"] = {k: record.meta.get(k) for k in ("model", "prompts", "max_new_tokens", "num_prompts",
                                                          "truncated_prompts")}
     return summary
