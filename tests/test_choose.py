@@ -167,7 +167,8 @@ def test_sensitivity_command_writes_its_files(tmp_path, stories_path, capsys):
     by_unit = {(r["unit"], r["fmt"]): r for r in result["rows"]}
     for kind in ("self_attn.q_proj", "mlp.down_proj"):  # fewer bits, more damage
         assert by_unit[(kind, "w2a16 per-channel")]["kl"] > by_unit[(kind, "w3a16 per-channel")]["kl"]
-    assert {p.name for p in out.iterdir()} == {"sensitivity.json", "sensitivity.csv", "sensitivity.md"}
+    assert {p.name for p in out.iterdir()} == {"sensitivity.json", "sensitivity.csv", "sensitivity.md",
+                                               "sensitivity.html"}
     assert "| 1 |" in capsys.readouterr().out
 
 

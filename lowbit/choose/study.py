@@ -2,8 +2,8 @@
 
 Everything a user can get wrong (scheme, method, unit, a record from another model) is checked before the model
 runs. The files go into one directory, written atomically: sensitivity.json (every row, the proxies' rank
-correlations per format), sensitivity.csv, sensitivity.md (ranked by measured KL) and, per layer, heatmap.png
-(block × layer kind, log10 KL).
+correlations per format), sensitivity.csv, sensitivity.md (ranked by measured KL), per layer heatmap.png (block ×
+layer kind, log10 KL), and sensitivity.html (both on one self-contained page).
 """
 
 from __future__ import annotations
@@ -178,6 +178,27 @@ def heatmap_png(result: dict, path: Path) -> bool:
     return True
 
 
+def html_page(result: dict, heatmap: Path | None) -> str:
+    """The heat map and the ranked table on one self-contained page."""
+    import base64
+    import html
+
+    from lowbit.eval.report import STYLE
+
+    esc = html.escape
+    md = markdown(result).splitlines()
+    notes = "".join(f"<li>{esc(line[2:])}</li>" for line in md if line.startswith("- "))
+    rows = [line.strip("|").split("|") for line in md if line.startswith("| ") and not line.startswith("| rank")]
+    table = "".join("<tr>" + "".join(f"<td>{esc(c.strip())}</td>" for c in r) + "</tr>" for r in rows)
+    img = "" if heatmap is None else (f"<img alt='heat map' src='data:image/png;base64,"
+                                      f"{base64.b64encode(heatmap.read_bytes()).decode()}'>")
+    head = ("<tr><th>rank</th><th>unit</th><th>format</th><th>bits/weight</th><th>measured KL</th>"
+            "<th>Fisher estimate</th><th>weighted error</th></tr>")
+    return (f"<!doctype html><html lang='en'><meta charset='utf-8'><title>lowbit sensitivity</title>"
+            f"<style>{STYLE}</style><body><h1>{esc(md[0])}</h1><ul>{notes}</ul>{img}<table>{head}{table}</table>"
+            f"</body></html>")
+
+
 def write(result: dict, out: str | Path, overwrite: bool = False) -> list[Path]:
     """Write every file into `out` atomically; returns the written paths."""
     from lowbit.io.atomic import atomic_directory
@@ -186,7 +207,9 @@ def write(result: dict, out: str | Path, overwrite: bool = False) -> list[Path]:
         (tmp / "sensitivity.json").write_text(json.dumps(result, indent=1))
         (tmp / "sensitivity.csv").write_text(csv_text(result))
         (tmp / "sensitivity.md").write_text(markdown(result))
-        heatmap_png(result, tmp / "heatmap.png")
+        drawn = heatmap_png(result, tmp / "heatmap.png")
+        (tmp / "sensitivity.html").write_text(html_page(result, tmp / "heatmap.png" if drawn else None),
+                                              encoding="utf-8")
         names = sorted(p.name for p in tmp.iterdir())
     return [Path(out) / n for n in names]
 
