@@ -10,7 +10,8 @@ Face rows joined by blank lines), so the numbers are llama.cpp's arithmetic on w
   matrix made by llama-imatrix on the C4 calibration documents (0–511 of the sample, the text lowbit calibrates on),
   --chunks × -c tokens (default 64 × 512).
 - lowbit's files: `lowbit quantize smollm2-135m --method M --scheme MIX --format gguf`, M in imatrix (lowbit's
-  RTN with importance), gptq, awq (and rtn), calibrated on the same C4 documents with the same token count.
+  RTN with importance), gptq, awq (and rtn), calibrated on the same C4 documents with the same token count. A
+  method may carry lowbit flags after slashes: `gptq/act-order` adds `--act-order`.
 
 The tools are built once by benchmarks/llamacpp_tools.py. Results are cached per file (FILE.kld.json); delete one
 to redo it.
