@@ -72,7 +72,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     tokenizer = api.load_tokenizer(args.model)
     model, mixed = args.model, None
     if args.target_bpw is not None or args.target_size is not None:
-        from lowbit.choose.mixed import DEFAULT_CHOICES, check_target, choose, parse_choices, parse_size, size_to_bpw
+        from lowbit.choose.mixed import (
+            DEFAULT_CHOICES,
+            bits_per_targeted_weight,
+            check_target,
+            choose,
+            parse_choices,
+            parse_size,
+            size_to_bpw,
+        )
         from lowbit.data.calibration import CalibConfig
         from lowbit.model.loading import family_of
 
@@ -95,7 +103,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                           compute_dtype=args.compute_dtype, progress=not args.quiet)
     if mixed is not None:
         result.source = args.model
-        result.allocation = {**mixed.info, "bits_per_weight_measured": targeted_bpw(result, mixed.weights)}
+        result.allocation = {**mixed.info, "bits_per_weight_measured": bits_per_targeted_weight(
+            result.model, family, result.sizes)}
     if args.format == "compressed-tensors":
         header = export(result, "compressed-tensors", out, tokenizer=tokenizer, overwrite=args.overwrite)
     elif args.format == "gguf":
@@ -105,12 +114,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         header = api.save(result, out, tokenizer=tokenizer, overwrite=args.overwrite)
     print_summary(result, header, out)
     return 0
-
-
-def targeted_bpw(result, weights: int) -> float:
-    """Bits per targeted weight, everything counted: the quantized layers' stored bits, 16 for each kept one."""
-    s = result.sizes
-    return (s["bits_per_weight"] * s["quantized_weights"] + 16 * (weights - s["quantized_weights"])) / weights
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -214,6 +214,20 @@ def allocation_recipe(base: Recipe, allocation: Allocation, menu: list[MenuItem]
     return Recipe(**{**_fields(recipe), "overrides": (*base.overrides, *overrides)})
 
 
+def bits_per_targeted_weight(model: nn.Module, family: Family, sizes: dict) -> float:
+    """Bits per weight over every block linear layer (routers aside) and any other quantized layer, everything
+    counted: the quantized layers' stored bits, 16 per weight of a block layer left in 16 bits. The one measure
+    for uniform, partial (--parts) and mixed configurations alike."""
+    from lowbit.model.targets import family_keeps
+
+    prefix = family.blocks + "."
+    kept = sum(m.weight.numel() for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and n.startswith(prefix) and not family_keeps(n, family))
+    quantized = sizes["quantized_weights"]
+    bits = (sizes["bits_per_weight"] or 0) * quantized + 16 * kept
+    return bits / (quantized + kept)
+
+
 @dataclass
 class Mixed:
     recipe: Recipe

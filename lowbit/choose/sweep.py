@@ -142,8 +142,10 @@ def _recipe(point: Point, options: dict):
 def run_point(model_name: str, point: Point, grid: Grid, record: Path, work: Path, progress: bool = True) -> dict:
     """Quantize, save to a scratch checkpoint, evaluate against the record; the checkpoint is removed after."""
     from lowbit import api
+    from lowbit.choose.mixed import DEFAULT_CHOICES, bits_per_targeted_weight, choose, parse_choices
     from lowbit.data.calibration import CalibConfig
     from lowbit.eval.runner import EvalConfig, evaluate
+    from lowbit.model.loading import family_of
 
     start = time.perf_counter()
     recipe = _recipe(point, grid.options)
@@ -151,18 +153,12 @@ def run_point(model_name: str, point: Point, grid: Grid, record: Path, work: Pat
     tokenizer = api.load_tokenizer(model_name)
     model, allocation = model_name, None
     if point.target_bpw is not None:
-        from lowbit.choose.mixed import DEFAULT_CHOICES, choose, parse_choices
-        from lowbit.model.loading import family_of
-
         model = api.load(model_name)
         mixed = choose(model, tokenizer, family_of(model), recipe, point.target_bpw,
                        parse_choices(point.choices or DEFAULT_CHOICES), calib, progress=progress)
         recipe, allocation = mixed.recipe, mixed
     result = api.quantize(model, recipe, tokenizer=tokenizer, calib=calib, progress=progress)
-    sizes = result.sizes
-    weights = allocation.weights if allocation else sizes["quantized_weights"]
-    bpw = (sizes["bits_per_weight"] * sizes["quantized_weights"] + 16 * (weights - sizes["quantized_weights"])) \
-        / weights
+    bpw = bits_per_targeted_weight(result.model, family_of(result.model), result.sizes)
     ckpt = work / "checkpoint"
     api.save(result, ckpt, tokenizer=tokenizer, overwrite=True)
     quantize_s = time.perf_counter() - start

@@ -42,7 +42,7 @@ def select_layers(model: nn.Module, family: Family, recipe: Recipe) -> dict[str,
     else:
         candidates = [n for n in linears if n.startswith(family.blocks + ".")]
         what = "the default targets (linear layers of the decoder blocks)"
-    chosen = [n for n in candidates if not any(re.search(p, n) for p in recipe.ignore) and not _kept(n, family)]
+    chosen = [n for n in candidates if not any(re.search(p, n) for p in recipe.ignore) and not family_keeps(n, family)]
     if not chosen:
         examples = ", ".join(list(linears)[:4])
         raise LowbitError(f"no linear layer matched {what} after ignore patterns {list(recipe.ignore)}. "
@@ -65,7 +65,7 @@ def select_layers(model: nn.Module, family: Family, recipe: Recipe) -> dict[str,
     return plan
 
 
-def _kept(name: str, family: Family) -> bool:
+def family_keeps(name: str, family: Family) -> bool:
     """A layer the family keeps in 16 bits (a mixture-of-experts router)."""
     head, _, rest = name.partition(family.blocks + ".")
     return not head and any(rest.partition(".")[2] == k for k in family.keep)
