@@ -437,3 +437,17 @@ def test_sweep_report_renders_in_a_real_browser(tmp_path, stories_path):
     assert len(images) == 4 and all(drawn)  # the frontier, KL by position, per prompt, the distribution
     assert len(tokens) > 10 and "reference:" in hover and "candidate:" in hover
     assert {"Quality against size", "Summary", "Where it diverges", "rtn w4a16 per-channel"} <= set(headings)
+
+
+def test_a_choice_whose_groups_divide_only_some_layers_is_offered_to_those(tmp_path, stories_path):
+    import json
+
+    from lowbit.cli import main
+
+    # stories260K: inputs of 64 columns, and 172 for down_proj, which groups of 32 do not divide
+    assert main(["quantize", str(stories_path), "--target-bpw", "5", "--choices", "w4a16:32,w2a16:0,w4a16:0,16",
+                 "--calib-samples", "2", "--calib-seqlen", "32", "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    header = json.loads((tmp_path / "o" / "lowbit.json").read_text())
+    downs = {n: layer["spec"]["weight"] for n, layer in header["layers"].items() if n.endswith("down_proj")}
+    assert downs and all(w["granularity"]["type"] == "per_channel" for w in downs.values())
+    assert header["allocation"]["layers"].get("w4a16:32", 0) > 0

@@ -23,6 +23,7 @@ from torch import nn
 from lowbit.choose.allocate import Allocation, Choice, allocate
 from lowbit.choose.sensitivity import block_of, probe, proxy_errors, quantize_weight
 from lowbit.errors import LowbitError
+from lowbit.formats import PerGroup
 from lowbit.formats.spec import LayerSpec
 from lowbit.methods import rtn
 from lowbit.methods.registry import get_method
@@ -31,6 +32,7 @@ from lowbit.model.targets import linear_layers, select_layers
 from lowbit.recipe import Override, Recipe
 
 KEEP = "16"
+NOT_OFFERED = LayerSpec(None)  # a choice whose groups do not divide this layer's input
 DEFAULT_CHOICES = ("w2a16:64", "w3a16:128", "w3a16:64", "w4a16:128", "w4a16:64", "w4a16:32", "w5a16:64",
                    "w6a16:128", "w8a16:0", KEEP)
 # Methods whose rounding predicts the cost of a layer on its own; AWQ's layers are costed by RTN.
@@ -128,13 +130,24 @@ def menu_plans(model: nn.Module, family: Family, base: Recipe, menu: list[MenuIt
     targeting = replace(base, scheme="w8a16", group_size=0, overrides=(), per_tensor=False, act_granularity="token",
                         act_static=False)
     layers = list(select_layers(model, family, targeting))
+    linears = linear_layers(model)
     plans = {}
     for item in menu:
         if item.scheme is None:
             plans[item.label] = dict.fromkeys(layers)
             continue
-        plan = select_layers(model, family, item_recipe(base, item))
-        plans[item.label] = {n: plan[n] for n in layers}
+        recipe = item_recipe(base, item)
+        try:
+            plan = select_layers(model, family, recipe)
+            plans[item.label] = {n: plan[n] for n in layers}
+        except LowbitError:  # groups that divide only some layers: offered to those alone
+            spec = recipe.default_spec
+            gran = getattr(spec.weight, "granularity", None)
+            if not isinstance(gran, PerGroup):
+                raise
+            fits = {n: spec for n in layers if linears[n].in_features % gran.size == 0}
+            if fits:
+                plans[item.label] = {n: fits.get(n, NOT_OFFERED) for n in layers}
     return plans
 
 
@@ -156,6 +169,8 @@ def budget_check(model: nn.Module, plans: dict[str, dict], target_bpw: float) ->
         w = linears[n].weight
         sizes = []
         for label, plan in plans.items():
+            if plan[n] is NOT_OFFERED:
+                continue
             key = (tuple(w.shape), label)
             if key not in cache:
                 cache[key] = layer_bits(w, plan[n])
@@ -182,6 +197,8 @@ def layer_costs(pr, plans: dict[str, dict], method_name: str, recipe: Recipe,
     for n in tqdm(names, desc="costs", unit="layer", disable=not progress, dynamic_ncols=True):
         w = linears[n].weight.detach()
         for label, plan in plans.items():
+            if plan[n] is NOT_OFFERED:
+                continue
             if plan[n] is None:
                 out[n].append(Choice(label, 16 * w.numel(), 0.0))
                 continue
@@ -253,8 +270,10 @@ def choose(model: nn.Module, tokenizer, family: Family, base: Recipe, target_bpw
     ids = calibration_ids(tokenizer, calib, getattr(text_config(model), "max_position_embeddings", None))
     record = text_record(ids, {"model": "calibration", "top_n": 16})
     costed = get_method(base.method if base.method in OWN_ROUNDING else "rtn")
-    first = next(p for p in plans.values() if any(v is not None for v in p.values()))
-    pr = probe(model, family, record, first, costed, measure=False, progress=progress)
+    first = {n: next((p[n] for p in plans.values() if p[n] is not None and p[n] is not NOT_OFFERED), None)
+             for n in next(iter(plans.values()))}
+    pr = probe(model, family, record, {n: spec for n, spec in first.items() if spec is not None}, costed,
+               measure=False, progress=progress)
     costs = layer_costs(pr, plans, base.method, base, progress)
     allocation = allocate(costs, budget)
     if all(c.label == KEEP for c in allocation.choices.values()):
