@@ -116,12 +116,8 @@ def size_to_bpw(model: nn.Module, family: Family, base: Recipe, size_bytes: int,
 
 
 def item_recipe(base: Recipe, item: MenuItem) -> Recipe:
-    return base if item.scheme is None else Recipe(**{**_fields(base), "scheme": item.scheme,
-                                                      "group_size": item.group_size, "overrides": ()})
-
-
-def _fields(recipe: Recipe) -> dict:
-    return {f: getattr(recipe, f) for f in recipe.__dataclass_fields__}
+    return base if item.scheme is None else replace(base, scheme=item.scheme, group_size=item.group_size,
+                                                    overrides=())
 
 
 def menu_plans(model: nn.Module, family: Family, base: Recipe, menu: list[MenuItem]) -> dict[str, dict]:
@@ -228,7 +224,7 @@ def allocation_recipe(base: Recipe, allocation: Allocation, menu: list[MenuItem]
         item = by_label[label]
         overrides.append(Override(pattern=pattern, skip=True) if item.scheme is None
                          else Override(pattern=pattern, scheme=item.scheme, group_size=item.group_size))
-    return Recipe(**{**_fields(recipe), "overrides": (*base.overrides, *overrides)})
+    return replace(recipe, overrides=(*base.overrides, *overrides))
 
 
 def bits_per_targeted_weight(model: nn.Module, family: Family, sizes: dict) -> float:
