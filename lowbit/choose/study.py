@@ -73,7 +73,7 @@ def run(cfg: SensitivityConfig) -> dict:
     """Measure; returns what `write` saves."""
     from lowbit.eval.divergence import make_record
     from lowbit.eval.prompts import load_prompts
-    from lowbit.eval.record import ReferenceRecord, model_fingerprint
+    from lowbit.eval.record import ReferenceRecord
     from lowbit.model.loading import family_of, load, load_tokenizer
     from lowbit.model.targets import select_layers
 
@@ -85,8 +85,7 @@ def run(cfg: SensitivityConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     if record is not None:
         record.check_tokenizer(tokenizer, "model")
-        made_by = record.meta.get("model_fingerprint")
-        if made_by and made_by != model_fingerprint(model):
+        if not record.made_by(model):
             raise LowbitError(f"the reference record was made by another model ({record.meta.get('model')!r}) than "
                               f"{cfg.model!r}; record this model's generations instead (drop --reference-record).")
         if cfg.max_prompts and cfg.max_prompts < record.num_sequences:

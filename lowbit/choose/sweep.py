@@ -193,12 +193,11 @@ def make_record(model_name: str, grid: Grid, path: Path, progress: bool = True) 
 
 def check_record(model_name: str, record_path: Path) -> None:
     """A record made by another model is refused before any work."""
-    from lowbit.eval.record import ReferenceRecord, model_fingerprint
+    from lowbit.eval.record import ReferenceRecord
     from lowbit.model.loading import load
 
     record = ReferenceRecord.load(record_path)
-    made_by = record.meta.get("model_fingerprint")
-    if made_by and made_by != model_fingerprint(load(model_name)):
+    if not record.made_by(load(model_name)):
         raise LowbitError(f"the reference record {str(record_path)!r} was made by another model "
                           f"({record.meta.get('model')!r}) than {model_name!r}; drop --reference-record to record "
                           f"this model.")

@@ -79,6 +79,11 @@ class ReferenceRecord:
         return ReferenceRecord({**self.meta, "num_prompts": n}, self.tokens[:end], self.offsets[:n + 1],
                                self.prompt_lens[:n], *top, self.extras)
 
+    def made_by(self, model) -> bool:
+        """Whether this record came from `model` (a record without a fingerprint is taken at its word)."""
+        made_by = self.meta.get("model_fingerprint")
+        return not made_by or made_by == model_fingerprint(model)
+
     def check_tokenizer(self, tokenizer, what: str) -> None:
         if self.meta.get("tokenizer_fingerprint") != tokenizer_fingerprint(tokenizer):
             raise LowbitError(f"the reference record was made with another tokenizer than the {what}'s "

@@ -29,7 +29,7 @@ from lowbit.eval.divergence import (
 )
 from lowbit.eval.forward import DEFAULT_BATCH_TOKENS
 from lowbit.eval.prompts import load_prompts
-from lowbit.eval.record import ReferenceRecord, model_fingerprint, tokenizer_fingerprint
+from lowbit.eval.record import ReferenceRecord, tokenizer_fingerprint
 from lowbit.io.foreign import READABLE
 from lowbit.model.architectures import text_config
 from lowbit.model.loading import load, load_tokenizer
@@ -116,8 +116,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     cfg.timings["load"] = time.perf_counter() - t
     if record is not None:
         record.check_tokenizer(tokenizer, "reference" if cfg.reference else "candidate")
-        made_by = record.meta.get("model_fingerprint")
-        if reference is not None and made_by and made_by != model_fingerprint(reference):
+        if reference is not None and not record.made_by(reference):
             raise LowbitError(f"the reference record was made by another model ({record.meta.get('model')!r}) than "
                               f"--reference {cfg.reference!r}; drop one of them, or record again.")
     ref_vocab = int(reference.config.vocab_size) if reference is not None else int(record.meta["vocab_size"])
