@@ -173,8 +173,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from lowbit.choose import frontier
-    from lowbit.choose.sweep import Grid, RayOptions, evaluations, sweep
+    from lowbit.choose.sweep import Grid, RayOptions, conclude, sweep
 
     grid = Grid.load(args.grid)  # every point is checked before any work
     if args.kl_threshold is not None:
@@ -186,12 +185,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise LowbitError(f"{str(out)!r} exists and is not a sweep's directory; choose another --out (a sweep's own "
                           f"directory is resumed).")
     ray = RayOptions(args.ray_address, args.cpus_per_point, args.gpus_per_point)
-    results = sweep(args.model, grid, out, Path(args.reference_record) if args.reference_record else None,
-                    progress=not args.quiet, executor=args.executor, ray_options=ray)
-    rec = frontier.recommend(results, grid.kl_threshold, grid.size_budget_bpw)
-    written = frontier.write(results, rec, out, f"{args.model}: {len(results)} configurations",
-                             evaluations(grid, out))
-    print(frontier.markdown(results, rec))
+    record = Path(args.reference_record) if args.reference_record else None
+    results = sweep(args.model, grid, out, record, progress=not args.quiet, executor=args.executor, ray_options=ray)
+    summary, written = conclude(grid, out, results, f"{args.model}: {len(results)} configurations", record)
+    print(summary)
     print(f"wrote {', '.join(p.name for p in written)} in {out}")
     return 0
 

@@ -80,14 +80,12 @@ DEMO_GRID = {"methods": ["rtn"], "schemes": ["w8a16", "w4a16", "w3a16"], "group_
 
 def small_sweep(out: Path, quiet: bool = False) -> None:
     """The quality/size frontier of a few configurations (`lowbit sweep` with DEMO_GRID; resumed if run before)."""
-    from lowbit.choose import frontier
-    from lowbit.choose.sweep import Grid, evaluations, sweep
+    from lowbit.choose.sweep import Grid, conclude, sweep
 
     grid = Grid.from_dict(DEMO_GRID, "the demo's grid")
     print(f"\na small sweep: {len(grid.points)} configurations, each quantized and scored on the same 8 prompts "
           f"(`lowbit sweep` does this for any grid; resumed from {out} if run before)\n")
     results = sweep(MODEL, grid, out, progress=not quiet)
-    rec = frontier.recommend(results, grid.kl_threshold, grid.size_budget_bpw)
-    frontier.write(results, rec, out, f"{MODEL}: the demo's sweep", evaluations(grid, out))
-    print("\n" + frontier.markdown(results, rec))
+    summary, _ = conclude(grid, out, results, f"{MODEL}: the demo's sweep")
+    print("\n" + summary)
     print(f"the Pareto chart: {out / 'frontier.png'}; every configuration side by side: {out / 'report.html'}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -207,14 +208,19 @@ class Recipe:
                               f"them in 16 bits: use --scheme w8a8 (or fp8).")
         self.default_spec  # noqa: B018  (builds the default spec, which validates the combination)
 
+    @cached_property
+    def _configs(self) -> dict[type, Any]:
+        """The method's option classes built once from the (frozen) options."""
+        return configure(self.method, self.options)
+
     def config(self, cls: type | None) -> Any:
         """The recipe's options as the method's frozen config `cls` (its defaults where none is set); None for None."""
-        return None if cls is None else configure(self.method, self.options)[cls]
+        return None if cls is None else self._configs[cls]
 
     def option(self, name: str) -> Any:
         """One option's value, the method's default where the recipe sets none (None when the method has no such
         option)."""
-        return all_options(configure(self.method, self.options)).get(name)
+        return all_options(self._configs).get(name)
 
     def layer_spec(self, name: str) -> LayerSpec | None:
         """The spec for a targeted layer after overrides, or None when an override skips it."""
@@ -291,7 +297,7 @@ class Recipe:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["targets"], d["ignore"], d["parts"] = list(self.targets), list(self.ignore), list(self.parts)
-        d["options"] = all_options(configure(self.method, self.options))
+        d["options"] = all_options(self._configs)
         d["overrides"] = [{k: v for k, v in asdict(o).items() if v is not None and not (k == "skip" and not v)}
                           for o in self.overrides]
         return {"lowbit_recipe": RECIPE_VERSION, **d}

@@ -74,6 +74,37 @@ def test_frontier_equals_brute_force(seed):
     assert [pts[i][0] for i in got] == sorted(pts[i][0] for i in got)
 
 
+def test_margins_are_paired_token_weighted_differences():
+    import numpy as np
+
+    from lowbit.choose.frontier import margins, margins_markdown
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(5, 60, size=40)
+    uniform = rng.gamma(2.0, 0.05, size=40)
+    per_prompt = {"mixed": uniform * 0.8 + rng.normal(0, 0.002, 40), "u3.9": uniform * 2, "u4": uniform,
+                  "u4.5": uniform * 0.8 + rng.normal(0, 0.002, 40)}
+
+    def row(label, bpw, mixed=False):
+        kl = float((per_prompt[label] * tokens).sum() / tokens.sum())
+        return {"label": label, "point": {"target_bpw": 4.0 if mixed else None}, "bits_per_weight": bpw, "kl": kl}
+
+    results = [row("mixed", 3.99, True), row("u3.9", 3.9), row("u4", 4.0), row("u4.5", 4.5),
+               {"label": "failed", "point": {}, "error": "x"}]
+    rows = margins(results, {k: list(v) for k, v in per_prompt.items()}, tokens)
+    assert [r["uniform"] for r in rows] == ["u4", "u4.5"]  # only points with as many bits per weight or more
+    kl = {r["label"]: r["kl"] for r in results if "kl" in r}
+    for r in rows:
+        assert r["margin"] == pytest.approx(kl[r["uniform"]] - kl["mixed"], rel=1e-12)
+        assert r["margin_ci95"][0] <= r["margin"] <= r["margin_ci95"][1]
+    assert rows[0]["margin_ci95"][0] > 0  # 20% less KL on every prompt: the interval excludes zero
+    assert rows[1]["margin_ci95"][0] < 0 < rows[1]["margin_ci95"][1]  # the same KL up to noise: it does not
+    same = margins([row("mixed", 3.99, True), {**row("mixed", 4.0), "label": "copy", "point": {}}],
+                   {"mixed": per_prompt["mixed"], "copy": per_prompt["mixed"]}, tokens)
+    assert same[0]["margin"] == 0 and same[0]["margin_ci95"] == [0.0, 0.0]
+    assert "| mixed | 3.990 | u4 | 4.000 | +" in margins_markdown(rows)
+
+
 @pytest.fixture(scope="module")
 def stories_probe(_stories, stories_tokenizer):
     import copy
@@ -403,19 +434,27 @@ def test_target_size_bounds_the_stored_tensors(tmp_path, stories_path):
     assert 0.40e6 < stored <= 0.45e6
 
 
-def test_sweep_report_renders_in_a_real_browser(tmp_path, stories_path):
+def test_sweep_margins_and_report_in_a_real_browser(tmp_path, stories_path):
+    import json
     import shutil
+
+    from lowbit.cli import main
+
+    grid = GRID.replace("methods: [rtn, gptq]", "methods: [rtn]\nbudgets: [3.0]\nchoices: w2a16:0,w4a16:0")
+    (tmp_path / "grid.yaml").write_text(grid)
+    assert main(["sweep", str(stories_path), "--grid", str(tmp_path / "grid.yaml"), "--out", str(tmp_path / "s"),
+                 "--quiet"]) == 0
+    data = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    kl = {r["label"]: r["kl"] for r in data["results"]}
+    assert [m["uniform"] for m in data["margins"]] == ["rtn w4a16 per-channel"]  # w2 has fewer bits than 3.0
+    m = data["margins"][0]
+    assert m["margin"] == pytest.approx(kl[m["uniform"]] - kl["rtn mixed 3 bpw"], rel=1e-6, abs=1e-9)
+    assert "Mixed precision against every uniform point" in (tmp_path / "s" / "sweep.md").read_text()
 
     sync = pytest.importorskip("playwright.sync_api")
     browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser_path is None:
         pytest.skip("no Chromium here (./dev installs Debian's chromium where it can)")
-    from lowbit.cli import main
-
-    grid = GRID.replace("methods: [rtn, gptq]", "methods: [rtn]")
-    (tmp_path / "grid.yaml").write_text(grid)
-    assert main(["sweep", str(stories_path), "--grid", str(tmp_path / "grid.yaml"), "--out", str(tmp_path / "s"),
-                 "--quiet"]) == 0
     page_path = tmp_path / "s" / "report.html"
     errors, requests = [], []
     with sync.sync_playwright() as p:

@@ -2,7 +2,8 @@
 
 The frontier is over (bits per weight, mean KL), both minimized (lowbit.choose.pareto). The recommendation: the
 smallest point whose KL is under the threshold (default 0.007, Fireworks' "high quality" line), and the point with
-the least KL at or under the size budget.
+the least KL at or under the size budget. Each mixed-precision point is compared, prompt by prompt on the same
+teacher-forced tokens, with every uniform point that spends as many bits per weight or more (`margins`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import csv
 import io
 import json
 from pathlib import Path
+
+import numpy as np
 
 from lowbit.choose.pareto import frontier
 
@@ -34,7 +37,50 @@ def recommend(results: list[dict], kl_threshold: float, size_budget_bpw: float |
             "size_budget_bpw": size_budget_bpw, "best_within_size": best and best["label"]}
 
 
-def markdown(results: list[dict], rec: dict) -> str:
+def margins(results: list[dict], per_prompt: dict[str, list[float]], tokens_per_prompt: np.ndarray,
+            seed: int = 0) -> list[dict]:
+    """Each mixed point against each uniform point with as many bits per weight or more: the margin
+    Δ = KL(uniform) − KL(mixed) (positive: the mixed point is better) and its 95% CI.
+
+    Both were scored on the same tokens of the same record, so the comparison is paired: the per-prompt differences,
+    weighted by each prompt's token count (the token-weighted means differ by exactly Δ), resampled by prompt as
+    lowbit.eval.stats.bootstrap_ci does for one candidate. `per_prompt` maps a label to its per-prompt mean KL.
+    """
+    from lowbit.eval.stats import bootstrap_ci
+
+    done = [r for r in finished(results) if r["label"] in per_prompt]
+    mixed = [r for r in done if r["point"].get("target_bpw") is not None]
+    uniform = sorted((r for r in done if r["point"].get("target_bpw") is None), key=lambda r: r["bits_per_weight"])
+    rows = []
+    for m in mixed:
+        for u in uniform:
+            if u["bits_per_weight"] < m["bits_per_weight"] - 1e-9:
+                continue
+            a, b = np.asarray(per_prompt[u["label"]], float), np.asarray(per_prompt[m["label"]], float)
+            n = np.asarray(tokens_per_prompt[:len(a)], float)
+            if len(a) != len(b) or len(n) != len(a):
+                raise ValueError(f"{u['label']} and {m['label']} were not scored on the same prompts")
+            delta = float(((a - b) * n).sum() / n.sum())
+            lo, hi = bootstrap_ci(np.repeat(a - b, n.astype(int)), np.repeat(np.arange(len(a)), n.astype(int)),
+                                  seed=seed)
+            rows.append({"mixed": m["label"], "mixed_bpw": m["bits_per_weight"], "uniform": u["label"],
+                         "uniform_bpw": u["bits_per_weight"], "margin": delta, "margin_ci95": [lo, hi],
+                         "relative": delta / u["kl"] if u["kl"] else None})
+    return rows
+
+
+def margins_markdown(rows: list[dict]) -> str:
+    lines = ["| mixed | bits/weight | uniform | bits/weight | KL(uniform) − KL(mixed) [95% CI] | relative |",
+             "|---|---:|---|---:|---|---:|"]
+    for r in rows:
+        lo, hi = r["margin_ci95"]
+        rel = "–" if r["relative"] is None else f"{100 * r['relative']:+.1f}%"
+        lines.append(f"| {r['mixed']} | {r['mixed_bpw']:.3f} | {r['uniform']} | {r['uniform_bpw']:.3f} | "
+                     f"{r['margin']:+.5f} [{lo:+.5f}, {hi:+.5f}] | {rel} |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(results: list[dict], rec: dict, margin_rows: list[dict] | None = None) -> str:
     front = {r["label"] for r in on_frontier(results)}
     lines = ["| configuration | bits/weight | MB | mean KL [95% CI] | token rejection | ppl | frontier |",
              "|---|---:|---:|---|---:|---|:-:|"]
@@ -54,6 +100,9 @@ def markdown(results: list[dict], rec: dict) -> str:
     if rec["size_budget_bpw"] is not None:
         lines.append(f"Within {rec['size_budget_bpw']:g} bits per weight: {b}" if b else
                      f"No configuration fits {rec['size_budget_bpw']:g} bits per weight.")
+    if margin_rows:
+        lines += ["", "Mixed precision against every uniform point with as many bits per weight or more (paired over "
+                  "the same prompts; positive: the mixed point diverges less):", "", margins_markdown(margin_rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -104,13 +153,14 @@ def chart_png(results: list[dict], rec: dict, path: Path, title: str) -> None:
 
 
 def write(results: list[dict], rec: dict, out: Path, title: str,
-          runs: list[tuple[str, dict]] | None = None) -> list[Path]:
+          runs: list[tuple[str, dict]] | None = None, margin_rows: list[dict] | None = None) -> list[Path]:
     """sweep.md, sweep.csv, sweep.json and, with a finished point, frontier.png and report.html (every finished
     point's evaluation side by side, lowbit.eval.report) in `out`, each atomically."""
     from lowbit.io.atomic import atomic_file
 
-    texts = {"sweep.md": markdown(results, rec), "sweep.csv": csv_text(results),
-             "sweep.json": json.dumps({"results": results, "recommendation": rec}, indent=1)}
+    texts = {"sweep.md": markdown(results, rec, margin_rows), "sweep.csv": csv_text(results),
+             "sweep.json": json.dumps({"results": results, "recommendation": rec, "margins": margin_rows or []},
+                                      indent=1)}
     for name, text in texts.items():
         with atomic_file(out / name) as tmp:
             tmp.write_text(text)

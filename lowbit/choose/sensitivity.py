@@ -105,15 +105,8 @@ def probe(model: nn.Module, family: Family, record: ReferenceRecord, plan: dict[
         return Probe(model, family, [], [], [], [], [], importance, grad_sq, stats, positions)
     device = next(model.parameters()).device
     blocks = decoder_blocks(model, family)
-    first = BlockInputs()
-    for ids in seqs:
-        one = capture_block_inputs(model, family, ids, device, batch_size=1, offload=device)
-        first.hidden += one.hidden
-        first.kwargs += one.kwargs
-        first.layer_types = one.layer_types
-        for t, kw in one.by_type.items():
-            first.by_type.setdefault(t, []).extend(kw)
-    inputs, current = [], first
+    inputs, current = [], BlockInputs.concat([capture_block_inputs(model, family, ids, device, batch_size=1,
+                                                                   offload=device) for ids in seqs])
     for i in tqdm(range(len(blocks)), desc="float pass", unit="block", disable=not progress, dynamic_ncols=True):
         current = current.for_block(i)
         inputs.append(current)

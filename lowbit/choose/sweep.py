@@ -308,6 +308,25 @@ def sweep(model_name: str, grid: Grid, out: Path, record: Path | None = None, pr
     return [json.loads(paths[point].read_text()) for point in grid.points]
 
 
+def conclude(grid: Grid, out: Path, results: list[dict], title: str, record: Path | None = None) -> tuple[str, list]:
+    """The recommendation, the mixed-vs-uniform margins and every file of lowbit.choose.frontier.write in `out`;
+    returns the Markdown summary and the paths written."""
+    import numpy as np
+
+    from lowbit.choose import frontier
+    from lowbit.eval.record import ReferenceRecord
+
+    runs = evaluations(grid, out)
+    rec = frontier.recommend(results, grid.kl_threshold, grid.size_budget_bpw)
+    rows = None
+    if runs:
+        offsets = ReferenceRecord.load(record or out / "reference.safetensors").offsets
+        tokens = (offsets[1:] - offsets[:-1] - 1).numpy()
+        rows = frontier.margins(results, {label: ev["kl"]["per_prompt"] for label, ev in runs}, np.asarray(tokens))
+    written = frontier.write(results, rec, out, title, runs, rows)
+    return frontier.markdown(results, rec, rows), written
+
+
 def evaluations(grid: Grid, out: Path) -> list[tuple[str, dict]]:
     """Each finished point's whole evaluation (label, lowbit eval's result), in grid order."""
     runs = []
@@ -318,4 +337,5 @@ def evaluations(grid: Grid, out: Path) -> list[tuple[str, dict]]:
     return runs
 
 
-__all__ = ["Grid", "Point", "RayOptions", "attempt", "check_record", "evaluations", "make_record", "run_point", "sweep"]
+__all__ = ["Grid", "Point", "RayOptions", "attempt", "check_record", "conclude", "evaluations", "make_record",
+           "run_point", "sweep"]

@@ -34,6 +34,14 @@ class BlockInputs:
     def tokens(self) -> int:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
 
+    @classmethod
+    def concat(cls, parts: list[BlockInputs]) -> BlockInputs:
+        """The batches of several captures one after another (sequences of different lengths, captured apart)."""
+        if not parts:
+            return cls()
+        return cls([h for p in parts for h in p.hidden], [kw for p in parts for kw in p.kwargs], parts[0].layer_types,
+                   {t: [kw for p in parts for kw in p.by_type[t]] for t in parts[0].by_type})
+
     def with_hidden(self, hidden: list[torch.Tensor], kwargs: list[dict] | None = None) -> BlockInputs:
         return replace(self, hidden=hidden, kwargs=self.kwargs if kwargs is None else kwargs)
 
