@@ -261,6 +261,30 @@ def test_target_bpw_stays_in_budget_and_its_recipe_reproduces_the_checkpoint(tmp
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_cached_costs_give_the_same_allocation_without_a_second_costing(tmp_path, stories, stories_tokenizer,
+                                                                         monkeypatch):
+    from lowbit.choose import mixed
+    from lowbit.data.calibration import CalibConfig
+    from lowbit.model.loading import family_of
+    from lowbit.recipe import Recipe
+
+    args = (stories, stories_tokenizer, family_of(stories), Recipe(method="gptq", scheme="w4a16", group_size=0))
+    menu, calib = mixed.parse_choices(MENU), CalibConfig(samples=2, seqlen=32)
+    first = mixed.choose(*args, 3.5, menu, calib, progress=False, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("costs-*.json"))) == 1
+
+    def no_probe(*a, **k):
+        raise AssertionError("costed again")
+
+    monkeypatch.setattr(mixed, "probe", no_probe)
+    again = mixed.choose(*args, 3.5, menu, calib, progress=False, cache_dir=tmp_path)
+    assert again.allocation == first.allocation and again.recipe == first.recipe
+    other = mixed.choose(*args, 5.0, menu, calib, progress=False, cache_dir=tmp_path)  # another budget: the same costs
+    assert other.allocation.bits > first.allocation.bits
+    with pytest.raises(AssertionError, match="costed again"):  # other calibration: other costs
+        mixed.choose(*args, 3.5, menu, CalibConfig(samples=3, seqlen=32), progress=False, cache_dir=tmp_path)
+
+
 @pytest.mark.parametrize("argv,match", [
     (["--target-bpw", "0"], "not a budget"),
     (["--target-bpw", "16.5"], "not a budget"),

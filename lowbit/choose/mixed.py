@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -250,9 +251,42 @@ class Mixed:
     info: dict
 
 
+def costs_key(base: Recipe, menu: list[MenuItem], calib, plans: dict[str, dict]) -> str:
+    """What the costs depend on: the method and its options, the calibration, and each layer's spec per choice."""
+    import hashlib
+    import json
+
+    specs = {label: {n: repr(spec) for n, spec in sorted(plan.items())} for label, plan in plans.items()}
+    text = json.dumps({"method": base.method, "options": base.options, "menu": [i.label for i in menu],
+                       "calib": calib.to_dict(), "specs": specs}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cached_costs(path: Path) -> dict[str, list[Choice]] | None:
+    import json
+
+    if not path.is_file():
+        return None
+    return {n: [Choice(label, int(bits), float(cost)) for label, bits, cost in cs]
+            for n, cs in json.loads(path.read_text()).items()}
+
+
+def save_costs(path: Path, costs: dict[str, list[Choice]]) -> None:
+    import json
+
+    from lowbit.io.atomic import atomic_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps({n: [[c.label, c.bits, c.cost] for c in cs] for n, cs in costs.items()}))
+
+
 def choose(model: nn.Module, tokenizer, family: Family, base: Recipe, target_bpw: float, menu: list[MenuItem],
-           calib, progress: bool = True) -> Mixed:
-    """Cost every layer at every choice on calibration text, allocate within the budget, return the recipe."""
+           calib, progress: bool = True, cache_dir: Path | None = None) -> Mixed:
+    """Cost every layer at every choice on calibration text, allocate within the budget, return the recipe.
+
+    With `cache_dir`, the costs are kept there (one file per method, options, menu and calibration) and reused:
+    a sweep's budgets share one costing. JSON keeps every float exactly, so the allocation is the same either way."""
     from lowbit.data.calibration import calibration_ids
     from lowbit.eval.divergence import text_record
     from lowbit.model.architectures import text_config
@@ -263,14 +297,19 @@ def choose(model: nn.Module, tokenizer, family: Family, base: Recipe, target_bpw
                           "targets, ignore and method options are kept).")
     plans = menu_plans(model, family, base, menu)
     budget, weights = budget_check(model, plans, target_bpw)
-    ids = calibration_ids(tokenizer, calib, getattr(text_config(model), "max_position_embeddings", None))
-    record = text_record(ids, {"model": "calibration", "top_n": 16})
     costed = get_method(base.method if base.method in OWN_ROUNDING else "rtn")
-    first = {n: next((p[n] for p in plans.values() if p[n] is not None and p[n] is not NOT_OFFERED), None)
-             for n in next(iter(plans.values()))}
-    pr = probe(model, family, record, {n: spec for n, spec in first.items() if spec is not None}, costed,
-               measure=False, progress=progress)
-    costs = layer_costs(pr, plans, base.method, base, progress)
+    cache = None if cache_dir is None else Path(cache_dir) / f"costs-{costs_key(base, menu, calib, plans)}.json"
+    costs = None if cache is None else cached_costs(cache)
+    if costs is None:
+        ids = calibration_ids(tokenizer, calib, getattr(text_config(model), "max_position_embeddings", None))
+        record = text_record(ids, {"model": "calibration", "top_n": 16})
+        first = {n: next((p[n] for p in plans.values() if p[n] is not None and p[n] is not NOT_OFFERED), None)
+                 for n in next(iter(plans.values()))}
+        pr = probe(model, family, record, {n: spec for n, spec in first.items() if spec is not None}, costed,
+                   measure=False, progress=progress)
+        costs = layer_costs(pr, plans, base.method, base, progress)
+        if cache is not None:
+            save_costs(cache, costs)
     allocation = allocate(costs, budget)
     if all(c.label == KEEP for c in allocation.choices.values()):
         raise LowbitError(f"the budget ({target_bpw:.2f} bits per targeted weight) keeps every targeted layer in 16 "

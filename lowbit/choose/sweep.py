@@ -155,7 +155,8 @@ def run_point(model_name: str, point: Point, grid: Grid, record: Path, work: Pat
     if point.target_bpw is not None:
         model = api.load(model_name)
         mixed = choose(model, tokenizer, family_of(model), recipe, point.target_bpw,
-                       parse_choices(point.choices or DEFAULT_CHOICES), calib, progress=progress)
+                       parse_choices(point.choices or DEFAULT_CHOICES), calib, progress=progress,
+                       cache_dir=work.parent / "costs")  # the sweep's budgets share one costing
         recipe, allocation = mixed.recipe, mixed
     result = api.quantize(model, recipe, tokenizer=tokenizer, calib=calib, progress=progress)
     bpw = bits_per_targeted_weight(result.model, family_of(result.model), result.sizes)
