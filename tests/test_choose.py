@@ -167,8 +167,13 @@ def test_fisher_estimate_matches_its_formula_and_ranks_the_layers(stories_probe)
         h2.remove()
         expect += g.double().pow(2).flatten(0, -2).sum(0)
     seqs = [record.sequence(i).long()[None] for i in range(record.num_sequences)]
+    for p in pr.model.parameters():
+        p.grad = None
+    wanted = [p.requires_grad for p in pr.model.parameters()]
     got = statistics(pr.model, seqs, {name: plan[name]}, get_method("rtn"), progress=False)[1][name]
     torch.testing.assert_close(got, expect, rtol=1e-6, atol=1e-12)
+    assert all(p.grad is None for p in pr.model.parameters())  # no weight gradient was formed
+    assert [p.requires_grad for p in pr.model.parameters()] == wanted
     rows = sensitivity(pr, group_units(list(plan), family_of(pr.model), "layer"), {"w2": plan}, get_method("rtn"),
                        progress=False)
     assert all(r.kl > 0 and r.proxy > 0 for r in rows)

@@ -158,6 +158,9 @@ def statistics(model: nn.Module, seqs: list[torch.Tensor], plan: dict[str, Layer
         before, after = hooks_for(n)
         handles += [linears[n].register_forward_pre_hook(before), linears[n].register_forward_hook(after)]
     handles.append(model.get_input_embeddings().register_forward_hook(needs_grad))
+    frozen = [p for p in model.parameters() if p.requires_grad]  # the weights take no part in the backward pass
+    for p in frozen:
+        p.requires_grad_(False)
     try:
         with torch.enable_grad():
             for ids in tqdm(seqs, desc="gradients", unit="seq", disable=not progress, dynamic_ncols=True):
@@ -167,6 +170,8 @@ def statistics(model: nn.Module, seqs: list[torch.Tensor], plan: dict[str, Layer
     finally:
         for h in handles:
             h.remove()
+        for p in frozen:
+            p.requires_grad_(True)
     importance = {n: s.importance for n, s in imp.items()}
     return importance, sums, imp if method.module is imatrix else stats
 
