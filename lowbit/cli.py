@@ -187,7 +187,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     ray = RayOptions(args.ray_address, args.cpus_per_point, args.gpus_per_point)
     record = Path(args.reference_record) if args.reference_record else None
     results = sweep(args.model, grid, out, record, progress=not args.quiet, executor=args.executor, ray_options=ray)
-    summary, written = conclude(grid, out, results, f"{args.model}: {len(results)} configurations", record)
+    title = f"{args.model}: {sum('error' not in r for r in results)} configurations"
+    summary, written = conclude(grid, out, results, title, record)
     print(summary)
     print(f"wrote {', '.join(p.name for p in written)} in {out}")
     return 0

@@ -138,8 +138,11 @@ def chart_png(results: list[dict], rec: dict, path: Path, title: str) -> None:
     front = on_frontier(results)
     ax.plot([r["bits_per_weight"] for r in front], [r["kl"] for r in front], "-", color="0.3", lw=1, zorder=2,
             label="Pareto frontier")
-    for r in front:
-        ax.annotate(r["label"], (r["bits_per_weight"], r["kl"]), fontsize=6, xytext=(4, 3), textcoords="offset points")
+    names = {r["label"] for r in front}
+    for r in done:
+        on = r["label"] in names
+        ax.annotate(r["label"], (r["bits_per_weight"], r["kl"]), fontsize=6, xytext=(5, 3) if on else (-5, 3),
+                    ha="left" if on else "right", textcoords="offset points", color="black" if on else "0.4")
     ax.axhline(rec["kl_threshold"], ls="--", color="tab:green", lw=1, label=f"KL {rec['kl_threshold']:g}")
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (everything counted)")
