@@ -144,7 +144,7 @@ def test_perplexity_equals_a_plain_transformers_loop(smollm):
     ["--method", "rtn", "--scheme", "w4a16", "--group-size", "64"],
     ["--method", "gptq", "--scheme", "w4a16", "--group-size", "64", "--act-order"],
     ["--method", "rtn", "--scheme", "w4a16", "--group-size", "64", "--asym"],
-    ["--preset", "smoothquant-o3"],
+    ["--preset", "smoothquant-o3", "--alpha", "0.5"],  # the export is under test here, not the α search
     ["--method", "fp8", "--scheme", "fp8"],
 ], ids=["rtn-w4g64", "gptq-w4g64-act-order", "rtn-w4g64-asym", "smoothquant-o3", "fp8"])
 def test_compressed_tensors_export_on_smollm2(args, wikitext_window, tmp_path):
