@@ -321,9 +321,8 @@ def conclude(grid: Grid, out: Path, results: list[dict], title: str, record: Pat
     rec = frontier.recommend(results, grid.kl_threshold, grid.size_budget_bpw)
     rows = None
     if runs:
-        offsets = ReferenceRecord.load(record or out / "reference.safetensors").offsets
-        tokens = (offsets[1:] - offsets[:-1] - 1).numpy()
-        rows = frontier.margins(results, {label: ev["kl"]["per_prompt"] for label, ev in runs}, np.asarray(tokens))
+        positions = ReferenceRecord.load(record or out / "reference.safetensors").position_offsets().numpy()
+        rows = frontier.margins(results, {label: ev["kl"]["per_prompt"] for label, ev in runs}, np.diff(positions))
     written = frontier.write(results, rec, out, title, runs, rows)
     return frontier.markdown(results, rec, rows), written
 
