@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -17,6 +18,7 @@ from lowbit.eval.divergence import compare, make_record, summarize_divergence
 from lowbit.eval.perplexity import compare_ppl, ppl, token_nll, windows
 from lowbit.eval.prompts import load_prompts
 from lowbit.eval.record import ReferenceRecord, model_fingerprint
+from lowbit.eval.runner import EvalConfig
 from lowbit.recipe import Recipe
 
 PROMPTS = ["Once upon a time, there was a little dog.", "Tom and Sue went to the park.",
@@ -35,13 +37,37 @@ def w3_model(_stories):
 
 
 def test_identical_candidate_gives_zero(record, _stories):
-    d = compare(copy.deepcopy(record), copy.deepcopy(_stories), _stories, progress=False)
+    d = compare(record, copy.deepcopy(_stories), _stories, progress=False).divergence
     s = summarize_divergence(d, 16)
     for split in ("all", "prefill", "generation"):
         assert s[split]["mean"] == pytest.approx(0, abs=1e-7)
         assert s[split]["mean_full"] == pytest.approx(0, abs=1e-7)
         assert s[split]["token_rejection_rate"] == 0 and s[split]["same_top"] == 1
         assert s[split]["rms_dp"] == pytest.approx(0, abs=1e-7)
+
+
+def test_the_record_is_a_value(record, _stories, w3_model):
+    """compare leaves the record it was given as it was and returns the one it completed; a record and an
+    evaluation's configuration cannot be changed in place."""
+    assert record.top_ids is None
+    tokens = record.tokens.clone()
+    comparison = compare(record, w3_model, _stories, progress=False)
+    assert record.top_ids is None and torch.equal(record.tokens, tokens)
+    filled = comparison.record
+    assert filled.top_ids.shape == (int(record.position_offsets()[-1]), 16) and filled.tokens is record.tokens
+    again = compare(filled, w3_model, None, progress=False)
+    assert again.record is filled
+    np.testing.assert_array_equal(again.divergence.stats.kl, comparison.divergence.stats.kl)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        filled.top_ids = None
+    with pytest.raises(TypeError):
+        filled.extras["x"] = torch.zeros(1)
+    with pytest.raises(TypeError):
+        filled.meta["top_n"] = 3
+    more = filled.with_extras(x=torch.zeros(1))
+    assert "x" in more.extras and "x" not in filled.extras
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        EvalConfig(reference="x").kl = True
 
 
 def test_fingerprint_ignores_where_the_model_came_from(_stories, tmp_path):
@@ -62,7 +88,7 @@ def test_shared_prompt_prefix_is_counted_once(_stories, stories_tokenizer, w3_mo
     prompts = ["Once upon a time, " + p for p in PROMPTS]
     rec = make_record(_stories, stories_tokenizer, prompts, source="test", model_name="stories", max_new_tokens=8,
                       progress=False)
-    d = compare(rec, w3_model, _stories, progress=False)
+    d = compare(rec, w3_model, _stories, progress=False).divergence
     assert d.shared == len(stories_tokenizer("Once upon a time,").input_ids)
     s = summarize_divergence(d, 16)
     first = (d.prompt == 0) & (d.position < d.shared)
@@ -72,7 +98,8 @@ def test_shared_prompt_prefix_is_counted_once(_stories, stories_tokenizer, w3_mo
                                    rtol=1e-4, atol=1e-6)
     rest = d.prefill & (d.position >= d.shared)
     assert s["prefill_unshared"]["mean"] == pytest.approx(float(d.stats.kl[rest].mean()))
-    assert "shared_prefix" not in summarize_divergence(compare(rec.first(1), w3_model, _stories, progress=False), 16)
+    one = compare(rec.first(1), w3_model, _stories, progress=False).divergence
+    assert "shared_prefix" not in summarize_divergence(one, 16)
 
 
 def test_first_prompts_of_a_record(record, _stories, w3_model):
@@ -80,8 +107,8 @@ def test_first_prompts_of_a_record(record, _stories, w3_model):
     sub = record.first(2)
     assert sub.num_sequences == 2 and sub.meta["num_prompts"] == 2
     assert torch.equal(sub.sequence(1), record.sequence(1))
-    whole = compare(copy.deepcopy(record), w3_model, _stories, progress=False)
-    part = compare(copy.deepcopy(sub), w3_model, _stories, progress=False)
+    whole = compare(record, w3_model, _stories, progress=False).divergence
+    part = compare(sub, w3_model, _stories, progress=False).divergence
     mine = whole.prompt < 2
     np.testing.assert_allclose(part.stats.kl, whole.stats.kl[mine], rtol=1e-4, atol=1e-6)
     assert (part.prefill == whole.prefill[mine]).all()
@@ -92,8 +119,7 @@ def test_first_prompts_of_a_record(record, _stories, w3_model):
 def test_generation_and_split(record, _stories, stories_tokenizer, w3_model):
     lengths = (record.offsets[1:] - record.offsets[:-1]).tolist()
     assert all(p < n <= p + 24 for p, n in zip(record.prompt_lens.tolist(), lengths, strict=True))
-    rec = copy.deepcopy(record)
-    d = compare(rec, w3_model, _stories, progress=False)
+    rec, d = (lambda c: (c.record, c.divergence))(compare(record, w3_model, _stories, progress=False))
     s = summarize_divergence(d, 16)
     assert s["prefill"]["tokens"] == int((record.prompt_lens - 1).sum())
     assert s["generation"]["tokens"] == sum(n - p for p, n in zip(record.prompt_lens.tolist(), lengths, strict=True))
@@ -110,22 +136,22 @@ def test_generation_and_split(record, _stories, stories_tokenizer, w3_model):
 
 
 def test_batching_does_not_change_results(record, _stories, w3_model):
-    small = compare(copy.deepcopy(record), w3_model, _stories, batch_tokens=40, progress=False)
-    large = compare(copy.deepcopy(record), w3_model, _stories, batch_tokens=100_000, progress=False)
+    small = compare(record, w3_model, _stories, batch_tokens=40, progress=False).divergence
+    large = compare(record, w3_model, _stories, batch_tokens=100_000, progress=False).divergence
     np.testing.assert_allclose(small.stats.kl, large.stats.kl, rtol=1e-4, atol=1e-6)
 
 
 def test_record_round_trip(record, _stories, w3_model, tmp_path, stories_tokenizer):
-    rec = copy.deepcopy(record)
-    in_memory = compare(rec, w3_model, _stories, progress=False)
+    comparison = compare(record, w3_model, _stories, progress=False)
+    rec, in_memory = comparison.record, comparison.divergence
     rec.save(tmp_path / "r.safetensors")
     loaded = ReferenceRecord.load(tmp_path / "r.safetensors")
     loaded.check_tokenizer(stories_tokenizer, "reference")
-    again = compare(loaded, w3_model, None, progress=False)
+    again = compare(loaded, w3_model, None, progress=False).divergence
     np.testing.assert_array_equal(in_memory.stats.kl, again.stats.kl)
     assert again.stats.kl_full is None
     rec.save(tmp_path / "r16.safetensors", torch.float16)
-    half = compare(ReferenceRecord.load(tmp_path / "r16.safetensors"), w3_model, None, progress=False)
+    half = compare(ReferenceRecord.load(tmp_path / "r16.safetensors"), w3_model, None, progress=False).divergence
     np.testing.assert_allclose(half.stats.kl.mean(), in_memory.stats.kl.mean(), rtol=1e-2)
     assert (tmp_path / "r16.safetensors").stat().st_size < (tmp_path / "r.safetensors").stat().st_size
 

@@ -124,11 +124,18 @@ class Divergence:
     cand_top_logprobs: np.ndarray | None = None
 
 
+@dataclass(frozen=True)
+class Comparison:
+    record: ReferenceRecord  # the record compared against, with the reference's top-N predictions
+    divergence: Divergence | None  # None when there was no candidate
+
+
 def compare(record: ReferenceRecord, candidate: nn.Module | None, reference: nn.Module | None = None,
-            batch_tokens: int = DEFAULT_BATCH_TOKENS, progress: bool = True) -> Divergence | None:
+            batch_tokens: int = DEFAULT_BATCH_TOKENS, progress: bool = True) -> Comparison:
     """Teacher-force the candidate (and the reference, when given) on the record's sequences.
 
-    A record without top-N data is completed from the reference's pass. Returns None when there is no candidate.
+    A record without top-N data is completed from the reference's pass: the comparison carries that new record
+    (the one given is not changed). Its divergence is None when there is no candidate.
     """
     n_seq = record.num_sequences
     lengths = [int(record.offsets[i + 1] - record.offsets[i]) for i in range(n_seq)]
@@ -139,9 +146,10 @@ def compare(record: ReferenceRecord, candidate: nn.Module | None, reference: nn.
     top_n = record.meta["top_n"]
     if fill:
         total = int(pos_off[-1])
-        record.top_ids = torch.zeros(total, top_n, dtype=torch.int32)
-        record.top_logprobs = torch.zeros(total, top_n)
-        record.next_logprob = torch.zeros(total)
+        top_ids, top_logprobs, next_logprob = (torch.zeros(total, top_n, dtype=torch.int32),
+                                               torch.zeros(total, top_n), torch.zeros(total))
+    else:
+        top_ids, top_logprobs, next_logprob = record.top_ids, record.top_logprobs, record.next_logprob
     parts: dict[int, TokenStats] = {}
     cand_top: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     bar = tqdm(total=sum(lengths), desc="teacher forcing", unit="tok", disable=not progress, dynamic_ncols=True,
@@ -158,25 +166,27 @@ def compare(record: ReferenceRecord, candidate: nn.Module | None, reference: nn.
             full_ref = ref_lp[r, :n] if ref_lp is not None else None
             if fill:
                 vals, top = full_ref.topk(top_n, dim=-1)
-                record.top_ids[sl], record.top_logprobs[sl] = top.int(), vals
-                record.next_logprob[sl] = full_ref.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+                top_ids[sl], top_logprobs[sl] = top.int(), vals
+                next_logprob[sl] = full_ref.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
             if cand_lp is not None:
                 vals, top = cand_lp[r, :n].topk(SHOWN_TOP, dim=-1)
                 cand_top[i] = (top.int(), vals)
-                parts[i] = token_stats(record.top_ids[sl], record.top_logprobs[sl], record.next_logprob[sl],
-                                       cand_lp[r, :n], nxt, full_ref)
+                parts[i] = token_stats(top_ids[sl], top_logprobs[sl], next_logprob[sl], cand_lp[r, :n], nxt,
+                                       full_ref)
         bar.update(sum(lengths[i] for i in rows))
     bar.close()
+    if fill:
+        record = record.with_predictions(top_ids, top_logprobs, next_logprob)
     if candidate is None:
-        return None
+        return Comparison(record, None)
     stats = TokenStats.concat([parts[i] for i in range(n_seq)])
     prompt = np.concatenate([np.full(lengths[i] - 1, i) for i in range(n_seq)])
     position = np.concatenate([np.arange(lengths[i] - 1) for i in range(n_seq)])
     plen = record.prompt_lens.numpy()[prompt]
     prefill = position < plen - 1
-    return Divergence(stats, prompt, position, prefill, position - (plen - 1), common_prefix(record),
-                      torch.cat([cand_top[i][0] for i in range(n_seq)]).numpy(),
-                      torch.cat([cand_top[i][1] for i in range(n_seq)]).numpy())
+    return Comparison(record, Divergence(stats, prompt, position, prefill, position - (plen - 1), common_prefix(record),
+                                         torch.cat([cand_top[i][0] for i in range(n_seq)]).numpy(),
+                                         torch.cat([cand_top[i][1] for i in range(n_seq)]).numpy()))
 
 
 def common_prefix(record: ReferenceRecord) -> int:

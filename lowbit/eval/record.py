@@ -8,10 +8,13 @@ JSON header with the model and tokenizer fingerprints, so a record is never used
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 from safetensors import SafetensorError
@@ -47,16 +50,32 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReferenceRecord:
-    meta: dict
+    """A value: made once, never changed in place. Computations that add to it (the reference's top-N predictions,
+    a cached perplexity) return a new record (`with_predictions`, `with_extras`); its tensors are never written."""
+
+    meta: Mapping
     tokens: torch.Tensor  # int32 [S], every sequence concatenated
     offsets: torch.Tensor  # int64 [n + 1], sequence i is tokens[offsets[i]:offsets[i+1]]
     prompt_lens: torch.Tensor  # int32 [n]
     top_ids: torch.Tensor | None = None  # int32 [positions, N]; sequence i has len_i − 1 positions
     top_logprobs: torch.Tensor | None = None  # float [positions, N]
     next_logprob: torch.Tensor | None = None  # float32 [positions]
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    extras: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "meta", MappingProxyType(dict(self.meta)))
+        object.__setattr__(self, "extras", MappingProxyType(dict(self.extras)))
+
+    def with_predictions(self, top_ids: torch.Tensor, top_logprobs: torch.Tensor,
+                         next_logprob: torch.Tensor) -> ReferenceRecord:
+        """This record with the reference's top-N predictions at every position."""
+        return dataclasses.replace(self, top_ids=top_ids, top_logprobs=top_logprobs, next_logprob=next_logprob)
+
+    def with_extras(self, **extras: torch.Tensor) -> ReferenceRecord:
+        """This record with more cached reference results (perplexity NLLs, task correctness)."""
+        return dataclasses.replace(self, extras={**self.extras, **extras})
 
     @property
     def num_sequences(self) -> int:

@@ -8,8 +8,11 @@ perplexity NLLs, its task correctness — is cached in the record, so `--save-re
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +39,7 @@ from lowbit.model.loading import load, load_tokenizer
 from lowbit.model.sources import resolve
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     reference: str | None = None
     candidate: str | None = None
@@ -58,7 +61,16 @@ class EvalConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
-    timings: dict = field(default_factory=dict)
+
+
+@contextmanager
+def timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Add the wall time of the block to timings[key]."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
 
 
 def _context_length(model) -> int:
@@ -108,12 +120,12 @@ def evaluate(cfg: EvalConfig) -> dict:
     prompts = load_prompts(cfg.prompts, cfg.max_prompts) if cfg.kl else None
     record = ReferenceRecord.load(cfg.reference_record) if cfg.reference_record else None
 
-    t = time.perf_counter()
-    # on a GPU both models run in 16 bits (the candidate's quantized layers on lowbit's kernels)
-    reference = load(cfg.reference, device=cfg.device) if cfg.reference else None
-    candidate = load(cfg.candidate, device=cfg.device) if cfg.candidate else None
-    tokenizer = load_tokenizer(cfg.reference or cfg.candidate)
-    cfg.timings["load"] = time.perf_counter() - t
+    timings: dict[str, float] = {}
+    with timed(timings, "load"):
+        # on a GPU both models run in 16 bits (the candidate's quantized layers on lowbit's kernels)
+        reference = load(cfg.reference, device=cfg.device) if cfg.reference else None
+        candidate = load(cfg.candidate, device=cfg.device) if cfg.candidate else None
+        tokenizer = load_tokenizer(cfg.reference or cfg.candidate)
     if record is not None:
         record.check_tokenizer(tokenizer, "reference" if cfg.reference else "candidate")
         if reference is not None and not record.made_by(reference):
@@ -127,107 +139,119 @@ def evaluate(cfg: EvalConfig) -> dict:
                                   "vocab_size": ref_vocab}, torch.zeros(0, dtype=torch.int32),
                                  torch.zeros(1, dtype=torch.long), torch.zeros(0, dtype=torch.int32))
 
+    models = Models(reference, candidate, tokenizer)
     out: dict = {"reference": cfg.reference or cfg.reference_record, "candidate": cfg.candidate}
     if cfg.kl:
-        out["kl"] = _divergence(cfg, record, reference, candidate, tokenizer, prompts)
+        out["kl"], record = _divergence(cfg, record, models, prompts, timings)
     if cfg.kl_text:
-        out["kl_text"] = {name: _divergence_on_text(cfg, reference, candidate, tokenizer, name) for name in cfg.kl_text}
+        out["kl_text"] = {}
+        for name in cfg.kl_text:
+            with timed(timings, f"kl_text_{name}"):
+                out["kl_text"][name] = _divergence_on_text(cfg, models, name)
     if cfg.ppl:
-        out["ppl"] = {name: _perplexity(cfg, record, reference, candidate, tokenizer, name) for name in cfg.ppl}
+        out["ppl"] = {}
+        for name in cfg.ppl:
+            with timed(timings, f"ppl_{name}"):
+                out["ppl"][name], record = _perplexity(cfg, record, models, name)
     if cfg.tasks:
-        out["tasks"] = {name: _task(cfg, record, reference, candidate, tokenizer, name) for name in cfg.tasks}
+        out["tasks"] = {}
+        for name in cfg.tasks:
+            with timed(timings, f"task_{name}"):
+                out["tasks"][name], record = _task(cfg, record, models, name)
     out["size"] = _size(cfg.candidate) if cfg.candidate else None
-    out["timings_s"] = {k: round(v, 2) for k, v in cfg.timings.items()}
+    out["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
     if cfg.save_reference:
         record.save(cfg.save_reference, getattr(torch, cfg.record_dtype))
     return out
 
 
-def _divergence(cfg, record, reference, candidate, tokenizer, prompts) -> dict | None:
-    t = time.perf_counter()
+@dataclass(frozen=True)
+class Models:
+    reference: torch.nn.Module | None
+    candidate: torch.nn.Module | None
+    tokenizer: object
+
+
+def _divergence(cfg: EvalConfig, record: ReferenceRecord, m: Models, prompts,
+                timings: dict[str, float]) -> tuple[dict | None, ReferenceRecord]:
+    """The divergence summary, and the record (with the reference's generations and predictions, when it had none)."""
     prompt_list, source = prompts
     if record.num_sequences == 0:
-        if reference is None:
+        if m.reference is None:
             raise LowbitError("the reference record holds no generations; make one with --reference MODEL --kl.")
-        fresh = make_record(reference, tokenizer, prompt_list, source=source, model_name=cfg.reference,
-                            max_new_tokens=cfg.max_new_tokens, top_n=cfg.top_n, progress=cfg.progress)
-        fresh.extras = record.extras
-        record.__dict__.update(fresh.__dict__)
-        cfg.timings["kl_generation"] = time.perf_counter() - t
+        with timed(timings, "kl_generation"):
+            fresh = make_record(m.reference, m.tokenizer, prompt_list, source=source, model_name=cfg.reference,
+                                max_new_tokens=cfg.max_new_tokens, top_n=cfg.top_n, progress=cfg.progress)
+        record = dataclasses.replace(fresh, extras=record.extras)
     elif cfg.max_prompts is not None and cfg.max_prompts < record.num_sequences:
         record = record.first(cfg.max_prompts)
-    t = time.perf_counter()
-    d = compare(record, candidate, reference, cfg.batch_tokens, cfg.progress)
-    cfg.timings["kl_teacher_forcing"] = time.perf_counter() - t
+    with timed(timings, "kl_teacher_forcing"):
+        comparison = compare(record, m.candidate, m.reference, cfg.batch_tokens, cfg.progress)
+    record, d = comparison.record, comparison.divergence
     if d is None:
-        return None
+        return None, record
     summary = summarize_divergence(d, int(record.meta["top_n"]), cfg.seed)
-    summary["worst"] = worst_prompts(d, record, tokenizer)
+    summary["worst"] = worst_prompts(d, record, m.tokenizer)
     summary["record"] = {k: record.meta.get(k) for k in ("model", "prompts", "max_new_tokens", "num_prompts",
                                                          "truncated_prompts")}
-    return summary
+    return summary, record
 
 
-def _divergence_on_text(cfg, reference, candidate, tokenizer, name: str) -> dict:
-    t = time.perf_counter()
-    seqlen = min(cfg.seqlen, _context_length(reference))
-    wins = ppl_mod.windows(tokenizer, name, seqlen, cfg.max_windows)
+def _divergence_on_text(cfg: EvalConfig, m: Models, name: str) -> dict:
+    seqlen = min(cfg.seqlen, _context_length(m.reference))
+    wins = ppl_mod.windows(m.tokenizer, name, seqlen, cfg.max_windows)
     record = text_record(wins, {"top_n": cfg.top_n, "model": cfg.reference, "text": name})
-    summary = summarize_divergence(compare(record, candidate, reference, cfg.batch_tokens, cfg.progress), cfg.top_n,
-                                   cfg.seed)
+    d = compare(record, m.candidate, m.reference, cfg.batch_tokens, cfg.progress).divergence
+    summary = summarize_divergence(d, cfg.top_n, cfg.seed)
     summary.update(dataset=name, seqlen=seqlen, windows=int(wins.shape[0]))
-    cfg.timings[f"kl_text_{name}"] = time.perf_counter() - t
     return summary
 
 
-def _perplexity(cfg, record, reference, candidate, tokenizer, name: str) -> dict:
-    t = time.perf_counter()
-    ctx = _context_length(reference if reference is not None else candidate)
+def _perplexity(cfg: EvalConfig, record: ReferenceRecord, m: Models, name: str) -> tuple[dict, ReferenceRecord]:
+    ctx = _context_length(m.reference if m.reference is not None else m.candidate)
     seqlen = min(cfg.seqlen, ctx)
-    wins = ppl_mod.windows(tokenizer, name, seqlen, cfg.max_windows)
+    wins = ppl_mod.windows(m.tokenizer, name, seqlen, cfg.max_windows)
     key = f"ppl.{name}.{seqlen}"
     cached = record.extras.get(key)
     if cached is not None and cached.shape[0] >= wins.shape[0]:
         ref_nll = cached[: wins.shape[0]]
-    elif reference is not None:
-        ref_nll = ppl_mod.token_nll(reference, wins, f"perplexity {name} (reference)", cfg.progress)
-        record.extras[key] = ref_nll
+    elif m.reference is not None:
+        ref_nll = ppl_mod.token_nll(m.reference, wins, f"perplexity {name} (reference)", cfg.progress)
+        record = record.with_extras(**{key: ref_nll})
     else:
         raise LowbitError(f"the reference record has no {name} perplexity at seqlen {seqlen} for {wins.shape[0]} "
                           f"windows; add --reference MODEL.")
     result = {"reference": ppl_mod.ppl(ref_nll), "candidate": None, "seqlen": seqlen, "windows": int(wins.shape[0]),
               "tokens": int(ref_nll.numel())}
-    if candidate is not None:
-        cand_nll = ppl_mod.token_nll(candidate, wins, f"perplexity {name} (candidate)", cfg.progress)
+    if m.candidate is not None:
+        cand_nll = ppl_mod.token_nll(m.candidate, wins, f"perplexity {name} (candidate)", cfg.progress)
         result["candidate"] = ppl_mod.ppl(cand_nll)
         result.update(ppl_mod.compare_ppl(ref_nll, cand_nll))
-    cfg.timings[f"ppl_{name}"] = time.perf_counter() - t
-    return result
+    return result, record
 
 
-def _task(cfg, record, reference, candidate, tokenizer, name: str) -> dict:
-    t = time.perf_counter()
+def _task(cfg: EvalConfig, record: ReferenceRecord, m: Models, name: str) -> tuple[dict, ReferenceRecord]:
     items = tasks_mod.load_task(name, cfg.limit)
-    max_len = _context_length(reference if reference is not None else candidate)
+    max_len = _context_length(m.reference if m.reference is not None else m.candidate)
     key = f"task.{name}.{cfg.limit or 'all'}"
     if f"{key}.acc" in record.extras:
-        ref_acc, ref_norm = (record.extras[f"{key}.{m}"].numpy().astype(bool) for m in ("acc", "acc_norm"))
-    elif reference is not None:
-        ref_acc, ref_norm = tasks_mod.correctness(reference, tokenizer, items, max_len, f"{name} (reference)",
+        ref_acc, ref_norm = (record.extras[f"{key}.{k}"].numpy().astype(bool) for k in ("acc", "acc_norm"))
+    elif m.reference is not None:
+        ref_acc, ref_norm = tasks_mod.correctness(m.reference, m.tokenizer, items, max_len, f"{name} (reference)",
                                                   cfg.progress)
-        record.extras[f"{key}.acc"] = torch.from_numpy(ref_acc.astype(np.uint8))
-        record.extras[f"{key}.acc_norm"] = torch.from_numpy(ref_norm.astype(np.uint8))
+        record = record.with_extras(**{f"{key}.acc": torch.from_numpy(ref_acc.astype(np.uint8)),
+                                       f"{key}.acc_norm": torch.from_numpy(ref_norm.astype(np.uint8))})
     else:
         raise LowbitError(f"the reference record has no results for task {name} (limit {cfg.limit}); add "
                           f"--reference MODEL.")
     result = {"n": len(items), "reference": float(ref_acc.mean()), "reference_acc_norm": float(ref_norm.mean()),
               "candidate": None, "candidate_acc_norm": None, "flips": None}
-    if candidate is not None:
-        acc, norm = tasks_mod.correctness(candidate, tokenizer, items, max_len, f"{name} (candidate)", cfg.progress)
+    if m.candidate is not None:
+        acc, norm = tasks_mod.correctness(m.candidate, m.tokenizer, items, max_len, f"{name} (candidate)",
+                                          cfg.progress)
         result.update(candidate=float(acc.mean()), candidate_acc_norm=float(norm.mean()),
                       flips=float((acc != ref_acc).mean()), flips_acc_norm=float((norm != ref_norm).mean()))
-    cfg.timings[f"task_{name}"] = time.perf_counter() - t
-    return result
+    return result, record
 
 
 def write_json(result: dict, path: str | Path) -> None:
