@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,10 +20,10 @@ from lowbit.hardware import resolve_compute_dtype, resolve_device
 from lowbit.io.checkpoint import is_packed, quantized_layers, save_checkpoint, unique_state_dict
 from lowbit.io.foreign import READABLE
 from lowbit.io.scales import SCALES_FILE, load_scales, scales_file
-from lowbit.methods.registry import get_method, transform_name
+from lowbit.methods.registry import MethodEntry, get_method, transform_name
 from lowbit.model.adapt import adapt
 from lowbit.model.architectures import text_config
-from lowbit.model.capture import capture_block_inputs
+from lowbit.model.capture import BlockInputs, capture_block_inputs
 from lowbit.model.loading import family_of, load, load_tokenizer, model_type, to_device  # noqa: F401 (the public API)
 from lowbit.model.sources import resolve
 from lowbit.model.targets import linear_layers, select_layers
@@ -36,6 +37,11 @@ FP16_MAX = 65504.0
 
 def storage_dtype(model: nn.Module, requested: str = "auto") -> torch.dtype:
     """16-bit dtype for unquantized tensors: the model's own 16-bit dtype, else float16 when every value fits."""
+    return storage_dtype_of(model, requested, lambda: model.state_dict().values())
+
+
+def storage_dtype_of(model: nn.Module, requested: str, tensors: Callable[[], Iterable[torch.Tensor]]) -> torch.dtype:
+    """storage_dtype, where the model's values come from `tensors()` (read only when the config does not say)."""
     if requested != "auto":
         if requested not in _DTYPES:
             raise LowbitError(f"unknown --dtype {requested!r}: use auto, {', '.join(_DTYPES)}.")
@@ -43,8 +49,7 @@ def storage_dtype(model: nn.Module, requested: str = "auto") -> torch.dtype:
     own = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
     if own in (torch.float16, torch.bfloat16, "float16", "bfloat16"):
         return _DTYPES[str(own).removeprefix("torch.")]
-    fits = all(t.abs().max().item() <= FP16_MAX for t in model.state_dict().values()
-               if t.is_floating_point() and t.numel())
+    fits = all(t.abs().max().item() <= FP16_MAX for t in tensors() if t.is_floating_point() and t.numel())
     return torch.float16 if fits else torch.bfloat16
 
 
@@ -70,6 +75,7 @@ class QuantizeResult:
     sizes: dict = field(default_factory=dict)
     compute_dtype: str = "float32"
     allocation: dict | None = None  # mixed precision: how the per-layer formats were chosen (lowbit.choose.mixed)
+    memory: dict | None = None  # peak host and device memory of the run (streamed runs)
 
 
 def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, calib: CalibConfig | None = None,
@@ -98,45 +104,17 @@ def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, c
                                   or recipe.act_static or recipe.kv_static):
             tokenizer = load_tokenizer(model)
         model = load(model)
-    method = get_method(recipe.method)
-    reused = None
-    if reuse_scales is not None:
-        if method.transform is None:
-            raise LowbitError(f"--reuse-scales applies AWQ's or SmoothQuant's saved scales; method {recipe.method} "
-                              f"folds no scales. Drop --reuse-scales, or use the method that saved them.")
-        reused = load_scales(reuse_scales, transform_name(method))
-    if method.required_scheme and recipe.scheme != method.required_scheme:
-        raise LowbitError(f"--method {recipe.method} needs --scheme {method.required_scheme}, not {recipe.scheme}.")
+    method, reused = method_for(recipe, reuse_scales)
     family = family_of(adapt(model))
     plan = select_layers(model, family, recipe)
-    linears = linear_layers(model)
-    for name in plan:
-        if not torch.isfinite(linears[name].weight).all():
-            raise LowbitError(f"layer {name} has NaN or Inf weights; a quantized grid cannot represent them. Check "
-                              f"the checkpoint, or skip the layer with --ignore '{name}'.")
+    check_finite(linear_layers(model), plan)
     store_dtype = storage_dtype(model, dtype)
     # What the checkpoint will hold, from the start: calibration then sees exactly the model that is stored.
     round_unquantized(model, store_dtype, set(plan))
     dev = resolve_device(device)
     cdtype = resolve_compute_dtype(compute_dtype, dev)
-    inputs = None
-    static = [n for n, spec in plan.items() if spec.act is not None and spec.act.static]
-    outside = [n for n in static if not n.startswith(family.blocks + ".")]
-    if outside:
-        raise LowbitError(f"static activation scales are calibrated inside the decoder blocks; {outside[0]} lies "
-                          f"outside them. Give it dynamic scales (a recipe override with another scheme) or skip it.")
-    # reused scales need no search: the method then calibrates only what its rounding needs (RTN: nothing)
-    needs = method.module.NEEDS_CALIBRATION if reused is not None else method.needs_calibration
-    if calib is None and (needs or static or recipe.kv_static):
-        calib = CalibConfig()
-    if calib is not None:
-        if tokenizer is None:
-            raise LowbitError("calibration needs the model's tokenizer: pass tokenizer= or a model name or path.")
-        ids = calibration_ids(tokenizer, calib, getattr(text_config(model), "max_position_embeddings", None))
-        offload = activation_device(model, ids.numel(), dev, cdtype)
-        inputs = capture_block_inputs(model, family, ids, dev, offload=offload, dtype=cdtype)
-    else:
-        ids, offload = None, torch.device("cpu")
+    calib = calibration_for(recipe, method, reused, plan, family, calib)
+    inputs, ids, offload = calibrate(model, family, tokenizer, calib, dev, cdtype)
     result = quantize_model(model, family, plan, method, inputs, dev, offload, progress=progress,
                             cfg=recipe.config(method.module.Config), compute_dtype=cdtype,
                             transform_cfg=recipe.config(method.transform.Config) if method.transform else None,
@@ -157,17 +135,67 @@ def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, c
     return out
 
 
-def size_report(model: nn.Module, dtype: torch.dtype) -> dict:
-    """Bits per weight (overall and per layer type) and bytes, counting every stored bit."""
+def method_for(recipe: Recipe, reuse_scales: str | Path | None) -> tuple[MethodEntry, dict | None]:
+    """The recipe's method, and the scales an earlier run saved when they are to be reused (checked)."""
+    method = get_method(recipe.method)
+    reused = None
+    if reuse_scales is not None:
+        if method.transform is None:
+            raise LowbitError(f"--reuse-scales applies AWQ's or SmoothQuant's saved scales; method {recipe.method} "
+                              f"folds no scales. Drop --reuse-scales, or use the method that saved them.")
+        reused = load_scales(reuse_scales, transform_name(method))
+    if method.required_scheme and recipe.scheme != method.required_scheme:
+        raise LowbitError(f"--method {recipe.method} needs --scheme {method.required_scheme}, not {recipe.scheme}.")
+    return method, reused
+
+
+def check_finite(linears: dict[str, nn.Module], plan: dict[str, LayerSpec]) -> None:
+    for name in plan:
+        if name in linears and not torch.isfinite(linears[name].weight).all():
+            raise LowbitError(f"layer {name} has NaN or Inf weights; a quantized grid cannot represent them. Check "
+                              f"the checkpoint, or skip the layer with --ignore '{name}'.")
+
+
+def calibration_for(recipe: Recipe, method: MethodEntry, reused, plan: dict[str, LayerSpec], family,
+                    calib: CalibConfig | None) -> CalibConfig | None:
+    """The calibration the run needs: the one given, else the default where the method or the recipe needs one."""
+    static = [n for n, spec in plan.items() if spec.act is not None and spec.act.static]
+    outside = [n for n in static if not n.startswith(family.blocks + ".")]
+    if outside:
+        raise LowbitError(f"static activation scales are calibrated inside the decoder blocks; {outside[0]} lies "
+                          f"outside them. Give it dynamic scales (a recipe override with another scheme) or skip it.")
+    # reused scales need no search: the method then calibrates only what its rounding needs (RTN: nothing)
+    needs = method.module.NEEDS_CALIBRATION if reused is not None else method.needs_calibration
+    if calib is None and (needs or static or recipe.kv_static):
+        calib = CalibConfig()
+    return calib
+
+
+def calibrate(model: nn.Module, family, tokenizer, calib: CalibConfig | None, dev: torch.device,
+              cdtype: torch.dtype) -> tuple[BlockInputs | None, torch.Tensor | None, torch.device]:
+    """Block 0's inputs on the calibration set (and the ids, and where activations live), or nothing."""
+    if calib is None:
+        return None, None, torch.device("cpu")
+    if tokenizer is None:
+        raise LowbitError("calibration needs the model's tokenizer: pass tokenizer= or a model name or path.")
+    ids = calibration_ids(tokenizer, calib, getattr(text_config(model), "max_position_embeddings", None))
+    offload = activation_device(model, ids.numel(), dev, cdtype)
+    return capture_block_inputs(model, family, ids, dev, offload=offload, dtype=cdtype), ids, offload
+
+
+def size_report(model: nn.Module, dtype: torch.dtype, others: list[torch.Tensor] | None = None) -> dict:
+    """Bits per weight (overall and per layer type) and bytes, counting every stored bit. `others`: the stored
+    tensors outside the quantized layers' packed buffers, when the model does not hold them all (streaming)."""
     qlayers = quantized_layers(model)
     bits, numel = defaultdict(int), defaultdict(int)
     for name, m in qlayers.items():
         kind = name.rsplit(".", 1)[-1]
         bits[kind] += m.stored_bits()
         numel[kind] += m.in_features * m.out_features
-    tensors, _ = unique_state_dict(model)
-    qprefixes = tuple(n + "." for n in qlayers)
-    others = [t for k, t in tensors.items() if not is_packed(k, qprefixes)]
+    if others is None:
+        tensors, _ = unique_state_dict(model)
+        qprefixes = tuple(n + "." for n in qlayers)
+        others = [t for k, t in tensors.items() if not is_packed(k, qprefixes)]
     other_params = sum(t.numel() for t in others)
     other_bytes = sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size()) for t in others)
     qbits, qnumel = sum(bits.values()), sum(numel.values())
@@ -184,6 +212,13 @@ def size_report(model: nn.Module, dtype: torch.dtype) -> dict:
 
 def save(result: QuantizeResult, out_dir: str | Path, *, tokenizer=None, overwrite: bool = False) -> dict:
     """Write a QuantizeResult as a lowbit checkpoint (atomically); returns its header."""
+    info, texts, extra = checkpoint_extras(result)
+    return save_checkpoint(result.model, out_dir, dtype=result.dtype, tokenizer=tokenizer, overwrite=overwrite,
+                           info=info, texts=texts, tensor_files=extra)
+
+
+def checkpoint_extras(result: QuantizeResult) -> tuple[dict, dict[str, str], dict]:
+    """What a checkpoint's header says of the run, its text files (recipe.yaml) and extra tensor files (scales)."""
     info = {
         "method": result.recipe.method, "scheme": result.recipe.scheme,
         "bits_per_weight": result.sizes["bits_per_weight"], "seconds": round(result.seconds, 3),
@@ -195,10 +230,11 @@ def save(result: QuantizeResult, out_dir: str | Path, *, tokenizer=None, overwri
     }
     if result.allocation is not None:
         info["allocation"] = result.allocation
+    if result.memory is not None:
+        info["memory"] = result.memory
     scales = result.pipeline.scales
     extra = {SCALES_FILE: scales_file(scales, transform_name(get_method(result.recipe.method)))} if scales else {}
-    return save_checkpoint(result.model, out_dir, dtype=result.dtype, tokenizer=tokenizer, overwrite=overwrite,
-                           info=info, texts={"recipe.yaml": result.recipe.to_yaml()}, tensor_files=extra)
+    return info, {"recipe.yaml": result.recipe.to_yaml()}, extra
 
 
 def fake_quantize_model(model: nn.Module, plan: dict[str, LayerSpec], dtype: torch.dtype | None = None,

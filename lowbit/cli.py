@@ -70,6 +70,22 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if resolve(args.model).kind == "hf":  # an architecture lowbit cannot quantize is said before anything loads
         family_for(api.model_type(args.model))
     tokenizer = api.load_tokenizer(args.model)
+    whole = _whole_model_reasons(args, recipe)
+    if not whole:
+        import shlex
+
+        from lowbit.streaming import quantize_streamed
+
+        again = " ".join(shlex.quote(a) for a in ["lowbit", *sys.argv[1:]] if a != "--resume") + " --resume"
+        result, header = quantize_streamed(args.model, recipe, out, tokenizer=tokenizer, calib=calib,
+                                           device=args.device, dtype=args.dtype, compute_dtype=args.compute_dtype,
+                                           progress=not args.quiet, reuse_scales=args.reuse_scales,
+                                           resume=args.resume, overwrite=args.overwrite, resume_hint=again)
+        print_summary(result, header, out)
+        return 0
+    if args.resume:
+        raise LowbitError(f"--resume continues a run that reads the model block by block from disk; this one loads "
+                          f"it whole ({', '.join(whole)}) and is not checkpointed. Drop --resume.")
     model, mixed = args.model, None
     if args.target_bpw is not None or args.target_size is not None:
         from lowbit.choose.mixed import (
@@ -114,6 +130,22 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         header = api.save(result, out, tokenizer=tokenizer, overwrite=args.overwrite)
     print_summary(result, header, out)
     return 0
+
+
+def _whole_model_reasons(args: argparse.Namespace, recipe) -> list[str]:
+    """Why the run loads the whole model; none when it reads it block by block from disk (the default)."""
+    from lowbit.model.sources import resolve
+    from lowbit.streaming import whole_model_reason
+
+    reasons = [("--in-memory", args.in_memory), (f"--format {args.format}", args.format != "lowbit"),
+               ("--target-bpw/--target-size", args.target_bpw is not None or args.target_size is not None),
+               ("--kv-cache", bool(recipe.kv_cache)),
+               ("the model is not a Hugging Face directory", resolve(args.model).kind not in ("hf", "builtin"))]
+    why = [name for name, applies in reasons if applies]
+    if not why and (reason := whole_model_reason(args.model)):
+        print(f"lowbit: loading the whole model: it cannot be read block by block ({reason})", file=sys.stderr)
+        why.append(reason)
+    return why
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -334,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what --out holds: a lowbit checkpoint (default), a compressed-tensors directory that vLLM, "
                         "SGLang and transformers load (with --kv-cache fp8 the KV scales are then calibrated), or one "
                         "GGUF file for llama.cpp (llama.cpp's schemes: q4_0 …, q2_k … q6_k, iq4_nl, q4_k_m …)")
+    q.add_argument("--resume", action="store_true",
+                   help="go on with an interrupted run of the same command from its last finished block (the output "
+                        "is the same, bit for bit, as an uninterrupted run's)")
+    q.add_argument("--in-memory", action="store_true",
+                   help="load the whole model into memory instead of reading it block by block from disk (the way "
+                        "taken anyway for --format compressed-tensors/gguf, --target-bpw/--target-size and --kv-cache)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_quantize)
 
@@ -443,8 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     except LowbitError as e:
         print(textwrap.fill(f"lowbit: error: {e}", width=100, break_on_hyphens=False), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("lowbit: interrupted; nothing was written.", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"lowbit: {e.args[0] if e.args else 'interrupted; nothing was written.'}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into a command that stopped reading (head, less)
         sys.stderr.close()

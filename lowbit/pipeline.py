@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 from lowbit.errors import LowbitError
 from lowbit.formats.activation import activation_scale
 from lowbit.formats.spec import LayerSpec
+from lowbit.io.faults import fault_point
 from lowbit.methods.registry import MethodEntry
 from lowbit.methods.scaling import active_groups
 from lowbit.methods.transform import BlockScales, apply_scales
@@ -67,6 +69,18 @@ class PipelineResult:
     blocks: list[BlockReport] = field(default_factory=list)
     final_inputs: BlockInputs | None = None  # the last block's quantized outputs (for checks)
     scales: dict[int, BlockScales] = field(default_factory=dict)  # what a block transform chose, per block
+    # per (block class name, layer): whether the residual shortcut / the attention replay matched a real pass
+    verified: dict[tuple[str, str], bool] = field(default_factory=dict)
+
+
+class BlockIO(Protocol):
+    """Where blocks come from and go to when the model does not live in memory (lowbit.streaming): `load` gives
+    block i its weights before it is quantized; `done` is called once it is quantized, with the next block's inputs
+    and everything so far, and may write the block out and release it."""
+
+    def load(self, i: int, block: nn.Module) -> None: ...
+
+    def done(self, i: int, block: nn.Module, inputs: BlockInputs | None, result: PipelineResult) -> None: ...
 
 
 def install(module: nn.Module, qweights: dict, specs: dict[str, LayerSpec],
@@ -315,7 +329,7 @@ def quantize_block(block: nn.Module, specs: dict[str, LayerSpec], method, cfg, o
                 result.partial, result.deferred, result.deferred_name = gs.outputs, deferred, group[0]
             _quantize_group(block, gs, weights, specs, module, cfg, result.qweights)
             if parent:
-                key = (type(block), parent)
+                key = (type(block).__name__, parent)
                 rm = ReplayedModule(block.get_submodule(parent), block.get_submodule(group[0]), record,
                                     deferred.inputs, check=key not in verified)
                 replay = (parent, rm)
@@ -323,7 +337,7 @@ def quantize_block(block: nn.Module, specs: dict[str, LayerSpec], method, cfg, o
     finally:
         if replay is not None:
             set_module(block, replay[0], replay[1].real)
-            key = (type(block), replay[0])
+            key = (type(block).__name__, replay[0])
             if key not in verified and replay[1].ok is not None:
                 verified[key] = replay[1].ok
             result.replayed = bool(replay[1].ok)
@@ -344,7 +358,7 @@ def _next_inputs(block: nn.Module, br: BlockResult, inputs: BlockInputs, device,
     on the first batch, against a real pass), else by running the block."""
     if br.deferred is not None:
         out = shortcut_outputs(block.get_submodule(br.deferred_name), br.partial, br.deferred, device, offload)
-        key = (type(block), br.deferred_name)
+        key = (type(block).__name__, br.deferred_name)
         if key not in verified:
             real = run_block(block, first_batches(inputs, 1), device, offload)
             verified[key] = _relative_error(out, real) < 1e-6
@@ -426,24 +440,34 @@ def quantize_model(model: nn.Module, family: Family, plan: dict[str, LayerSpec],
                    offload: torch.device | str = "cpu", progress: bool = True, cfg=None,
                    compute_dtype: torch.dtype | None = None, shortcut: bool = True,
                    transform_cfg=None, moe: MoEConfig | None = None,
-                   reuse_scales: dict[int, BlockScales] | None = None) -> PipelineResult:
+                   reuse_scales: dict[int, BlockScales] | None = None, io: BlockIO | None = None,
+                   resume: PipelineResult | None = None) -> PipelineResult:
     """Quantize every layer in `plan` block by block, in place.
 
     Each block runs on `device` in `compute_dtype` (default: the model's own) while its layers are quantized from
     their original weights; its unquantized parameters return to their home device and dtype afterwards. A
     method's block transform (AWQ, SmoothQuant) first rewrites those originals, and the block with them: with the
     scales it searches, or with `reuse_scales` (per block, saved by an earlier run).
+
+    With `io`, blocks are loaded before and handed on after (see BlockIO). With `resume` (what an interrupted run
+    had finished: its blocks' reports, scales and checks; `inputs` are then the next block's), the blocks it
+    finished are skipped.
     """
     blocks = decoder_blocks(model, family)
-    result = PipelineResult()
-    verified: dict = {}
+    result = resume or PipelineResult()
+    verified = result.verified
+    first = len(result.blocks)
     bar = tqdm(blocks, desc=f"quantizing ({method.description.split(':')[0].split(',')[0]})", unit="block",
-               disable=not progress, dynamic_ncols=True)
+               disable=not progress, dynamic_ncols=True, initial=first)
     moe = moe or MoEConfig()
     if method.transform is not None and inputs is not None:
         check_scaling(blocks, family, plan, method)
-    for i, block in enumerate(bar):
+    for i, block in enumerate(blocks):
+        if i < first:
+            continue
         start = time.perf_counter()
+        if io is not None:
+            io.load(i, block)
         prefix = f"{family.blocks}.{i}."
         specs = {n[len(prefix):]: s for n, s in plan.items() if n.startswith(prefix)}
         home = next(block.parameters()).device  # where the block's weights go back to (the CPU, usually)
@@ -468,6 +492,7 @@ def quantize_model(model: nn.Module, family: Family, plan: dict[str, LayerSpec],
         weights = {n: masters[n + ".weight"].to(device) for n in specs}  # quantized from these, on the device
         br = quantize_block(block, specs, method, cfg, family.sequential, inputs, device, offload, weights,
                             shortcut, verified)
+        fault_point("block-mid", i)
         if inputs is not None and br.reference is None:  # no statistics pass (RTN): the block is still unquantized
             br.reference = run_block(block, first_batches(inputs, 1), device, offload)
         for m in experts.values():
@@ -475,7 +500,8 @@ def quantize_model(model: nn.Module, family: Family, plan: dict[str, LayerSpec],
         install(block, br.qweights, specs, input_scales)
         if inputs is not None:
             inputs = _next_inputs(block, br, inputs, device, offload, verified)
-            report.shortcut = br.deferred is not None and verified.get((type(block), br.deferred_name), False)
+            report.shortcut = br.deferred is not None and verified.get((type(block).__name__, br.deferred_name),
+                                                                        False)
             report.replay = br.replayed
             report.output_error = _relative_error(inputs, br.reference)
             bar.set_postfix(error=f"{report.output_error:.2e}")
@@ -485,6 +511,10 @@ def quantize_model(model: nn.Module, family: Family, plan: dict[str, LayerSpec],
                 p.data = masters[n]
         report.seconds = time.perf_counter() - start
         result.blocks.append(report)
+        bar.update(1)
+        if io is not None:
+            io.done(i, block, inputs, result)
+    bar.close()
     outside = {n: s for n, s in plan.items() if not n.startswith(family.blocks + ".")}
     if outside:
         install(model, quantize_block(model, outside, method, cfg, (), None, "cpu", "cpu").qweights, outside)

@@ -119,7 +119,7 @@ def test_unsupported_architecture(capsys, tmp_path):
 def test_checkpoint_failing_its_hash(capsys, stories_path, tmp_path):
     assert run(capsys, "quantize", str(stories_path), "--group-size", "0", "--out", str(tmp_path / "q"),
                "--quiet")[0] == 0
-    with open(tmp_path / "q" / "model.safetensors", "r+b") as f:
+    with open(checkpoint.weight_files(tmp_path / "q")[0], "r+b") as f:
         f.seek(-3, 2)
         f.write(b"\x00\x01\x02")
     code, _, err = run(capsys, "info", str(tmp_path / "q"))
@@ -132,9 +132,28 @@ def test_interrupt_during_write_leaves_nothing(capsys, stories_path, tmp_path, m
 
     monkeypatch.setattr(checkpoint, "save_file", interrupted)
     code, _, err = run(capsys, "quantize", str(stories_path), "--group-size", "0", "--out", str(tmp_path / "q"),
-                       "--quiet")
+                       "--quiet", "--in-memory")
     assert code == 130 and "nothing was written" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_streamed_run_keeps_its_blocks(capsys, stories_path, tmp_path, monkeypatch):
+    """Ctrl-C in a run that reads the model from disk: no output, the finished blocks kept, the way on said."""
+    from lowbit import streaming
+
+    real, calls = streaming.save_file, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(streaming, "save_file", interrupted)
+    code, _, err = run(capsys, "quantize", str(stories_path), "--group-size", "0", "--out", str(tmp_path / "q"),
+                       "--quiet")
+    assert code == 130 and "2 of 5 blocks" in err and "--resume" in err
+    assert not (tmp_path / "q").exists() and (tmp_path / ".q.lowbit-work").is_dir()
 
 
 def test_real_process_exit_codes(stories_path, tmp_path):

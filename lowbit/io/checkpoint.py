@@ -1,9 +1,10 @@
 """lowbit's checkpoint format: packed tensors in safetensors, a JSON header, written atomically.
 
 A checkpoint directory holds
-- `model.safetensors`: packed quantized layers (`<layer>.qweight` int32 words, `.scales` float16,
-  `.qzeros` int32 words for asymmetric grids; fp8 layers `.weight` e4m3 and `.weight_scale` float32) and every
-  other tensor in 16 bits; tied tensors are stored once;
+- `model.safetensors` (or, when quantized block by block from disk, one shard per block and one for the rest,
+  named by `model.safetensors.index.json` as transformers names its shards): packed quantized layers
+  (`<layer>.qweight` int32 words, `.scales` float16, `.qzeros` int32 words for asymmetric grids; fp8 layers
+  `.weight` e4m3 and `.weight_scale` float32) and every other tensor in 16 bits; tied tensors are stored once;
 - `config.json` (+ generation config, tokenizer files) as transformers writes them;
 - `lowbit.json`: format version, lowbit version, recipe, each quantized layer's format and shape, the tied
   tensors, sizes, and the sha256 of every other file (checked on load).
@@ -35,6 +36,7 @@ FORMAT_NAME = "lowbit"
 FORMAT_VERSION = 1
 HEADER = "lowbit.json"
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"  # a sharded checkpoint (written block by block) names its shards here
 
 
 def sha256(path: Path) -> str:
@@ -49,12 +51,13 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def unique_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The state dict with tied tensors once, and the tied keys {dropped: kept}."""
+def unique_state_dict(model: nn.Module | dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict (of a model, or given) with tied tensors once, and the tied keys {dropped: kept}."""
     tensors: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
     seen: dict[tuple, str] = {}
-    for key, t in model.state_dict().items():
+    state = model if isinstance(model, dict) else model.state_dict()
+    for key, t in state.items():
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if ident in seen:
             tied[key] = seen[ident]
@@ -69,15 +72,26 @@ def is_packed(key: str, qprefixes: tuple[str, ...]) -> bool:
     return key.startswith(qprefixes) and not key.endswith(".bias")
 
 
-def storage_state_dict(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors to store (floats outside packed buffers cast to `dtype`) and the tied keys {dropped: kept}."""
-    qprefixes = tuple(n + "." for n in quantized_layers(model))
-    tensors, tied = unique_state_dict(model)
+def storage_state_dict(model: nn.Module, dtype: torch.dtype, prefix: str = "",
+                       state: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors to store (floats outside packed buffers cast to `dtype`) and the tied keys {dropped: kept}; keys
+    start with `prefix` (a block's place in the model). `state`: only these entries of the model's state dict."""
+    qprefixes = tuple(prefix + n + "." for n in quantized_layers(model))
+    state = {prefix + k: t for k, t in model.state_dict().items()} if state is None else state
+    tensors, tied = unique_state_dict(state)
     for key, t in tensors.items():
         if t.is_floating_point() and not is_packed(key, qprefixes):
             t = t.to(dtype)
         tensors[key] = t.detach().contiguous().cpu()
     return tensors, tied
+
+
+def layer_entries(model: nn.Module) -> dict[str, dict]:
+    """The header's description of every quantized layer (format, shape, bias, bits per weight)."""
+    return {name: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
+                   "spec": m.spec.to_dict(), "bits_per_weight": m.stored_bits() / (m.in_features * m.out_features),
+                   **({"outliers": m.outliers} if m.outliers else {})}
+            for name, m in quantized_layers(model).items()}
 
 
 def save_checkpoint(model: nn.Module, out_dir: str | Path, *, dtype: torch.dtype, tokenizer=None,
@@ -88,34 +102,57 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path, *, dtype: torch.dtype
     `texts` are extra text files to include (e.g. recipe.yaml), `tensor_files` extra safetensors files (name →
     tensors, metadata; e.g. AWQ's scales); they are hashed like the others.
     """
+    tensors, tied = storage_state_dict(model, dtype)
+    with atomic_directory(out_dir, overwrite) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata=WEIGHTS_METADATA)
+        return write_metadata(tmp, model, layer_entries(model), tied, dtype=dtype, tokenizer=tokenizer, info=info,
+                              texts=texts, tensor_files=tensor_files)
+
+
+# One entry: safetensors writes metadata in a hash map's order, so two entries would make the bytes differ from run to
+# run (the format version is in lowbit.json).
+WEIGHTS_METADATA = {"format": "pt"}
+
+
+def write_metadata(directory: Path, model: nn.Module, layers: dict, tied: dict[str, str], *, dtype: torch.dtype,
+                   tokenizer=None, info: dict | None = None, texts: dict[str, str] | None = None,
+                   tensor_files: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]] | None = None) -> dict:
+    """Everything of a checkpoint but its weight files (already in `directory`): config, tokenizer, extra files,
+    and last the header, which hashes every file. Returns the header."""
     from lowbit import __version__
 
-    tensors, tied = storage_state_dict(model, dtype)
-    layers = {name: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
-                     "spec": m.spec.to_dict(), "bits_per_weight": m.stored_bits() / (m.in_features * m.out_features),
-                     **({"outliers": m.outliers} if m.outliers else {})}
-              for name, m in quantized_layers(model).items()}
-    with atomic_directory(out_dir, overwrite) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "lowbit_format": str(FORMAT_VERSION)})
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, text in (texts or {}).items():
-            (tmp / name).write_text(text)
-        for name, (extra, metadata) in (tensor_files or {}).items():
-            save_file(extra, str(tmp / name), metadata=metadata)
-        files = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        header = {
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "lowbit_version": __version__,
-            **(info or {}),
-            "dtype": str(dtype).removeprefix("torch."),
-            "tied": tied, "layers": layers, "files": files,
-            "bytes_on_disk": sum((tmp / f).stat().st_size for f in files),
-        }
-        (tmp / HEADER).write_text(json.dumps(header, indent=1))
+    model.config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    for name, text in (texts or {}).items():
+        (directory / name).write_text(text)
+    for name, (extra, metadata) in (tensor_files or {}).items():
+        save_file(extra, str(directory / name), metadata=metadata)
+    files = {p.name: sha256(p) for p in sorted(directory.iterdir()) if p.is_file()}
+    header = {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "lowbit_version": __version__,
+        **(info or {}),
+        "dtype": str(dtype).removeprefix("torch."),
+        "tied": tied, "layers": layers, "files": files,
+        "bytes_on_disk": sum((directory / f).stat().st_size for f in files),
+    }
+    (directory / HEADER).write_text(json.dumps(header, indent=1))
     return header
+
+
+def weight_files(path: Path) -> list[Path]:
+    """A checkpoint's weight files: model.safetensors, or the shards its index names (a streamed quantization)."""
+    index = path / INDEX
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise LowbitError(f"{str(index)!r} is not a valid shard index ({e}); the checkpoint is damaged. Re-run "
+                              f"`lowbit quantize`.") from None
+        return [path / n for n in names]
+    return [path / WEIGHTS]
 
 
 def read_header(path: str | Path) -> dict:
@@ -165,10 +202,12 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, verify
         spec = LayerSpec.from_dict(layer["spec"])
         set_module(model, name, QuantLinear(layer["in_features"], layer["out_features"], spec, layer["bias"],
                                             device="meta", bias_dtype=dtype, outliers=layer.get("outliers", 0)))
-    try:
-        tensors = load_file(str(path / WEIGHTS))
-    except (SafetensorError, OSError) as e:
-        raise LowbitError(f"could not read {str(path / WEIGHTS)!r}: {e}") from None
+    tensors: dict[str, torch.Tensor] = {}
+    for file in weight_files(path):
+        try:
+            tensors.update(load_file(str(file)))
+        except (SafetensorError, OSError) as e:
+            raise LowbitError(f"could not read {str(file)!r}: {e}") from None
     tied = header.get("tied", {})
     assign_tensors(model, tensors, set(model.state_dict()) - set(tied), tied,
                    tuple(n + "." for n in header["layers"]), dtype, f"checkpoint {str(path)!r}")

@@ -1,0 +1,319 @@
+"""Quantization from disk, block by block: the model's weights are never all in memory, and a killed run resumes.
+
+The model is built on the meta device. The tensors outside the decoder blocks (embeddings, final norm, lm_head)
+are read first; each block is read from the memory-mapped safetensors shards when the pipeline reaches it,
+quantized, written to its own output shard and released. Peak host memory is about one block's weights (in
+float32) plus the calibration activations plus the tensors outside the blocks, whatever the model's size.
+
+After each block the run is checkpointed in the output's work folder (lowbit.io.workdir). With `resume`, a run
+goes on from the last finished block and writes the same bytes as an uninterrupted run: the blocks are computed
+from the same inputs (saved), with the same checks (saved) and the same weights (read again).
+
+The checkpoint is the one `api.quantize` + `api.save` write, in shards: one per block and one for the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from lowbit.api import (
+    QuantizeResult,
+    calibrate,
+    calibration_for,
+    check_finite,
+    checkpoint_extras,
+    method_for,
+    size_report,
+    storage_dtype_of,
+)
+from lowbit.data.calibration import CalibConfig
+from lowbit.errors import LowbitError
+from lowbit.hardware import resolve_compute_dtype, resolve_device
+from lowbit.io.checkpoint import (
+    INDEX,
+    WEIGHTS_METADATA,
+    is_packed,
+    layer_entries,
+    quantized_layers,
+    storage_state_dict,
+    write_metadata,
+)
+from lowbit.io.faults import fault_point
+from lowbit.io.lazy import LazyWeights
+from lowbit.io.workdir import WorkDir
+from lowbit.model.adapt import adapt
+from lowbit.model.architectures import Family, decoder_blocks, family_for
+from lowbit.model.capture import BlockInputs, layer_types
+from lowbit.model.loading import builtin_checkpoint
+from lowbit.model.sources import resolve
+from lowbit.model.targets import linear_layers, select_layers
+from lowbit.pipeline import MoEConfig, PipelineResult, quantize_model
+from lowbit.recipe import Recipe
+
+
+def source_directory(model: str | Path) -> Path:
+    """The Hugging Face directory whose shards a streamed run reads (a built-in model's cached conversion)."""
+    source = resolve(model)
+    if source.kind == "builtin":
+        return builtin_checkpoint(source.name)
+    if source.kind != "hf":
+        raise LowbitError(f"{str(model)!r} is a {source.kind} model; quantizing from disk reads a Hugging Face "
+                          f"directory of safetensors shards. Convert it (transformers' save_pretrained) first.")
+    return source.path
+
+
+def skeleton(directory: Path) -> nn.Module:
+    """The model with its parameters on the meta device (buffers such as rotary tables are real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except (ValueError, KeyError, OSError) as e:
+        raise LowbitError(f"could not read the model config in {str(directory)!r}: {e}") from None
+    family_for(config.model_type)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()  # as loading does (tie_word_embeddings): one parameter, stored once
+    return adapt(model.eval())
+
+
+def whole_model_reason(model: str | Path) -> str | None:
+    """Why this model cannot be quantized block by block from disk (None when it can)."""
+    try:
+        directory = source_directory(model)
+        skel = skeleton(directory)
+        check_layout(skel, LazyWeights(directory))
+        if layer_types(skel, len(decoder_blocks(skel, family_for(skel.config.model_type)))) is not None:
+            return "its blocks are of several kinds"
+    except LowbitError as e:
+        return str(e).split(";")[0].split(",")[0]
+    return None
+
+
+def check_layout(model: nn.Module, lazy: LazyWeights) -> None:
+    """Refuse (before any work) a model whose stored tensors are not its parameters one for one."""
+    expected = {n for n, _ in model.named_parameters()}
+    stored = lazy.keys()
+    missing = sorted(expected - stored - tied_names(model))
+    if missing:
+        raise LowbitError(f"{str(lazy.directory)!r} stores its tensors under other names than the model has (e.g. "
+                          f"{missing[0]!r} is not in its shards), so it cannot be read block by block. Quantize it in "
+                          f"memory (lowbit quantize … --in-memory).")
+
+
+def tied_names(model: nn.Module) -> set[str]:
+    """Names of parameters that are another parameter (tied), after the first name of each."""
+    seen: set[int] = set()
+    tied = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        seen.add(id(p))
+    return tied
+
+
+def materialize(module: nn.Module, lazy: LazyWeights, prefix: str, keep: tuple[str, ...], store: torch.dtype,
+                skip: str | None = None) -> None:
+    """Give `module`'s parameters (but those whose names start with `skip`) their stored values, in float32 (as the
+    in-memory path loads them); those not under the `keep` prefixes (the quantized layers) are rounded through the
+    checkpoint's dtype first. Tied parameters stay one parameter, read under whichever of their names is stored."""
+    names: dict[int, list[str]] = {}
+    params: dict[int, nn.Parameter] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if skip is None or not name.startswith(skip):
+            names.setdefault(id(p), []).append(name)
+            params[id(p)] = p
+    stored = lazy.keys()
+    for ident, group in names.items():
+        key = next((prefix + n for n in group if prefix + n in stored), prefix + group[0])
+        t = lazy.get(key)
+        if t.is_floating_point():
+            t = t.to(torch.float32)
+            if not key.startswith(keep):
+                t = t.to(store).to(torch.float32)
+        new = nn.Parameter(t, requires_grad=params[ident].requires_grad)
+        for name in group:
+            owner, _, attr = name.rpartition(".")
+            module.get_submodule(owner)._parameters[attr] = new
+
+
+def release(module: nn.Module) -> None:
+    module.to("meta")
+
+
+class BlockStream:
+    """The pipeline's BlockIO from disk: each block read before it is quantized; written to its shard, checkpointed
+    and released after."""
+
+    def __init__(self, lazy: LazyWeights, work: WorkDir, family: Family, plan: dict, store: torch.dtype,
+                 shards: int) -> None:
+        self.lazy, self.work, self.family, self.plan, self.store, self.shards = lazy, work, family, plan, store, shards
+        self.keep = tuple(n + "." for n in plan)
+
+    def prefix(self, i: int) -> str:
+        return f"{self.family.blocks}.{i}."
+
+    def load(self, i: int, block: nn.Module) -> None:
+        materialize(block, self.lazy, self.prefix(i), self.keep, self.store)
+        check_finite({self.prefix(i) + n: m for n, m in linear_layers(block).items()}, self.plan)
+
+    def done(self, i: int, block: nn.Module, inputs: BlockInputs | None, result: PipelineResult) -> None:
+        tensors, _ = storage_state_dict(block, self.store, self.prefix(i))
+        path = self.work.path / shard_name(i, self.shards)
+        tmp = path.with_name(f".{path.name}.partial")
+        save_file(tensors, str(tmp), metadata=WEIGHTS_METADATA)
+        tmp.replace(path)
+        fault_point("block-written", i)
+        self.work.commit(i + 1, inputs, result)
+        fault_point("block-end", i)
+        release(block)
+
+
+def shard_name(i: int, shards: int) -> str:
+    return f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+
+
+def quantize_streamed(model: str | Path, recipe: Recipe, out: str | Path, *, tokenizer=None,
+                      calib: CalibConfig | None = None, device: str = "auto", dtype: str = "auto",
+                      compute_dtype: str = "auto", progress: bool = True, reuse_scales: str | Path | None = None,
+                      resume: bool = False, overwrite: bool = False, resume_hint: str | None = None
+                      ) -> tuple[QuantizeResult, dict]:
+    """Quantize the model in the directory `model` from disk into the lowbit checkpoint `out`; returns the result
+    (its model is the skeleton: the blocks are on disk only) and the checkpoint's header."""
+    start = time.perf_counter()
+    if recipe.kv_cache or recipe.kv_static:
+        raise LowbitError("a quantized KV cache is calibrated over the whole model, which quantizing from disk never "
+                          "holds; quantize in memory (--in-memory) for --kv-cache.")
+    directory = source_directory(model)
+    lazy = LazyWeights(directory)
+    skel = skeleton(directory)
+    check_layout(skel, lazy)
+    family = family_for(skel.config.model_type)
+    blocks = decoder_blocks(skel, family)
+    if layer_types(skel, len(blocks)) is not None:
+        raise LowbitError(f"{skel.config.model_type} has blocks of several kinds, whose inputs are captured by running "
+                          f"the first blocks; quantizing from disk does not do that yet. Use --in-memory.")
+    method, reused = method_for(recipe, reuse_scales)
+    plan = select_layers(skel, family, recipe)
+    store = storage_dtype_of(skel, dtype, lambda: (lazy.get(k) for k in sorted(lazy.keys())))
+    dev = resolve_device(device)
+    cdtype = resolve_compute_dtype(compute_dtype, dev)
+    calib = calibration_for(recipe, method, reused, plan, family, calib)
+    identity = {"model": lazy.fingerprint(), "recipe": recipe.to_dict(), "calibration": calib and calib.to_dict(),
+                "compute_dtype": str(cdtype), "device": dev.type, "dtype": str(store),
+                "reuse_scales": str(reuse_scales) if reuse_scales else None}
+    work = WorkDir(out)
+    resumed = None
+    if work.exists():
+        if not resume:
+            done = work.finished_blocks()
+            hint = f" with `{resume_hint}`" if resume_hint else " with the same command and --resume"
+            raise LowbitError(f"an interrupted run of this output is in {str(work.path)!r} ({done} of {len(blocks)} "
+                              f"blocks finished). Resume it{hint}, or delete that folder to start over.")
+        work.check(identity)
+        resumed = work.load()
+        if resumed is not None:
+            print(f"lowbit: resuming from {work.path} after {resumed.next_block} of {len(blocks)} blocks",
+                  file=sys.stderr)
+    else:
+        if resume:
+            print(f"lowbit: --resume: no interrupted run in {work.path}; starting", file=sys.stderr)
+        work.start(identity)
+
+    try:
+        return _run(skel, lazy, work, resumed, family, blocks, method, reused, plan, store, dev, cdtype, recipe,
+                    calib, tokenizer, progress, model, start, overwrite)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; {work.finished_blocks()} of {len(blocks)} blocks are kept in "
+                          f"{str(work.path)!r}: resume with {resume_hint or 'the same command and --resume'}.") \
+            from None
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C in a streamed run: what was finished is kept, and the message says how to go on."""
+
+
+def _run(skel, lazy, work, resumed, family, blocks, method, reused, plan, store, dev, cdtype, recipe, calib,
+         tokenizer, progress, model, start, overwrite) -> tuple[QuantizeResult, dict]:
+    materialize(skel, lazy, "", tuple(n + "." for n in plan), store, skip=family.blocks + ".")
+    check_finite(linear_layers(skel), {n: s for n, s in plan.items() if not n.startswith(family.blocks + ".")})
+    if resumed is not None:
+        inputs = resumed.inputs
+    else:
+        inputs, _, _ = calibrate(skel, family, tokenizer, calib, dev, cdtype)
+    offload = inputs.hidden[0].device if inputs is not None and inputs.hidden else torch.device("cpu")
+    shards = len(blocks) + 1
+    stream = BlockStream(lazy, work, family, plan, store, shards)
+    pipeline = quantize_model(skel, family, plan, method, inputs, dev, offload, progress=progress,
+                              cfg=recipe.config(method.module.Config), compute_dtype=cdtype,
+                              transform_cfg=recipe.config(method.transform.Config) if method.transform else None,
+                              moe=MoEConfig(recipe.expert_min_tokens, recipe.experts_all_tokens),
+                              reuse_scales=reused, io=stream, resume=resumed.result if resumed else None)
+    if "lm_head" in plan and getattr(skel.config, "tie_word_embeddings", False):
+        skel.config.tie_word_embeddings = False
+    rest_state = {k: t for k, t in skel.state_dict().items() if not k.startswith(family.blocks + ".")}
+    tensors, tied = storage_state_dict(skel, store, state=rest_state)
+    save_file(tensors, str(work.path / shard_name(len(blocks), shards)), metadata=WEIGHTS_METADATA)
+    others = _stored_others(work.path, skel)
+    weight_map = {}
+    for i in range(shards):
+        weight_map.update(dict.fromkeys(_keys(work.path / shard_name(i, shards)), shard_name(i, shards)))
+    (work.path / INDEX).write_text(json.dumps({"metadata": {"total_size": sum(
+        (work.path / shard_name(i, shards)).stat().st_size for i in range(shards))}, "weight_map": weight_map},
+        indent=1))
+    result = QuantizeResult(skel, recipe, plan, store, time.perf_counter() - start, pipeline, calib, str(model),
+                            compute_dtype=str(cdtype).removeprefix("torch."))
+    result.sizes = size_report(skel, store, others)
+    result.memory = peak_memory(dev)
+    info, texts, extra = checkpoint_extras(result)
+    info["streamed"] = {"resumed_after_blocks": resumed.next_block if resumed else 0, "shards": shards}
+    # the header hashes the files of the folder; resume/ is a folder, removed when the output is complete
+    header = write_metadata(work.path, skel, layer_entries(skel), tied, dtype=store, tokenizer=tokenizer,
+                            info=info, texts=texts, tensor_files=extra)
+    work.finish(overwrite)
+    return result, header
+
+
+def _keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
+def _stored_others(directory: Path, model: nn.Module) -> list[torch.Tensor]:
+    """Meta stand-ins for every stored tensor outside the quantized layers' packed buffers (for the size report)."""
+    from safetensors import safe_open
+
+    qprefixes = tuple(n + "." for n in quantized_layers(model))
+    out = []
+    for path in sorted(directory.glob("model-*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                if not is_packed(key, qprefixes):
+                    s = f.get_slice(key)
+                    dtype = _DTYPES[s.get_dtype()]
+                    out.append(torch.empty(s.get_shape(), dtype=dtype, device="meta"))
+    return out
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32,
+           "I64": torch.int64, "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16,
+           "F8_E4M3": torch.float8_e4m3fn, "BOOL": torch.bool}
+
+
+def peak_memory(device: torch.device) -> dict:
+    """This process's peak resident host memory and, on a GPU, its peak allocated device memory, in bytes."""
+    out = {"peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        out["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
+    return out

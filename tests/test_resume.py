@@ -1,0 +1,124 @@
+"""Quantizing from disk: a run killed anywhere (SIGKILL) resumes to the same bytes as an uninterrupted run; a
+resume of another run is refused; host memory stays far below the model's size."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowbit.io.checkpoint import HEADER
+from lowbit.model.loading import builtin_checkpoint
+
+QUICK_CALIB = ["--calib-samples", "4", "--calib-seqlen", "64"]
+
+
+def quantize(model: str | Path, out: Path, *args: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "LOWBIT_FAULT"}
+    if fault:
+        env["LOWBIT_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "lowbit", "quantize", str(model), "--out", str(out), "--quiet",
+                           "--device", "cpu", *args], capture_output=True, text=True, env=env)
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    """Every file of a checkpoint but its header, whose timings differ from run to run (it hashes the others)."""
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name != HEADER}
+
+
+def check_resumes(model, tmp_path: Path, args: list[str], faults: list[str]) -> None:
+    whole = tmp_path / "whole"
+    done = quantize(model, whole, *args)
+    assert done.returncode == 0, done.stderr
+    expected = files(whole)
+    assert any(name.startswith("model-") for name in expected)
+    for fault in faults:
+        out = tmp_path / fault.replace(":", "-")
+        killed = quantize(model, out, *args, fault=fault)
+        assert killed.returncode == -9, (fault, killed.stderr)
+        assert not out.exists() and (tmp_path / f".{out.name}.lowbit-work").is_dir()
+        again = quantize(model, out, *args)
+        assert again.returncode == 2 and "--resume" in again.stderr and "blocks finished" in again.stderr
+        resumed = quantize(model, out, *args, "--resume")
+        assert resumed.returncode == 0, resumed.stderr
+        assert "resuming" in resumed.stderr or (fault.endswith(":0") and fault.startswith("block-mid"))
+        assert files(out) == expected, fault
+        assert json.loads((out / HEADER).read_text())["files"] == json.loads((whole / HEADER).read_text())["files"]
+        assert not (tmp_path / f".{out.name}.lowbit-work").exists()
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_killed_runs_resume_bit_identically(stories_path, tmp_path, method):
+    """Killed at a block boundary (after block 1 is committed), between a block's shard and its commit, and in the
+    middle of a block (its layers quantized, its outputs not yet computed)."""
+    args = ["--method", method, "--group-size", "4", *QUICK_CALIB]
+    check_resumes(stories_path, tmp_path, args, ["block-end:1", "block-written:2", "block-mid:3"])
+
+
+def test_a_resume_of_another_run_is_refused(stories_path, tmp_path):
+    out = tmp_path / "q"
+    assert quantize(stories_path, out, "--group-size", "4", fault="block-end:1").returncode == -9
+    other = quantize(stories_path, out, "--group-size", "2", "--resume")
+    said = " ".join(other.stderr.split())
+    assert other.returncode == 2 and "another recipe (recipe.group_size: 4 there, 2 now)" in said, said
+    assert "delete that folder" in said
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_smollm2_killed_runs_resume_bit_identically(tmp_path, method):
+    args = ["--method", method, "--group-size", "64", *QUICK_CALIB]
+    check_resumes("smollm2-135m", tmp_path, args, ["block-mid:7", "block-end:20"])
+
+
+def make_sharded_model(directory: Path, layers: int, hidden: int, intermediate: int) -> int:
+    """A Llama-shaped model with generated float32 weights in several safetensors shards; returns its bytes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, vocab_size=512,
+                         max_position_embeddings=256, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model.save_pretrained(directory, max_shard_size="400MB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):  # a real Llama-family one
+        if (builtin_checkpoint("smollm2-135m") / name).is_file():
+            shutil.copy(builtin_checkpoint("smollm2-135m") / name, directory / name)
+    return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+
+
+def test_host_memory_stays_under_half_the_model(tmp_path):
+    """RTN on a 4.1 GB model in a child process: its peak resident memory (about 1.4 GB: 0.4 GB of Python and
+    libraries, one 0.2 GB block in float32 and what quantizing it takes) stays under half the model's size."""
+    # made in another process: a child forked from a process that holds 4 GB would count them as its own
+    made = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                           f"from test_resume import make_sharded_model as m; "
+                           f"print(m(__import__('pathlib').Path({str(tmp_path / 'big')!r}), 20, 2048, 5632))"],
+                          capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    size = int(made.stdout.split()[-1])
+    assert len(list((tmp_path / "big").glob("*.safetensors"))) > 2
+    # the peak of the quantizing process alone, measured by a small parent whose only child it is
+    argv = [sys.executable, "-m", "lowbit", "quantize", str(tmp_path / "big"), "--out", str(tmp_path / "q"),
+            "--method", "rtn", "--group-size", "128", "--device", "cpu", "--quiet"]
+    watch = subprocess.run([sys.executable, "-c", f"import resource, subprocess, sys; "
+                            f"r = subprocess.run({argv!r}); "
+                            f"print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"],
+                           capture_output=True, text=True)
+    code, peak_kb = map(int, watch.stdout.split()[-2:])
+    assert code == 0, watch.stderr
+    peak = peak_kb * 1024
+    header = json.loads((tmp_path / "q" / HEADER).read_text())
+    assert header["memory"]["peak_host_bytes"] <= peak
+    assert peak < size / 2, (peak / 1e9, size / 1e9)
