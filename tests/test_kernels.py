@@ -264,3 +264,31 @@ def test_kernels_match_reference_on_gpu(dtype):
 
     bad = [(d, e) for d, e, ok in check_all("cuda", dtype) + check_w8a8("cuda", dtype) if not ok]
     assert not bad, bad
+
+
+@pytest.mark.parametrize("float_zero", [False, True])
+def test_gptq_batch_kernel_compiles_for_sm90(float_zero):
+    from lowbit.kernels.gptq import _gptq_batch
+
+    k = _compile_sm90(_gptq_batch, {"W": "*fp32", "Err": "*fp32", "S": "*fp32", "Z": "*fp32", "H": "*fp32",
+                                    "D": "*fp32", "rows": "i32", "ncols": "i32", "stride_w": "i32", "stride_e": "i32",
+                                    "stride_s": "i32", "stride_h": "i32", "qmax": "fp32"},
+                      {"FLOAT_ZERO": float_zero, "BR": 32, "BB": 128})
+    ptx = k.asm["ptx"]
+    assert k.asm["cubin"] and "div.rn.f32" in ptx  # IEEE division, as the reference's
+
+
+_INTERPRET_GPTQ = _INTERPRET.split("from lowbit.kernels.check")[0] + """
+from lowbit.kernels.gptq import check
+print(json.dumps(check("cpu")))
+"""
+
+
+def test_gptq_batch_kernel_matches_reference_in_interpreter():
+    """GPTQ's fused column loop against the PyTorch loop it replaces on a GPU: the same codes and errors."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", _INTERPRET_GPTQ], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(results) == 3 and all(ok for *_, ok in results), results

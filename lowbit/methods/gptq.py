@@ -11,20 +11,27 @@ columns, whose updates to the remaining columns are applied once per batch. With
 zero are fixed from the (already error-updated) weights when its first column comes up. Act-order processes
 columns by descending diag(H); combined with groups it uses static groups (scales from the original weights, in
 the original column order), so inference needs no per-column group index.
+
+On a GPU the column loop of a lazy batch is one Triton kernel (lowbit.kernels.gptq); where groups are fitted during
+the pass, a batch is then one group, so that its scale is known when the kernel starts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from lowbit import kernels
 from lowbit.errors import LowbitError
 from lowbit.formats import IntFormat, PerGroup, PerTensor, QuantizedWeight, WeightFormat
 from lowbit.formats.grouping import grouped
 from lowbit.formats.intgrid import grid_params
 from lowbit.formats.kquant import KQuantFormat, KQuantWeight, check_shape, column_grid, fit_superblock, round_column
 from lowbit.formats.search import best_shrink
+from lowbit.kernels.gptq import gptq_batch
 
 NEEDS_CALIBRATION = True
 DEFAULT_BLOCK_SIZE = 128
@@ -63,14 +70,33 @@ def _panels(n: int) -> list[tuple[int, int]]:
 
 def accumulate(stats: HessianStats, x: torch.Tensor) -> HessianStats:
     """Fold a batch of layer inputs x [..., in] into the running Hessian, in place (streamed; never all
-    activations). Each row panel P gets H[P, P:] += 2/n · x_Pᵀ x_{P:}."""
+    activations). Each row panel P gets H[P, P:] += 2/n · x_Pᵀ x_{P:}.
+
+    On a GPU, 16-bit inputs are multiplied on the TF32 tensor cores with float32 accumulation: a bfloat16 or float16
+    value is exact in TF32, so the products are the float32 ones, about ten times faster."""
+    exact_in_tf32 = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
     x = x.reshape(-1, x.shape[-1]).float()
     total = stats.n + x.shape[0]
     stats.upper.mul_(stats.n / total)
-    for a, b in _panels(x.shape[1]):
-        stats.upper[a:b, a:].addmm_(x[:, a:b].T, x[:, a:], alpha=2 / total)
+    with tf32(exact_in_tf32):
+        for a, b in _panels(x.shape[1]):
+            stats.upper[a:b, a:].addmm_(x[:, a:b].T, x[:, a:], alpha=2 / total)
     stats.n = total
     return stats
+
+
+@contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    """float32 matrix products on the TF32 tensor cores inside the block (when enabled), as they were after."""
+    if not enabled:
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 @dataclass(frozen=True)
@@ -143,12 +169,16 @@ def gptq_quantize(weight: torch.Tensor, stats: HessianStats, fmt: WeightFormat,
         scale = torch.zeros(rows, cols // group, dtype=torch.float16, device=W.device)
         zero = torch.zeros(rows, cols // group, dtype=torch.float16 if fmt.float_zero else torch.uint8,
                            device=W.device)
-    # A block holds whole groups, so a group's scale is set from fully updated weights when it starts.
+    static = scale is not None and group is not None and cfg.act_order
+    fused = W.is_cuda and kernels.enabled()
+    # A block holds whole groups, so a group's scale is set from fully updated weights when it starts; the kernel
+    # takes a batch's scales when it starts, so groups fitted during the pass make batches of one group there.
     block = max(cfg.block_size // group, 1) * group if group else cfg.block_size
+    if fused and group is not None and not static:
+        block = group
 
     codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
     order = perm.tolist()  # host copy: no device sync per column
-    static = scale is not None and group is not None and cfg.act_order
     if static:  # each permuted column's group statistics, gathered once
         gidx = perm // group
         S_all, Z_all = scale.float()[:, gidx], zero.float()[:, gidx]
@@ -158,33 +188,47 @@ def gptq_quantize(weight: torch.Tensor, stats: HessianStats, fmt: WeightFormat,
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
-        inv_diag = (1 / torch.diag(Hinv1)).tolist()
-        Err1 = torch.zeros_like(W1)
         # each column's scale and zero: codes are recovered from them and the quantized columns after the batch
         S1, Z1 = (S_all[:, i1:i2], Z_all[:, i1:i2]) if static else (torch.empty_like(W1), torch.empty_like(W1))
         if group is None:
             S1[:], Z1[:] = s_i.unsqueeze(1), z_i.unsqueeze(1)
-        for i in range(i2 - i1):
-            col = order[i1 + i]  # this column's index in the original order
-            if static:
-                s_i, z_i = S_all[:, i1 + i], Z_all[:, i1 + i]
-            elif group is not None and col % group == 0:
-                s, z = _params(W1[:, i:i + group].unsqueeze(1), fmt, diag[col:col + group].unsqueeze(0))
-                scale[:, col // group], zero[:, col // group] = s[:, 0], z[:, 0]
-                s_i, z_i = s[:, 0].float(), z[:, 0].float()
-                S1[:, i:i + group], Z1[:, i:i + group] = s_i.unsqueeze(1), z_i.unsqueeze(1)
-            w = W1[:, i]
-            if fmt.float_zero:  # ŵ = c·s + m
-                q = (w - z_i).div_(s_i).round_().clamp_(0, qmax).mul_(s_i).add_(z_i)
-            else:  # ŵ = (c − z)·s
-                q = (w / s_i).round_().add_(z_i).clamp_(0, qmax).sub_(z_i).mul_(s_i)
-            err = (w - q).mul_(inv_diag[i])
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # column i itself becomes q
-            Err1[:, i] = err
+        if fused:
+            if group is not None and not static:
+                _fit_group(W1, 0, order[i1], group, fmt, diag, scale, zero, S1, Z1)
+            Err1 = gptq_batch(W1, Hinv1, S1, Z1, 1 / torch.diag(Hinv1), qmax, fmt.float_zero)
+        else:
+            inv_diag = (1 / torch.diag(Hinv1)).tolist()
+            Err1 = torch.zeros_like(W1)
+            for i in range(i2 - i1):
+                col = order[i1 + i]  # this column's index in the original order
+                if static:
+                    s_i, z_i = S_all[:, i1 + i], Z_all[:, i1 + i]
+                elif group is not None and col % group == 0:
+                    s_i, z_i = _fit_group(W1, i, col, group, fmt, diag, scale, zero, S1, Z1)
+                w = W1[:, i]
+                if fmt.float_zero:  # ŵ = c·s + m
+                    q = (w - z_i).div_(s_i).round_().clamp_(0, qmax).mul_(s_i).add_(z_i)
+                else:  # ŵ = (c − z)·s
+                    q = (w / s_i).round_().add_(z_i).clamp_(0, qmax).sub_(z_i).mul_(s_i)
+                err = (w - q).mul_(inv_diag[i])
+                W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # column i itself becomes q
+                Err1[:, i] = err
         c = (W1 - Z1).div_(S1) if fmt.float_zero else (W1 / S1).add_(Z1)
         codes[:, order[i1:i2]] = c.round_().clamp_(0, qmax).to(torch.uint8)
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
     return QuantizedWeight(fmt, codes, scale, None if fmt.symmetric else zero)
+
+
+def _fit_group(W1: torch.Tensor, i: int, col: int, group: int, fmt: IntFormat, diag: torch.Tensor,
+               scale: torch.Tensor, zero: torch.Tensor, S1: torch.Tensor, Z1: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale and zero of the group starting at batch column i (original column col), from the weights as the
+    pass left them: stored, spread over the group's columns of S1 and Z1, and returned (float32 [rows])."""
+    s, z = _params(W1[:, i:i + group].unsqueeze(1), fmt, diag[col:col + group].unsqueeze(0))
+    scale[:, col // group], zero[:, col // group] = s[:, 0], z[:, 0]
+    s_i, z_i = s[:, 0].float(), z[:, 0].float()
+    S1[:, i:i + group], Z1[:, i:i + group] = s_i.unsqueeze(1), z_i.unsqueeze(1)
+    return s_i, z_i
 
 
 def gptq_superblocks(weight: torch.Tensor, stats: HessianStats, fmt: KQuantFormat,
