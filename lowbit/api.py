@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from lowbit.io.scales import SCALES_FILE, load_scales, scales_file
 from lowbit.methods.registry import MethodEntry, get_method, transform_name
 from lowbit.model.adapt import adapt
 from lowbit.model.architectures import text_config
-from lowbit.model.capture import BlockInputs, capture_block_inputs
+from lowbit.model.capture import BlockInputs, Where, capture_block_inputs
 from lowbit.model.loading import family_of, load, load_tokenizer, model_type, to_device  # noqa: F401 (the public API)
 from lowbit.model.sources import resolve
 from lowbit.model.targets import linear_layers, select_layers
@@ -115,10 +116,12 @@ def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, c
     cdtype = resolve_compute_dtype(compute_dtype, dev)
     calib = calibration_for(recipe, method, reused, plan, family, calib)
     inputs, ids, offload = calibrate(model, family, tokenizer, calib, dev, cdtype)
-    result = quantize_model(model, family, plan, method, inputs, dev, offload, progress=progress,
-                            cfg=recipe.config(method.module.Config), compute_dtype=cdtype,
-                            transform_cfg=recipe.config(method.transform.Config) if method.transform else None,
-                            moe=MoEConfig(recipe.expert_min_tokens, recipe.experts_all_tokens), reuse_scales=reused)
+    with memory_advice(model, calib, dev):
+        result = quantize_model(model, family, plan, method, inputs, dev, offload, progress=progress,
+                                cfg=recipe.config(method.module.Config), compute_dtype=cdtype,
+                                transform_cfg=recipe.config(method.transform.Config) if method.transform else None,
+                                moe=MoEConfig(recipe.expert_min_tokens, recipe.experts_all_tokens),
+                                reuse_scales=reused)
     static_kv = None
     if recipe.kv_static:
         static_kv = kvcache.attention_modules(model, family.blocks)
@@ -172,15 +175,40 @@ def calibration_for(recipe: Recipe, method: MethodEntry, reused, plan: dict[str,
 
 
 def calibrate(model: nn.Module, family, tokenizer, calib: CalibConfig | None, dev: torch.device,
-              cdtype: torch.dtype) -> tuple[BlockInputs | None, torch.Tensor | None, torch.device]:
-    """Block 0's inputs on the calibration set (and the ids, and where activations live), or nothing."""
+              cdtype: torch.dtype, spill_dir: str | Path | None = None
+              ) -> tuple[BlockInputs | None, torch.Tensor | None, Where]:
+    """Block 0's inputs on the calibration set (and the ids, and where activations live: see activation_device),
+    or nothing."""
     if calib is None:
         return None, None, torch.device("cpu")
     if tokenizer is None:
         raise LowbitError("calibration needs the model's tokenizer: pass tokenizer= or a model name or path.")
     ids = calibration_ids(tokenizer, calib, getattr(text_config(model), "max_position_embeddings", None))
-    offload = activation_device(model, ids.numel(), dev, cdtype)
-    return capture_block_inputs(model, family, ids, dev, offload=offload, dtype=cdtype), ids, offload
+    offload = activation_device(model, ids.numel(), dev, cdtype, spill_dir)
+    with memory_advice(model, calib, dev):
+        return capture_block_inputs(model, family, ids, dev, offload=offload, dtype=cdtype), ids, offload
+
+
+@contextmanager
+def memory_advice(model: nn.Module, calib: CalibConfig | None, device: torch.device) -> Iterator[None]:
+    """Re-raise running out of GPU or host memory with the numbers and what to lower."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError, MemoryError) as e:
+        text = str(e)
+        gpu = isinstance(e, torch.OutOfMemoryError)
+        if not (gpu or isinstance(e, MemoryError) or "can't allocate memory" in text):
+            raise
+        config = text_config(model)
+        where = f"the GPU ({device})" if gpu else "host memory"
+        acts = ""
+        if calib is not None:
+            tokens = calib.samples * calib.seqlen
+            acts = (f" The calibration is {calib.samples} × {calib.seqlen} = {tokens:,} tokens; each block's inputs "
+                    f"and outputs take {2 * tokens * config.hidden_size * 2 / 1e9:.1f} GB in 16 bits.")
+        raise LowbitError(f"ran out of {where} while quantizing ({text.splitlines()[0][:200]}).{acts} Lower "
+                          f"--calib-samples or --calib-seqlen, or free memory"
+                          f"{', or quantize on the CPU (--device cpu)' if gpu else ''}.") from None
 
 
 def size_report(model: nn.Module, dtype: torch.dtype, others: list[torch.Tensor] | None = None) -> dict:

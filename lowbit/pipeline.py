@@ -7,8 +7,10 @@ Only one block is on the compute device at a time.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -26,29 +28,56 @@ from lowbit.model.adapt import ExpertMLPs, expert_modules
 from lowbit.model.architectures import Family, decoder_blocks, expand, text_config
 from lowbit.model.capture import (
     BlockInputs,
+    DiskSpill,
     StopForward,
+    Where,
     capture_group_inputs,
     first_batches,
     run_block,
     squared_error,
+    stash,
     to_device,
 )
 from lowbit.runtime.qlinear import QuantLinear, set_module
 
+log = logging.getLogger("lowbit")
+
 
 def activation_device(model: nn.Module, tokens: int, device: torch.device,
-                      dtype: torch.dtype | None = None) -> torch.device:
+                      dtype: torch.dtype | None = None, spill_dir: str | Path | None = None) -> Where:
     """Where calibration activations live between blocks: on the GPU when what the pipeline holds (inputs,
     outputs, the reference batch, the last layer's deferred inputs) takes at most half its free memory — no host
-    round trips — else the CPU."""
-    if device.type != "cuda":
-        return torch.device("cpu")
-    itemsize = (dtype or next(model.parameters()).dtype).itemsize
+    round trips — else in host memory when it takes at most half of what is available there, else on disk
+    (`spill_dir`, or a temporary folder). Each step down is said in a log line."""
+    itemsize = (dtype or next(p for p in model.parameters()).dtype).itemsize
     config = text_config(model)
     hidden = config.hidden_size
     need = tokens * (3 * hidden + getattr(config, "intermediate_size", 4 * hidden)) * itemsize
-    free, _ = torch.cuda.mem_get_info(device)
-    return device if need <= free / 2 else torch.device("cpu")
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if need <= free / 2:
+            return device
+        log.warning("lowbit: the calibration activations (%.1f GB) take more than half the GPU's free memory "
+                    "(%.1f GB): keeping them in host memory between blocks", need / 1e9, free / 1e9)
+    host = available_host_memory()
+    if host is None or need <= host / 2:
+        return torch.device("cpu")
+    spill = DiskSpill(spill_dir)
+    log.warning("lowbit: the calibration activations (%.1f GB) take more than half the host's available memory "
+                "(%.1f GB): keeping them on disk in %s", need / 1e9, host / 1e9, spill.directory)
+    return spill
+
+
+def available_host_memory() -> int | None:
+    """Bytes of host memory available to new allocations (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 @dataclass
@@ -162,7 +191,7 @@ class DeferredLinear(nn.Module):
         self.inputs: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.inputs.append(x.detach().to(self.store))
+        self.inputs.append(stash(x.detach(), self.store))
         return x.new_zeros(*x.shape[:-1], self.out_features)
 
 
@@ -172,7 +201,7 @@ def shortcut_outputs(layer: nn.Module, partial: BlockInputs, deferred: DeferredL
     out = partial.with_hidden([])
     with torch.no_grad():
         for r, x in zip(partial.hidden, deferred.inputs, strict=True):
-            out.hidden.append((r.to(device) + layer(x.to(device))).to(offload))
+            out.hidden.append(stash(r.to(device) + layer(x.to(device)), offload))
     return out
 
 
@@ -244,7 +273,7 @@ def _collect_stats(block: nn.Module, names: list[str], method, inputs: BlockInpu
 
     def after(_module, _args, out):
         first = out[0] if isinstance(out, tuple) else out
-        kept = None if not first.any() else first.to(offload)  # all zeros (nothing after the deferred layer)
+        kept = None if not first.any() else stash(first, offload)  # all zeros (nothing after the deferred layer)
         record.append((kept, *to_device(out[1:], offload)) if isinstance(out, tuple) else kept)
         if batch[0] >= full:
             raise StopForward

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +32,7 @@ from lowbit.api import (
     calibration_for,
     check_finite,
     checkpoint_extras,
+    memory_advice,
     method_for,
     size_report,
     storage_dtype_of,
@@ -48,14 +51,14 @@ from lowbit.io.checkpoint import (
 )
 from lowbit.io.faults import fault_point
 from lowbit.io.lazy import LazyWeights
-from lowbit.io.workdir import WorkDir
+from lowbit.io.workdir import Resumed, WorkDir
 from lowbit.model.adapt import adapt
 from lowbit.model.architectures import Family, decoder_blocks, family_for
-from lowbit.model.capture import BlockInputs, layer_types
+from lowbit.model.capture import BlockInputs, layer_types, stash
 from lowbit.model.loading import builtin_checkpoint
 from lowbit.model.sources import resolve
 from lowbit.model.targets import linear_layers, select_layers
-from lowbit.pipeline import MoEConfig, PipelineResult, quantize_model
+from lowbit.pipeline import MoEConfig, PipelineResult, activation_device, quantize_model
 from lowbit.recipe import Recipe
 
 
@@ -182,13 +185,80 @@ def shard_name(i: int, shards: int) -> str:
     return f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
 
 
+@dataclass
+class StreamedRun:
+    """What a streamed quantization works with, once checked (see quantize_streamed)."""
+
+    source: str
+    recipe: Recipe
+    lazy: LazyWeights
+    model: nn.Module  # the skeleton: its blocks are on the meta device but while one is quantized
+    family: Family
+    plan: dict
+    store: torch.dtype  # the checkpoint's dtype for unquantized tensors
+    device: torch.device
+    compute_dtype: torch.dtype
+    calib: CalibConfig | None
+    work: WorkDir
+
+    @property
+    def blocks(self) -> int:
+        return len(decoder_blocks(self.model, self.family))
+
+    def run(self, method, reused, tokenizer, resumed: Resumed | None, progress: bool, overwrite: bool,
+            start: float) -> tuple[QuantizeResult, dict]:
+        skel, family, work = self.model, self.family, self.work
+        materialize(skel, self.lazy, "", tuple(n + "." for n in self.plan), self.store, skip=family.blocks + ".")
+        check_finite(linear_layers(skel), {n: s for n, s in self.plan.items()
+                                           if not n.startswith(family.blocks + ".")})
+        spill = work.path / "spill"
+        if resumed is not None and resumed.inputs is not None:
+            offload = activation_device(skel, resumed.inputs.tokens, self.device, self.compute_dtype, spill)
+            inputs = resumed.inputs.with_hidden([stash(h, offload) for h in resumed.inputs.hidden])
+        elif resumed is not None:
+            inputs, offload = None, torch.device("cpu")
+        else:
+            inputs, _, offload = calibrate(skel, family, tokenizer, self.calib, self.device, self.compute_dtype,
+                                           spill)
+        shards = self.blocks + 1
+        with memory_advice(skel, self.calib, self.device):
+            pipeline = quantize_model(
+                skel, family, self.plan, method, inputs, self.device, offload, progress=progress,
+                cfg=self.recipe.config(method.module.Config), compute_dtype=self.compute_dtype,
+                transform_cfg=self.recipe.config(method.transform.Config) if method.transform else None,
+                moe=MoEConfig(self.recipe.expert_min_tokens, self.recipe.experts_all_tokens), reuse_scales=reused,
+                io=BlockStream(self.lazy, work, family, self.plan, self.store, shards),
+                resume=resumed.result if resumed else None)
+        shutil.rmtree(spill, ignore_errors=True)
+        if "lm_head" in self.plan and getattr(skel.config, "tie_word_embeddings", False):
+            skel.config.tie_word_embeddings = False
+        rest_state = {k: t for k, t in skel.state_dict().items() if not k.startswith(family.blocks + ".")}
+        tensors, tied = storage_state_dict(skel, self.store, state=rest_state)
+        save_file(tensors, str(work.path / shard_name(self.blocks, shards)), metadata=WEIGHTS_METADATA)
+        _write_index(work.path, shards)
+        result = QuantizeResult(skel, self.recipe, self.plan, self.store, time.perf_counter() - start, pipeline,
+                                self.calib, self.source, compute_dtype=str(self.compute_dtype).removeprefix("torch."))
+        result.sizes = size_report(skel, self.store, _stored_others(work.path, skel))
+        result.memory = peak_memory(self.device)
+        info, texts, extra = checkpoint_extras(result)
+        info["streamed"] = {"resumed_after_blocks": resumed.next_block if resumed else 0, "shards": shards}
+        # the header hashes the files of the folder; resume/ is a folder, removed when the output is complete
+        header = write_metadata(work.path, skel, layer_entries(skel), tied, dtype=self.store, tokenizer=tokenizer,
+                                info=info, texts=texts, tensor_files=extra)
+        work.finish(overwrite)
+        return result, header
+
+
 def quantize_streamed(model: str | Path, recipe: Recipe, out: str | Path, *, tokenizer=None,
                       calib: CalibConfig | None = None, device: str = "auto", dtype: str = "auto",
                       compute_dtype: str = "auto", progress: bool = True, reuse_scales: str | Path | None = None,
                       resume: bool = False, overwrite: bool = False, resume_hint: str | None = None
                       ) -> tuple[QuantizeResult, dict]:
     """Quantize the model in the directory `model` from disk into the lowbit checkpoint `out`; returns the result
-    (its model is the skeleton: the blocks are on disk only) and the checkpoint's header."""
+    (its model is the skeleton: the blocks are on disk only) and the checkpoint's header.
+
+    A leftover work folder of `out` is refused unless `resume`, and resumed only by a run of the same model,
+    recipe and calibration; `resume_hint` is the command the messages give for resuming."""
     start = time.perf_counter()
     if recipe.kv_cache or recipe.kv_static:
         raise LowbitError("a quantized KV cache is calibrated over the whole model, which quantizing from disk never "
@@ -198,8 +268,7 @@ def quantize_streamed(model: str | Path, recipe: Recipe, out: str | Path, *, tok
     skel = skeleton(directory)
     check_layout(skel, lazy)
     family = family_for(skel.config.model_type)
-    blocks = decoder_blocks(skel, family)
-    if layer_types(skel, len(blocks)) is not None:
+    if layer_types(skel, len(decoder_blocks(skel, family))) is not None:
         raise LowbitError(f"{skel.config.model_type} has blocks of several kinds, whose inputs are captured by running "
                           f"the first blocks; quantizing from disk does not do that yet. Use --in-memory.")
     method, reused = method_for(recipe, reuse_scales)
@@ -208,79 +277,44 @@ def quantize_streamed(model: str | Path, recipe: Recipe, out: str | Path, *, tok
     dev = resolve_device(device)
     cdtype = resolve_compute_dtype(compute_dtype, dev)
     calib = calibration_for(recipe, method, reused, plan, family, calib)
+    run = StreamedRun(str(model), recipe, lazy, skel, family, plan, store, dev, cdtype, calib, WorkDir(out))
     identity = {"model": lazy.fingerprint(), "recipe": recipe.to_dict(), "calibration": calib and calib.to_dict(),
                 "compute_dtype": str(cdtype), "device": dev.type, "dtype": str(store),
                 "reuse_scales": str(reuse_scales) if reuse_scales else None}
-    work = WorkDir(out)
+    work, how = run.work, resume_hint or "the same command and --resume"
     resumed = None
     if work.exists():
         if not resume:
-            done = work.finished_blocks()
-            hint = f" with `{resume_hint}`" if resume_hint else " with the same command and --resume"
-            raise LowbitError(f"an interrupted run of this output is in {str(work.path)!r} ({done} of {len(blocks)} "
-                              f"blocks finished). Resume it{hint}, or delete that folder to start over.")
+            raise LowbitError(f"an interrupted run of this output is in {str(work.path)!r} ({work.finished_blocks()} "
+                              f"of {run.blocks} blocks finished). Resume it with {how}, or delete that folder to "
+                              f"start over.")
         work.check(identity)
         resumed = work.load()
         if resumed is not None:
-            print(f"lowbit: resuming from {work.path} after {resumed.next_block} of {len(blocks)} blocks",
+            print(f"lowbit: resuming from {work.path} after {resumed.next_block} of {run.blocks} blocks",
                   file=sys.stderr)
     else:
         if resume:
             print(f"lowbit: --resume: no interrupted run in {work.path}; starting", file=sys.stderr)
         work.start(identity)
-
     try:
-        return _run(skel, lazy, work, resumed, family, blocks, method, reused, plan, store, dev, cdtype, recipe,
-                    calib, tokenizer, progress, model, start, overwrite)
+        return run.run(method, reused, tokenizer, resumed, progress, overwrite, start)
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted; {work.finished_blocks()} of {len(blocks)} blocks are kept in "
-                          f"{str(work.path)!r}: resume with {resume_hint or 'the same command and --resume'}.") \
-            from None
+        raise Interrupted(f"interrupted; {work.finished_blocks()} of {run.blocks} blocks are kept in "
+                          f"{str(work.path)!r}: resume with {how}.") from None
 
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C in a streamed run: what was finished is kept, and the message says how to go on."""
 
 
-def _run(skel, lazy, work, resumed, family, blocks, method, reused, plan, store, dev, cdtype, recipe, calib,
-         tokenizer, progress, model, start, overwrite) -> tuple[QuantizeResult, dict]:
-    materialize(skel, lazy, "", tuple(n + "." for n in plan), store, skip=family.blocks + ".")
-    check_finite(linear_layers(skel), {n: s for n, s in plan.items() if not n.startswith(family.blocks + ".")})
-    if resumed is not None:
-        inputs = resumed.inputs
-    else:
-        inputs, _, _ = calibrate(skel, family, tokenizer, calib, dev, cdtype)
-    offload = inputs.hidden[0].device if inputs is not None and inputs.hidden else torch.device("cpu")
-    shards = len(blocks) + 1
-    stream = BlockStream(lazy, work, family, plan, store, shards)
-    pipeline = quantize_model(skel, family, plan, method, inputs, dev, offload, progress=progress,
-                              cfg=recipe.config(method.module.Config), compute_dtype=cdtype,
-                              transform_cfg=recipe.config(method.transform.Config) if method.transform else None,
-                              moe=MoEConfig(recipe.expert_min_tokens, recipe.experts_all_tokens),
-                              reuse_scales=reused, io=stream, resume=resumed.result if resumed else None)
-    if "lm_head" in plan and getattr(skel.config, "tie_word_embeddings", False):
-        skel.config.tie_word_embeddings = False
-    rest_state = {k: t for k, t in skel.state_dict().items() if not k.startswith(family.blocks + ".")}
-    tensors, tied = storage_state_dict(skel, store, state=rest_state)
-    save_file(tensors, str(work.path / shard_name(len(blocks), shards)), metadata=WEIGHTS_METADATA)
-    others = _stored_others(work.path, skel)
-    weight_map = {}
-    for i in range(shards):
-        weight_map.update(dict.fromkeys(_keys(work.path / shard_name(i, shards)), shard_name(i, shards)))
-    (work.path / INDEX).write_text(json.dumps({"metadata": {"total_size": sum(
-        (work.path / shard_name(i, shards)).stat().st_size for i in range(shards))}, "weight_map": weight_map},
-        indent=1))
-    result = QuantizeResult(skel, recipe, plan, store, time.perf_counter() - start, pipeline, calib, str(model),
-                            compute_dtype=str(cdtype).removeprefix("torch."))
-    result.sizes = size_report(skel, store, others)
-    result.memory = peak_memory(dev)
-    info, texts, extra = checkpoint_extras(result)
-    info["streamed"] = {"resumed_after_blocks": resumed.next_block if resumed else 0, "shards": shards}
-    # the header hashes the files of the folder; resume/ is a folder, removed when the output is complete
-    header = write_metadata(work.path, skel, layer_entries(skel), tied, dtype=store, tokenizer=tokenizer,
-                            info=info, texts=texts, tensor_files=extra)
-    work.finish(overwrite)
-    return result, header
+def _write_index(directory: Path, shards: int) -> None:
+    """model.safetensors.index.json, as transformers writes it for sharded checkpoints."""
+    names = [shard_name(i, shards) for i in range(shards)]
+    weight_map = {key: name for name in names for key in _keys(directory / name)}
+    total = sum((directory / name).stat().st_size for name in names)
+    (directory / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                              indent=1))
 
 
 def _keys(path: Path) -> list[str]:

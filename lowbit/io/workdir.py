@@ -100,7 +100,8 @@ class WorkDir:
             return None
         progress = torch.load(self.state / f"progress-{n:05d}.pt", weights_only=False)
         inputs_file = self.state / f"inputs-{n:05d}.pt"
-        inputs = torch.load(inputs_file, weights_only=False) if inputs_file.is_file() else None
+        # mapped, not read: activations larger than host memory come back as they were kept
+        inputs = torch.load(inputs_file, weights_only=False, mmap=True) if inputs_file.is_file() else None
         torch.set_rng_state(progress["rng"])
         result = PipelineResult(blocks=progress["blocks"], scales=progress["scales"], verified=progress["verified"])
         return Resumed(n, inputs, result)

@@ -6,7 +6,13 @@ compute device; captured activations live on `offload` (the CPU) between blocks.
 
 from __future__ import annotations
 
+import itertools
+import os
+import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -56,8 +62,40 @@ def layer_types(model: nn.Module, blocks: int) -> list[str] | None:
     return types if len(types) == blocks and len(set(types)) > 1 else None
 
 
-def to_device(obj, device: torch.device | str, dtype: torch.dtype | None = None):
-    """Move the tensors inside nested tuples, lists and dicts (floating ones cast to `dtype`, when given)."""
+class DiskSpill:
+    """Where calibration activations live when they do not fit in host memory: each tensor in its own file under
+    `directory`, mapped into memory (the kernel writes pages back and drops them as it needs room, so what does not
+    fit stays on disk). A file is unlinked as soon as it is mapped: its space is freed with its tensor."""
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self.directory = Path(directory or tempfile.mkdtemp(prefix="lowbit-spill-"))
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._names = itertools.count()
+        weakref.finalize(self, shutil.rmtree, self.directory, True)
+
+    def put(self, t: torch.Tensor) -> torch.Tensor:
+        path = self.directory / f"{next(self._names)}.bin"
+        out = torch.from_file(str(path), shared=True, size=t.numel(), dtype=t.dtype).view(t.shape)
+        os.unlink(path)
+        return out.copy_(t)
+
+    def __str__(self) -> str:
+        return f"disk ({self.directory})"
+
+
+Where = torch.device | str | DiskSpill  # a device, or the disk
+
+
+def stash(t: torch.Tensor, where: Where) -> torch.Tensor:
+    """A large activation moved to where activations are kept between uses."""
+    return where.put(t) if isinstance(where, DiskSpill) else t.to(where)
+
+
+def to_device(obj, device: Where, dtype: torch.dtype | None = None):
+    """Move the tensors inside nested tuples, lists and dicts (floating ones cast to `dtype`, when given); to the
+    host, when `device` is the disk (these are the small keyword arguments)."""
+    if isinstance(device, DiskSpill):
+        device = "cpu"
     if isinstance(obj, torch.Tensor):
         return obj.to(device, dtype) if dtype is not None and obj.is_floating_point() else obj.to(device)
     if isinstance(obj, (list, tuple)):
@@ -88,7 +126,7 @@ def capture_block_inputs(model: nn.Module, family: Family, ids: torch.Tensor, de
             hidden = args[0] if args else kwargs.pop("hidden_states")
             moved = to_device(kwargs, offload, dtype)
             if i == 0:
-                store.hidden.append(to_device(hidden.detach(), offload, dtype))
+                store.hidden.append(stash(hidden.detach().to(dtype or hidden.dtype), offload))
                 store.kwargs.append(moved)
             for t, first in firsts.items():
                 if first == i:
@@ -141,7 +179,7 @@ def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device | str,
         except StopForward:
             continue
         y = y[0] if isinstance(y, tuple) else y
-        out.hidden.append(y.to(offload))
+        out.hidden.append(stash(y, offload))
     return out
 
 

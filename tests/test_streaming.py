@@ -103,7 +103,7 @@ def test_host_memory_stays_under_half_the_model(tmp_path):
     libraries, one 0.2 GB block in float32 and what quantizing it takes) stays under half the model's size."""
     # made in another process: a child forked from a process that holds 4 GB would count them as its own
     made = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-                           f"from test_resume import make_sharded_model as m; "
+                           f"from test_streaming import make_sharded_model as m; "
                            f"print(m(__import__('pathlib').Path({str(tmp_path / 'big')!r}), 20, 2048, 5632))"],
                           capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
@@ -122,3 +122,51 @@ def test_host_memory_stays_under_half_the_model(tmp_path):
     header = json.loads((tmp_path / "q" / HEADER).read_text())
     assert header["memory"]["peak_host_bytes"] <= peak
     assert peak < size / 2, (peak / 1e9, size / 1e9)
+
+
+def test_activations_spill_to_disk_when_host_memory_is_short(stories_path, stories_tokenizer, tmp_path, monkeypatch,
+                                                             caplog):
+    """With less host memory than the calibration activations need, they live in files (said in a log line) and
+    the result is the same, bit for bit, in memory and from disk."""
+    from safetensors.torch import load_file
+
+    from lowbit import api, pipeline
+    from lowbit.data.calibration import CalibConfig
+    from lowbit.io.checkpoint import weight_files
+    from lowbit.recipe import Recipe
+    from lowbit.streaming import quantize_streamed
+
+    recipe, calib = Recipe(method="gptq", scheme="w4a16", group_size=4), CalibConfig(samples=4, seqlen=64)
+    kept = api.quantize(stories_path, recipe, tokenizer=stories_tokenizer, calib=calib, device="cpu", progress=False)
+    api.save(kept, tmp_path / "kept")
+    monkeypatch.setattr(pipeline, "available_host_memory", lambda: 1000)
+    with caplog.at_level("WARNING", logger="lowbit"):
+        spilled = api.quantize(stories_path, recipe, tokenizer=stories_tokenizer, calib=calib, device="cpu",
+                               progress=False)
+        api.save(spilled, tmp_path / "spilled")
+        quantize_streamed(stories_path, recipe, tmp_path / "streamed", tokenizer=stories_tokenizer, calib=calib,
+                          device="cpu", progress=False)
+    said = [r.getMessage() for r in caplog.records if "keeping them on disk" in r.getMessage()]
+    assert len(said) == 2 and ".streamed.lowbit-work/spill" in said[1]
+    assert not list(tmp_path.glob(".streamed.lowbit-work"))  # the spill folder went with the work folder
+    tensors = [{k: v for f in weight_files(tmp_path / d) for k, v in load_file(f).items()}
+               for d in ("kept", "spilled", "streamed")]
+    for other in tensors[1:]:
+        assert other.keys() == tensors[0].keys() and all(torch.equal(other[k], tensors[0][k]) for k in other)
+
+
+def test_running_out_of_memory_says_what_to_lower(stories_path, stories_tokenizer, monkeypatch):
+    from lowbit import api, pipeline
+    from lowbit.data.calibration import CalibConfig
+    from lowbit.errors import LowbitError
+    from lowbit.recipe import Recipe
+
+    def out_of_memory(*_a, **_k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(pipeline, "quantize_block", out_of_memory)
+    with pytest.raises(LowbitError) as e:
+        api.quantize(stories_path, Recipe(method="gptq", group_size=4), tokenizer=stories_tokenizer,
+                     calib=CalibConfig(samples=4, seqlen=64), device="cpu", progress=False)
+    said = str(e.value)
+    assert "ran out of the GPU" in said and "4 × 64 = 256 tokens" in said and "--calib-samples" in said
