@@ -172,7 +172,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         prompts=args.prompts, max_prompts=args.max_prompts, max_new_tokens=args.max_new_tokens, top_n=args.top_n,
         save_reference=args.save_reference, reference_record=args.reference_record, record_dtype=args.record_dtype,
         seqlen=args.seqlen, max_windows=args.max_windows, limit=args.limit, batch_tokens=args.batch_tokens,
-        seed=args.seed, device=args.device, progress=not args.quiet)
+        seed=args.seed, device=args.device, progress=not args.quiet, tokenizer=args.tokenizer,
+        served=_served_options(args))
     result = evaluate(cfg)
     print(text_report(result))
     if args.json:
@@ -184,6 +185,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.save_reference:
         print(f"saved the reference record to {args.save_reference}")
     return 0
+
+
+def _served_options(args: argparse.Namespace):
+    from lowbit.eval.openai_client import RetryPolicy
+    from lowbit.eval.served import ServedOptions
+
+    return ServedOptions(api_key_env=args.api_key_env, top_k=args.endpoint_top_k, concurrency=args.concurrency,
+                         timeout=args.request_timeout, retry=RetryPolicy(total=max(0.0, args.retry_seconds)),
+                         cache=not args.no_endpoint_cache, progress=not args.quiet)
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
@@ -387,7 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="compare a candidate with its reference: KL, perplexity, tasks")
     e.add_argument("--reference", help="reference model (built-in name, Hugging Face directory, .gguf)")
-    e.add_argument("--candidate", help="candidate: lowbit checkpoint, Hugging Face directory, .gguf, built-in name")
+    e.add_argument("--candidate", help="candidate: lowbit checkpoint, Hugging Face directory, .gguf, built-in name, "
+                                       "or a served model openai+http://HOST:PORT/v1#MODEL (OpenAI-compatible API, "
+                                       "teacher-forced through the completions API's echoed log-probs; --kl only)")
     e.add_argument("--kl", action="store_true", help="divergence on reference generations (Fireworks method)")
     e.add_argument("--kl-text", help="divergence over the perplexity windows of these texts (every position is "
                                      "prefill; what llama-perplexity --kl-divergence measures)")
@@ -416,6 +428,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", metavar="FILE", help="write the results as JSON")
     e.add_argument("--report", metavar="FILE.html", help="write a self-contained HTML report with plots")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
+    v = e.add_argument_group("served candidate", "a candidate given as openai+http(s)://HOST:PORT/v1#MODEL")
+    v.add_argument("--tokenizer", metavar="MODEL",
+                   help="a local model (directory, .gguf or built-in name) with the served model's tokenizer, where "
+                        "no --reference MODEL gives it (default: the record's model, if it is here)")
+    v.add_argument("--api-key-env", metavar="NAME",
+                   help="the environment variable holding the API key (sent as Authorization: Bearer; never "
+                        "printed or saved)")
+    v.add_argument("--endpoint-top-k", type=int, default=20, metavar="K",
+                   help="log-probs asked for per position (default 20; lowered to 5, then 1, if the server refuses)")
+    v.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default 4)")
+    v.add_argument("--request-timeout", type=float, default=300.0, metavar="S",
+                   help="seconds a request may wait for a connection or for data (default 300)")
+    v.add_argument("--retry-seconds", type=float, default=180.0, metavar="S",
+                   help="connection errors, timeouts, 429 and 5xx are retried with exponential backoff for up to S "
+                        "seconds of waiting per request (default 180)")
+    v.add_argument("--no-endpoint-cache", action="store_true",
+                   help="neither reuse nor keep the answers of each sequence (kept by default under "
+                        "$LOWBIT_CACHE/served, so that a rerun continues where a failed one stopped)")
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("sensitivity", help="the KL that quantizing each layer (layer kind, block) alone causes, "

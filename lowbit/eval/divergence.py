@@ -24,7 +24,7 @@ from lowbit.errors import LowbitError
 from lowbit.eval.forward import DEFAULT_BATCH_TOKENS, length_batches, logprobs, pad_right
 from lowbit.eval.prompts import encode_prompts
 from lowbit.eval.record import ReferenceRecord, model_fingerprint, tokenizer_fingerprint
-from lowbit.eval.stats import TokenStats, by_position, summarize, token_stats
+from lowbit.eval.stats import TokenStats, by_position, sparse_token_stats, summarize, token_stats
 from lowbit.model.architectures import text_config
 
 DEFAULT_TOP_N = 16
@@ -189,6 +189,56 @@ def compare(record: ReferenceRecord, candidate: nn.Module | None, reference: nn.
                                          torch.cat([cand_top[i][1] for i in range(n_seq)]).numpy()))
 
 
+def compare_answers(record: ReferenceRecord, answers: list) -> tuple[Divergence, dict]:
+    """`compare` for a served candidate: its sparse answers (lowbit.eval.echo.Answer, one per sequence of the record)
+    against the record's top-N (lowbit.eval.stats.sparse_token_stats). Positions the server did not return, and
+    those where none of the reference's top-N ids came back (no KL can be formed there), are left out of the
+    statistics and counted in the returned dict, with the mean size of the top-N ∩ returned ids. Where the server's
+    most likely token is a text no one id has ('' for a control token, lowbit.eval.token_text), it is rejected
+    unless the reference's top-1 reads as that text."""
+    if record.top_ids is None:
+        raise LowbitError("the reference record holds no predictions; give --reference MODEL to complete it.")
+    pos_off = record.position_offsets()
+    parts, prompt, position, top_ids, top_lps = [], [], [], [], []
+    counts = {"positions": int(pos_off[-1]), "positions_not_returned": 0, "positions_no_overlap": 0,
+              "positions_argmax_by_text": 0}
+    overlap, dropped = [], 0
+    for i, a in enumerate(answers):
+        sl = slice(int(pos_off[i]), int(pos_off[i + 1]))
+        keep = torch.from_numpy(a.returned)
+        ref_ids = record.top_ids[sl][keep]
+        stats = sparse_token_stats(ref_ids, record.top_logprobs[sl][keep], record.next_logprob[sl][keep],
+                                   torch.from_numpy(a.ids[a.returned]), torch.from_numpy(a.logprobs[a.returned]),
+                                   torch.from_numpy(a.next_logprob[a.returned]))
+        at = np.nonzero(a.returned)[0]  # the position of each row
+        hidden = a.hidden_logprob[at] > a.logprobs[at].max(-1)
+        for r in np.nonzero(hidden)[0]:  # the server's most likely token reads as a text no one id has
+            stats.rejected[r] = float(int(ref_ids[r, 0]) not in a.hidden_ids[at[r]])
+        counts["positions_argmax_by_text"] += int(hidden.sum())
+        ok = np.isfinite(stats.kl)
+        counts["positions_not_returned"] += int((~a.returned).sum())
+        counts["positions_no_overlap"] += int((~ok).sum())
+        found = (ref_ids.numpy()[:, :, None] == a.ids[at][:, None, :]).any(-1).sum(-1)
+        overlap.append(found[ok])
+        dropped += a.keys_left_out
+        parts.append(stats.select(ok))
+        prompt.append(np.full(int(ok.sum()), i))
+        position.append(at[ok])
+        top_ids.append(a.ids[at[ok], :SHOWN_TOP])
+        top_lps.append(a.logprobs[at[ok], :SHOWN_TOP])
+    prompt_of, pos = np.concatenate(prompt), np.concatenate(position)
+    plen = record.prompt_lens.numpy()[prompt_of]
+    width = max(x.shape[1] for x in top_ids)
+    pad = lambda xs, v: np.concatenate([np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=v)  # noqa: E731
+                                        for x in xs])
+    d = Divergence(TokenStats.concat(parts), prompt_of, pos, pos < plen - 1, pos - (plen - 1), common_prefix(record),
+                   pad(top_ids, -1), pad(top_lps, -np.inf))
+    counts["positions_compared"] = len(pos)
+    counts["mean_overlap"] = float(np.concatenate(overlap).mean()) if len(pos) else None
+    counts["keys_left_out"] = dropped
+    return d, counts
+
+
 def common_prefix(record: ReferenceRecord) -> int:
     """Length of the token prefix that every sequence starts with (a chat template's system prompt, say); 0 for a
     single sequence. The predictions at positions t < this length are the same in every sequence."""
@@ -223,12 +273,12 @@ def shared_prefix_summary(d: Divergence, seed: int = 0) -> dict:
     """The common prompt prefix counted once: its mean KL, and prefill statistics without it. Every prompt repeats
     the same predictions there, so the prefill mean weighs one text by the number of prompts, and a CI that
     resamples prompts cannot see that it is a single sample."""
-    if not d.shared:
+    if not d.shared or not (d.position < d.shared).any():  # (a served candidate may not return those positions)
         return {}
     once = (d.prompt == 0) & (d.position < d.shared)
     rest = d.prefill & (d.position >= d.shared)
     out = {"shared_prefix": {"tokens": d.shared, "positions": int((d.position < d.shared).sum()),
-                             "mean": float(d.stats.kl[once].mean())}}
+                             "mean": float(d.stats.kl[once].mean()) if once.any() else None}}
     if rest.any():
         out["prefill_unshared"] = summarize(d.stats.select(rest), d.prompt[rest], seed)
     return out
@@ -253,15 +303,23 @@ def worst_prompts(d: Divergence, record: ReferenceRecord, tokenizer, k: int = WO
     out = []
     for i in sorted(means, key=means.get, reverse=True)[:k]:
         seq = record.sequence(int(i)).tolist()[: max_tokens + 1]
-        sl = slice(int(pos_off[i]), int(pos_off[i]) + len(seq) - 1)
+        n = len(seq) - 1
+        sl = slice(int(pos_off[i]), int(pos_off[i]) + n)
         ref_ids, ref_lp = record.top_ids[sl, :SHOWN_TOP], record.top_logprobs[sl, :SHOWN_TOP].float()
+        rows = np.nonzero(d.prompt == i)[0]
+        rows = rows[d.position[rows] < n]  # a served candidate may leave positions out: those read None, []
+        kl: list = [None] * n
+        cand: list = [[] for _ in range(n)]
+        for t, value, ids, lps in zip(d.position[rows].tolist(), d.stats.kl[rows].round(6).tolist(),
+                                      d.cand_top_ids[rows], d.cand_top_logprobs[rows], strict=True):
+            kl[t] = value
+            cand[t] = list(zip(text(ids[ids >= 0]), np.exp(lps[ids >= 0]).round(4).tolist(), strict=True))
         out.append({
             "prompt": int(i), "mean": means[i], "prompt_tokens": int(record.prompt_lens[i]),
-            "tokens": token_texts(tokenizer, seq), "kl": d.stats.kl[sl].round(6).tolist(),
+            "tokens": token_texts(tokenizer, seq), "kl": kl,
             "reference_top": [list(zip(text(ids), np.exp(lp.numpy()).round(4).tolist(), strict=True))
                               for ids, lp in zip(ref_ids, ref_lp, strict=True)],
-            "candidate_top": [list(zip(text(ids), np.exp(lp).round(4).tolist(), strict=True))
-                              for ids, lp in zip(d.cand_top_ids[sl], d.cand_top_logprobs[sl], strict=True)],
+            "candidate_top": cand,
         })
     return out
 

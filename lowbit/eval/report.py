@@ -24,6 +24,13 @@ def text_report(result: dict) -> str:
     if size:
         lines.append(f"size:      {_f(size.get('bits_per_weight'), 3)} bits/weight, "
                      f"{(size.get('bytes') or 0) / 1e6:.1f} MB on disk")
+    served = result.get("endpoint")
+    if served:
+        lines.append(f"served:    {served['model']!r} at {served['url']}, prompts sent as {served['prompt_as']}, top-"
+                     f"{served['top_k']} log-probs per position; {served['positions_compared']} of "
+                     f"{served['positions']} positions compared ({served['positions_not_returned']} not returned, "
+                     f"{served['positions_no_overlap']} without the reference's top-N), {served['requests']} requests"
+                     f" ({served['sequences_from_cache']} sequences from the cache)")
     kl = result.get("kl")
     if kl:
         cut = (kl.get("record") or {}).get("truncated_prompts")
@@ -146,6 +153,10 @@ def worst_html(worst: list[dict]) -> str:
         spans = [f"<span class='t'>{esc(w['tokens'][0])}</span>"]
         for t, (tok, kl) in enumerate(zip(w["tokens"][1:], w["kl"], strict=False)):
             where = "p" if t < w["prompt_tokens"] - 1 else "g"
+            if kl is None:  # a served candidate's answer lacks this position
+                tip = f"not returned by the served model\nreference: {_tops(w['reference_top'][t])}"
+                spans.append(f"<span class='t {where}' title='{esc(tip)}'>{esc(tok)}</span>")
+                continue
             tip = (f"KL {kl:.4f}\nreference: {_tops(w['reference_top'][t])}\n"
                    f"candidate: {_tops(w['candidate_top'][t])}")
             spans.append(f"<span class='t {where}' style='background:{_shade(kl)}' title='{esc(tip)}'>"

@@ -1,9 +1,11 @@
 """`lowbit eval`: load the models, reuse what the reference record already holds, run what was asked, report.
 
 The reference is a model, a saved record, or both (the record saves the reference's generation and predictions;
-the model adds the exact full-vocabulary KL). Whatever the reference computes — its top-N predictions, its
-perplexity NLLs, its task correctness — is cached in the record, so `--save-reference` once and
-`--reference-record` afterwards never recompute the reference for another candidate.
+the model adds the exact full-vocabulary KL). The candidate can also be a served model (`openai+http://…/v1#MODEL`):
+it is teacher-forced on the record through its API (lowbit.eval.served), which needs a local tokenizer.
+Whatever the reference computes — its top-N predictions, its perplexity NLLs, its task correctness — is cached in
+the record, so `--save-reference` once and `--reference-record` afterwards never recompute the reference for another
+candidate.
 """
 
 from __future__ import annotations
@@ -25,18 +27,27 @@ from lowbit.eval.divergence import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_TOP_N,
     compare,
+    compare_answers,
     make_record,
     summarize_divergence,
     text_record,
     worst_prompts,
 )
+from lowbit.eval.endpoint import Endpoint, parse_endpoint
 from lowbit.eval.forward import DEFAULT_BATCH_TOKENS
 from lowbit.eval.prompts import load_prompts
 from lowbit.eval.record import ReferenceRecord, tokenizer_fingerprint
+from lowbit.eval.served import ServedOptions, api_key, teacher_force
 from lowbit.io.foreign import READABLE
 from lowbit.model.architectures import text_config
 from lowbit.model.loading import load, load_tokenizer
-from lowbit.model.sources import resolve
+from lowbit.model.sources import is_served, resolve
+
+SERVED_DEFINITION = ("per position, the served model's top-k log-probs (and its log-prob of the next token) through "
+                     "the completions API with echo; KL over the reference's top-N ids that came back, both "
+                     "distributions renormalized over them; rejection: the most likely id the server returned differs "
+                     "from the reference's top-1; dp from the server's log-prob of the next token. Positions the "
+                     "server does not return, or where none of the reference's top-N came back, are left out.")
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,8 @@ class EvalConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    tokenizer: str | None = None  # a local model whose tokenizer a served candidate uses
+    served: ServedOptions = dataclasses.field(default_factory=ServedOptions)
 
 
 @contextmanager
@@ -117,6 +130,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     for task in cfg.tasks:
         if task not in tasks_mod.TASKS:
             raise LowbitError(f"unknown task {task!r}; available: {', '.join(tasks_mod.TASKS)}.")
+    served = _check_served(cfg)
     prompts = load_prompts(cfg.prompts, cfg.max_prompts) if cfg.kl else None
     record = ReferenceRecord.load(cfg.reference_record) if cfg.reference_record else None
 
@@ -124,10 +138,11 @@ def evaluate(cfg: EvalConfig) -> dict:
     with timed(timings, "load"):
         # on a GPU both models run in 16 bits (the candidate's quantized layers on lowbit's kernels)
         reference = load(cfg.reference, device=cfg.device) if cfg.reference else None
-        candidate = load(cfg.candidate, device=cfg.device) if cfg.candidate else None
-        tokenizer = load_tokenizer(cfg.reference or cfg.candidate)
+        candidate = load(cfg.candidate, device=cfg.device) if cfg.candidate and served is None else None
+        tokenizer = load_tokenizer(_tokenizer_source(cfg, served, record))
     if record is not None:
-        record.check_tokenizer(tokenizer, "reference" if cfg.reference else "candidate")
+        record.check_tokenizer(tokenizer, "--tokenizer" if cfg.tokenizer else
+                               "reference" if cfg.reference else "candidate")
         if reference is not None and not record.made_by(reference):
             raise LowbitError(f"the reference record was made by another model ({record.meta.get('model')!r}) than "
                               f"--reference {cfg.reference!r}; drop one of them, or record again.")
@@ -139,10 +154,12 @@ def evaluate(cfg: EvalConfig) -> dict:
                                   "vocab_size": ref_vocab}, torch.zeros(0, dtype=torch.int32),
                                  torch.zeros(1, dtype=torch.long), torch.zeros(0, dtype=torch.int32))
 
-    models = Models(reference, candidate, tokenizer)
+    models = Models(reference, candidate, tokenizer, served)
     out: dict = {"reference": cfg.reference or cfg.reference_record, "candidate": cfg.candidate}
     if cfg.kl:
         out["kl"], record = _divergence(cfg, record, models, prompts, timings)
+        if out["kl"] is not None and "endpoint" in out["kl"]:
+            out["endpoint"] = out["kl"].pop("endpoint")
     if cfg.kl_text:
         out["kl_text"] = {}
         for name in cfg.kl_text:
@@ -158,7 +175,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         for name in cfg.tasks:
             with timed(timings, f"task_{name}"):
                 out["tasks"][name], record = _task(cfg, record, models, name)
-    out["size"] = _size(cfg.candidate) if cfg.candidate else None
+    out["size"] = _size(cfg.candidate) if cfg.candidate and served is None else None
     out["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
     if cfg.save_reference:
         record.save(cfg.save_reference, getattr(torch, cfg.record_dtype))
@@ -170,6 +187,46 @@ class Models:
     reference: torch.nn.Module | None
     candidate: torch.nn.Module | None
     tokenizer: object
+    served: Endpoint | None = None  # a served candidate (then `candidate` is None)
+
+
+def _check_served(cfg: EvalConfig) -> Endpoint | None:
+    """The served candidate, if any, after refusing what cannot be done with one (before anything loads)."""
+    if is_served(cfg.reference):
+        raise LowbitError("a served reference (--reference openai+…) is not supported yet: lowbit records the "
+                          "reference's generations as token ids, with its top-N at every position. Record the "
+                          "reference from a local copy of the model (--reference MODEL --kl --save-reference FILE), "
+                          "then evaluate served candidates against that record (--reference-record FILE --candidate "
+                          "openai+…).")
+    if not is_served(cfg.candidate):
+        return None
+    endpoint = parse_endpoint(cfg.candidate)
+    if cfg.kl_text or cfg.ppl or cfg.tasks:
+        raise LowbitError("a served candidate is measured by --kl only (teacher-forced log-probs through its API); "
+                          "--kl-text, --ppl and --tasks need the candidate's files.")
+    if not cfg.kl:
+        raise LowbitError("a served candidate is measured by --kl: add --kl.")
+    api_key(cfg.served)  # a missing key is said before anything loads
+    return endpoint
+
+
+def _tokenizer_source(cfg: EvalConfig, served: Endpoint | None, record: ReferenceRecord | None) -> str:
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    if cfg.reference:
+        return cfg.reference
+    if served is None:
+        return cfg.candidate
+    named = record.meta.get("model") if record is not None else None
+    if named and not is_served(named):
+        try:
+            resolve(named)
+            return named
+        except LowbitError:
+            pass
+    raise LowbitError("a served candidate needs the reference's tokenizer here: the record holds token ids, and the "
+                      "server names tokens by text. Give --tokenizer MODEL (a local model or Hugging Face directory "
+                      "with that tokenizer) or --reference MODEL.")
 
 
 def _divergence(cfg: EvalConfig, record: ReferenceRecord, m: Models, prompts,
@@ -185,12 +242,27 @@ def _divergence(cfg: EvalConfig, record: ReferenceRecord, m: Models, prompts,
         record = dataclasses.replace(fresh, extras=record.extras)
     elif cfg.max_prompts is not None and cfg.max_prompts < record.num_sequences:
         record = record.first(cfg.max_prompts)
-    with timed(timings, "kl_teacher_forcing"):
-        comparison = compare(record, m.candidate, m.reference, cfg.batch_tokens, cfg.progress)
-    record, d = comparison.record, comparison.divergence
+    served_info = None
+    if m.served is not None:
+        if record.top_ids is None:
+            with timed(timings, "kl_teacher_forcing"):
+                record = compare(record, None, m.reference, cfg.batch_tokens, cfg.progress).record
+        with timed(timings, "kl_served"):
+            options = dataclasses.replace(cfg.served, progress=cfg.served.progress and cfg.progress)
+            answers = teacher_force(record, m.tokenizer, m.served, options)
+        d, counts = compare_answers(record, answers.answers)
+        served_info = {**answers.info, **counts, "definition": SERVED_DEFINITION}
+        if not len(d.prompt):
+            raise LowbitError(f"the served model returned no position that can be compared ({counts}).")
+    else:
+        with timed(timings, "kl_teacher_forcing"):
+            comparison = compare(record, m.candidate, m.reference, cfg.batch_tokens, cfg.progress)
+        record, d = comparison.record, comparison.divergence
     if d is None:
         return None, record
     summary = summarize_divergence(d, int(record.meta["top_n"]), cfg.seed)
+    if served_info is not None:
+        summary["endpoint"] = served_info
     summary["worst"] = worst_prompts(d, record, m.tokenizer)
     summary["record"] = {k: record.meta.get(k) for k in ("model", "prompts", "max_new_tokens", "num_prompts",
                                                          "truncated_prompts")}

@@ -10,6 +10,16 @@ candidate's most likely token differs from the reference's (same_top = 1 − rej
 1 − Σ_v min(p_v, q_v) is the chance that a speculative-decoding step, with the candidate as draft and the
 reference as target, rejects (Leviathan et al. 2023). Over the top-N alone it is an upper bound. Δp = q(x) − p(x)
 for the token x that actually comes next.
+
+A served candidate (lowbit.eval.served) gives, per position, only the ids K its API returned — its top-k and the
+log-prob of the next token x — not a full distribution (`sparse_token_stats`). Then the sums run over I ∩ K, both
+distributions renormalized there:
+
+    P_i = p_i / Σ_{j∈I∩K} p_j,   Q_i = q_i / Σ_{j∈I∩K} q_j,   KL = Σ_{i∈I∩K} P_i (log P_i − log Q_i)
+
+(NaN where I ∩ K is empty), rejection compares the candidate's most likely id among K with the reference's top-1,
+spec_rejection = 1 − Σ_{i∈I∩K} min(p_i, q_i) (an upper bound, like the top-N one), and Δp = q(x) − p(x) as before.
+When K covers the vocabulary these are exactly `token_stats`'s.
 """
 
 from __future__ import annotations
@@ -76,6 +86,32 @@ def token_stats(ref_top_ids: torch.Tensor, ref_top_logprobs: torch.Tensor, ref_n
         out.kl_full = (p.exp() * (p - q)).sum(-1).clamp(min=0).numpy()
         out.spec_rejection_full = (1 - torch.minimum(p.exp(), q.exp()).sum(-1)).clamp(0, 1).numpy()
     return out
+
+
+def sparse_token_stats(ref_top_ids: torch.Tensor, ref_top_logprobs: torch.Tensor, ref_next_logprob: torch.Tensor,
+                       cand_ids: torch.Tensor, cand_logprobs: torch.Tensor,
+                       cand_next_logprob: torch.Tensor) -> TokenStats:
+    """Statistics at T positions from the candidate's sparse answer (the module's docstring says how).
+
+    ref_*: as in `token_stats`; cand_ids, cand_logprobs: [T, K] the ids the candidate returned and their log-probs
+    over its full vocabulary, padded with id −1 (any log-prob); cand_next_logprob: [T], its log-prob of the next token.
+    """
+    ref_ids = ref_top_ids.long()
+    ids = cand_ids.long()
+    lq_all = torch.where(ids >= 0, cand_logprobs.float(), torch.tensor(-torch.inf))
+    match = (ref_ids.unsqueeze(-1) == ids.unsqueeze(-2)) & (ids >= 0).unsqueeze(-2)  # [T, N, K]
+    found = match.any(-1)
+    lq = torch.where(match, lq_all.unsqueeze(-2), torch.tensor(-torch.inf)).amax(-1)
+    lp = torch.where(found, ref_top_logprobs.float(), torch.tensor(-torch.inf))
+    log_p, log_q = renormalized(lp), renormalized(lq)
+    terms = torch.where(found, log_p.exp() * (log_p - log_q), torch.zeros(()))
+    empty = ~found.any(-1)
+    kl = terms.sum(-1).clamp(min=0).masked_fill(empty, torch.nan)
+    top = ids.gather(-1, lq_all.argmax(-1, keepdim=True)).squeeze(-1)
+    rejected = top != ref_ids[:, 0]
+    overlap = torch.where(found, torch.minimum(lp.exp(), lq.exp()), torch.zeros(())).sum(-1)
+    dp = cand_next_logprob.float().exp() - ref_next_logprob.float().exp()
+    return TokenStats(kl.numpy(), rejected.float().numpy(), (1 - overlap).clamp(0, 1).numpy(), dp.numpy())
 
 
 def bootstrap_ci(values: np.ndarray, groups: np.ndarray, n_resamples: int = 1000, seed: int = 0,
