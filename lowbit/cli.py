@@ -511,6 +511,15 @@ def main(argv: list[str] | None = None) -> int:
     except LowbitError as e:
         print(textwrap.fill(f"lowbit: error: {e}", width=100, break_on_hyphens=False), file=sys.stderr)
         return 2
+    except Exception as e:  # a write that ran out of room, wherever it was: said in one sentence
+        from lowbit.io.atomic import disk_full
+
+        if (why := disk_full(e)) is None:
+            raise
+        print(textwrap.fill(f"lowbit: error: could not write the output: {why} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:160]}). Nothing was written in its place; make room and run "
+                            f"again.", width=100, break_on_hyphens=False), file=sys.stderr)
+        return 2
     except KeyboardInterrupt as e:
         print(f"lowbit: {e.args[0] if e.args else 'interrupted; nothing was written.'}", file=sys.stderr)
         return 130

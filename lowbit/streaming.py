@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
@@ -40,6 +41,7 @@ from lowbit.api import (
 from lowbit.data.calibration import CalibConfig
 from lowbit.errors import LowbitError
 from lowbit.hardware import resolve_compute_dtype, resolve_device
+from lowbit.io.atomic import disk_full, free_space
 from lowbit.io.checkpoint import (
     INDEX,
     WEIGHTS_METADATA,
@@ -173,7 +175,11 @@ class BlockStream:
         tensors, _ = storage_state_dict(block, self.store, self.prefix(i))
         path = self.work.path / shard_name(i, self.shards)
         tmp = path.with_name(f".{path.name}.partial")
-        save_file(tensors, str(tmp), metadata=WEIGHTS_METADATA)
+        try:
+            save_file(tensors, str(tmp), metadata=WEIGHTS_METADATA)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         tmp.replace(path)
         fault_point("block-written", i)
         self.work.commit(i + 1, inputs, result)
@@ -302,6 +308,12 @@ def quantize_streamed(model: str | Path, recipe: Recipe, out: str | Path, *, tok
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; {work.finished_blocks()} of {run.blocks} blocks are kept in "
                           f"{str(work.path)!r}: resume with {how}.") from None
+    except (OSError, SafetensorError) as e:
+        if (why := disk_full(e)) is None:
+            raise
+        raise LowbitError(f"could not write the output in {str(work.path)!r}: {why} ({free_space(work.path)}). "
+                          f"{work.finished_blocks()} of {run.blocks} blocks are kept there, and nothing is in "
+                          f"{str(run.work.out)!r}; make room, then resume with {how}.") from None
 
 
 class Interrupted(KeyboardInterrupt):

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +21,21 @@ from lowbit.model.loading import builtin_checkpoint
 QUICK_CALIB = ["--calib-samples", "4", "--calib-seqlen", "64"]
 
 
-def quantize(model: str | Path, out: Path, *args: str, fault: str | None = None) -> subprocess.CompletedProcess:
+def quantize(model: str | Path, out: Path, *args: str, fault: str | None = None,
+             max_file_bytes: int | None = None) -> subprocess.CompletedProcess:
+    """`lowbit quantize` in a child process; `fault` kills it at that point, `max_file_bytes` makes every write past
+    that size fail as a full disk does (RLIMIT_FSIZE, with SIGXFSZ ignored: the write returns EFBIG)."""
     env = {k: v for k, v in os.environ.items() if k != "LOWBIT_FAULT"}
     if fault:
         env["LOWBIT_FAULT"] = fault
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
     return subprocess.run([sys.executable, "-m", "lowbit", "quantize", str(model), "--out", str(out), "--quiet",
-                           "--device", "cpu", *args], capture_output=True, text=True, env=env)
+                           "--device", "cpu", *args], capture_output=True, text=True, env=env,
+                          preexec_fn=limit if max_file_bytes else None)
 
 
 def files(directory: Path) -> dict[str, bytes]:
@@ -68,6 +79,25 @@ def test_a_resume_of_another_run_is_refused(stories_path, tmp_path):
     said = " ".join(other.stderr.split())
     assert other.returncode == 2 and "another recipe (recipe.group_size: 4 there, 2 now)" in said, said
     assert "delete that folder" in said
+
+
+def test_a_full_disk_is_said_and_the_run_resumes(stories_path, tmp_path):
+    """A write fails for lack of room after the first block's shard: a clear error, no output, the work kept; once
+    there is room, --resume finishes it, the same bytes as a run that never failed. In memory, nothing is left."""
+    args = ["--method", "gptq", "--group-size", "4", *QUICK_CALIB]
+    assert quantize(stories_path, tmp_path / "whole", *args).returncode == 0
+    full = quantize(stories_path, tmp_path / "q", *args, max_file_bytes=70_000)
+    said = " ".join(full.stderr.split())
+    assert full.returncode == 2 and "a file grew past the size this process may write" in said, full.stderr
+    assert "make room, then resume with" in said and "Traceback" not in full.stderr
+    assert not (tmp_path / "q").exists()
+    assert not [p for p in (tmp_path / ".q.lowbit-work").rglob("*") if p.name.endswith(".partial")]
+    resumed = quantize(stories_path, tmp_path / "q", *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert files(tmp_path / "q") == files(tmp_path / "whole")
+    whole = quantize(stories_path, tmp_path / "m", *args, "--in-memory", max_file_bytes=70_000)
+    assert whole.returncode == 2 and "Nothing was written in its place" in " ".join(whole.stderr.split())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "whole"]
 
 
 @pytest.mark.slow

@@ -6,7 +6,9 @@ output is replaced only when asked to, and only once the new one is complete.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -78,3 +80,23 @@ def _default_permissions(directory: Path) -> None:
     os.chmod(directory, 0o777 & ~umask)
     for p in directory.rglob("*"):
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+_FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+         errno.EFBIG: "a file grew past the size this process may write"}
+
+
+def disk_full(e: BaseException) -> str | None:
+    """Why a write failed for lack of room (an OSError, or safetensors' error quoting the OS's), else None."""
+    if isinstance(e, OSError) and e.errno in _FULL:
+        return _FULL[e.errno]
+    found = re.search(r"os error (\d+)", str(e))
+    return _FULL.get(int(found.group(1))) if found else None
+
+
+def free_space(path: str | Path) -> str:
+    """The free space on the disk holding `path` (or its nearest existing parent), in words."""
+    path = Path(path).expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return f"{shutil.disk_usage(path).free / 1e9:.1f} GB free there now"

@@ -33,10 +33,14 @@ def work_path(out: Path) -> Path:
 def save_atomic(obj, path: Path) -> None:
     """torch.save to a temporary name, flushed to disk, then renamed over `path`."""
     tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
