@@ -17,7 +17,7 @@ from lowbit.data.calibration import CalibConfig, calibration_ids
 from lowbit.errors import LowbitError
 from lowbit.formats import fake_quantize, fake_quantize_activation
 from lowbit.formats.spec import LayerSpec
-from lowbit.hardware import resolve_compute_dtype, resolve_device
+from lowbit.hardware import peak_memory, resolve_compute_dtype, resolve_device
 from lowbit.io.checkpoint import is_packed, quantized_layers, save_checkpoint, unique_state_dict
 from lowbit.io.foreign import READABLE
 from lowbit.io.scales import SCALES_FILE, load_scales, scales_file
@@ -76,7 +76,7 @@ class QuantizeResult:
     sizes: dict = field(default_factory=dict)
     compute_dtype: str = "float32"
     allocation: dict | None = None  # mixed precision: how the per-layer formats were chosen (lowbit.choose.mixed)
-    memory: dict | None = None  # peak host and device memory of the run (streamed runs)
+    memory: dict | None = None  # peak host and device memory of the process, at the end of the run
 
 
 def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, calib: CalibConfig | None = None,
@@ -135,6 +135,7 @@ def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, c
     out = QuantizeResult(model, recipe, plan, store_dtype, time.perf_counter() - start, result, calib, source,
                          compute_dtype=str(cdtype).removeprefix("torch."))
     out.sizes = size_report(model, store_dtype)
+    out.memory = peak_memory(dev)
     return out
 
 

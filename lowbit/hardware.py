@@ -46,3 +46,13 @@ def resolve_compute_dtype(requested: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def peak_memory(device: torch.device) -> dict:
+    """This process's peak resident host memory and, on a GPU, its peak allocated device memory, in bytes."""
+    import resource
+
+    out = {"peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        out["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
+    return out

@@ -15,7 +15,6 @@ The checkpoint is the one `api.quantize` + `api.save` write, in shards: one per 
 from __future__ import annotations
 
 import json
-import resource
 import shutil
 import sys
 import time
@@ -40,7 +39,7 @@ from lowbit.api import (
 )
 from lowbit.data.calibration import CalibConfig
 from lowbit.errors import LowbitError
-from lowbit.hardware import resolve_compute_dtype, resolve_device
+from lowbit.hardware import peak_memory, resolve_compute_dtype, resolve_device
 from lowbit.io.atomic import disk_full, free_space
 from lowbit.io.checkpoint import (
     INDEX,
@@ -355,11 +354,3 @@ def _stored_others(directory: Path, model: nn.Module) -> list[torch.Tensor]:
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32,
            "I64": torch.int64, "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16,
            "F8_E4M3": torch.float8_e4m3fn, "BOOL": torch.bool}
-
-
-def peak_memory(device: torch.device) -> dict:
-    """This process's peak resident host memory and, on a GPU, its peak allocated device memory, in bytes."""
-    out = {"peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    if device.type == "cuda":
-        out["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
-    return out
