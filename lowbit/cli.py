@@ -166,14 +166,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lowbit.eval.report import html_report, text_report, write_text
     from lowbit.eval.runner import EvalConfig, evaluate, write_json
 
+    candidates = args.candidate or []
+    if len(candidates) > 1 and not args.out:
+        raise LowbitError("several candidates are evaluated into a folder: give --out DIR (a rerun keeps what is "
+                          "finished there).")
+    if args.out and (args.json or args.report):
+        raise LowbitError("with --out, each candidate's results are DIR/<candidate>.json and the report "
+                          "DIR/report.html; drop --json and --report.")
     cfg = EvalConfig(
-        reference=args.reference, candidate=args.candidate, kl=args.kl, kl_text=_names(args.kl_text),
-        ppl=_names(args.ppl), tasks=_names(args.tasks),
+        reference=args.reference, candidate=candidates[0] if len(candidates) == 1 else None, kl=args.kl,
+        kl_text=_names(args.kl_text), ppl=_names(args.ppl), tasks=_names(args.tasks),
         prompts=args.prompts, max_prompts=args.max_prompts, max_new_tokens=args.max_new_tokens, top_n=args.top_n,
         save_reference=args.save_reference, reference_record=args.reference_record, record_dtype=args.record_dtype,
         seqlen=args.seqlen, max_windows=args.max_windows, limit=args.limit, batch_tokens=args.batch_tokens,
         seed=args.seed, device=args.device, progress=not args.quiet, tokenizer=args.tokenizer,
         served=_served_options(args))
+    if args.out:
+        from lowbit.eval.many import REPORT, evaluate_many, summary_lines
+
+        runs = evaluate_many(cfg, candidates, args.out)
+        print("\n".join(summary_lines(runs)))
+        print(f"\nwrote {len(runs)} results and {REPORT} in {args.out}")
+        return 0
     result = evaluate(cfg)
     print(text_report(result))
     if args.json:
@@ -397,9 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="compare a candidate with its reference: KL, perplexity, tasks")
     e.add_argument("--reference", help="reference model (built-in name, Hugging Face directory, .gguf)")
-    e.add_argument("--candidate", help="candidate: lowbit checkpoint, Hugging Face directory, .gguf, built-in name, "
-                                       "or a served model openai+http://HOST:PORT/v1#MODEL (OpenAI-compatible API, "
-                                       "teacher-forced through the completions API's echoed log-probs; --kl only)")
+    e.add_argument("--candidate", action="append",
+                   help="candidate: lowbit checkpoint, Hugging Face directory, .gguf, built-in name, or a served "
+                        "model openai+http://HOST:PORT/v1#MODEL (OpenAI-compatible API, teacher-forced through the "
+                        "completions API's echoed log-probs; --kl only). Repeat it for several, with --out")
     e.add_argument("--kl", action="store_true", help="divergence on reference generations (Fireworks method)")
     e.add_argument("--kl-text", help="divergence over the perplexity windows of these texts (every position is "
                                      "prefill; what llama-perplexity --kl-divergence measures)")
@@ -425,6 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu",
                    help="cpu (default: float32, the reference runtime) or cuda / cuda:N (both models in 16 bits, "
                         "quantized layers on lowbit's GPU kernels)")
+    e.add_argument("--out", metavar="DIR",
+                   help="evaluate the candidates into this folder: the reference recorded once (reference."
+                        "safetensors), each candidate's results as it finishes (<candidate>.json), report.html; a "
+                        "rerun keeps every candidate finished with the same settings and files")
     e.add_argument("--json", metavar="FILE", help="write the results as JSON")
     e.add_argument("--report", metavar="FILE.html", help="write a self-contained HTML report with plots")
     e.add_argument("--quiet", action="store_true", help="no progress bars")

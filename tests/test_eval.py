@@ -287,6 +287,52 @@ def test_cli_json_has_every_design_key(capsys, stories_path, tmp_path):
     assert second["tasks"]["piqa"]["reference"] == result["tasks"]["piqa"]["reference"]
 
 
+def test_many_candidates_into_a_folder_resume(capsys, stories_path, tmp_path, monkeypatch):
+    """Several candidates into one folder: the reference recorded once, each candidate's results written as it
+    finishes; a run killed on the second candidate is rerun and evaluates only that one and the ones after it, with
+    the same numbers as a run that was never killed. A changed candidate is evaluated again."""
+    from lowbit.eval import many
+
+    ckpts = []
+    for bits in (3, 4, 8):
+        ckpts.append(str(tmp_path / f"w{bits}"))
+        assert cli.main(["quantize", str(stories_path), "--scheme", f"w{bits}a16", "--group-size", "0", "--out",
+                         ckpts[-1], "--quiet"]) == 0
+    common = ["eval", "--reference", str(stories_path), "--kl", "--max-prompts", "3", "--max-new-tokens", "12",
+              "--quiet", *[a for c in ckpts for a in ("--candidate", c)]]
+    assert cli.main([*common, "--out", str(tmp_path / "whole")]) == 0
+    whole = {p.name: json.loads(p.read_text()) for p in (tmp_path / "whole").glob("*.json")}
+    assert sorted(whole) == ["w3.json", "w4.json", "w8.json"] and (tmp_path / "whole" / "report.html").is_file()
+    assert whole["w3.json"]["kl"]["all"]["mean"] > whole["w8.json"]["kl"]["all"]["mean"]
+
+    real, seen = many.evaluate, []
+
+    def killed_on_the_second(cfg):
+        seen.append(cfg.candidate)
+        if cfg.candidate == ckpts[1]:
+            raise KeyboardInterrupt
+        return real(cfg)
+
+    monkeypatch.setattr(many, "evaluate", killed_on_the_second)
+    assert cli.main([*common, "--out", str(tmp_path / "q")]) == 130
+    assert sorted(p.name for p in (tmp_path / "q").glob("*.json")) == ["w3.json"]
+    monkeypatch.setattr(many, "evaluate", lambda cfg: (seen.append(cfg.candidate), real(cfg))[1])
+    seen.clear()
+    assert cli.main([*common, "--out", str(tmp_path / "q")]) == 0
+    assert seen == ckpts[1:]  # w3 was finished: kept, not evaluated again
+    assert "done before, kept" in capsys.readouterr().err
+    for name, result in whole.items():
+        again = json.loads((tmp_path / "q" / name).read_text())
+        assert again["kl"]["all"]["mean"] == pytest.approx(result["kl"]["all"]["mean"], rel=1e-6), name
+    seen.clear()
+    assert cli.main(["quantize", str(stories_path), "--scheme", "w8a16", "--group-size", "0", "--out", ckpts[2],
+                     "--quiet", "--overwrite", "--asym"]) == 0
+    assert cli.main([*common, "--out", str(tmp_path / "q")]) == 0
+    assert seen == [ckpts[2]]  # only the candidate whose files changed
+    code = cli.main([*common, "--json", str(tmp_path / "x.json")])
+    assert code == 2 and "give --out DIR" in capsys.readouterr().err
+
+
 def _tiny_llama_with_vocab(path, vocab: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
