@@ -522,22 +522,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _for_terminal(text: str) -> str:
+    """A message wrapped at 100 columns for a person at a terminal; one line for logs and programs (where a wrapped
+    path or phrase would no longer match a search)."""
+    return textwrap.fill(text, width=100, break_on_hyphens=False) if sys.stderr.isatty() else text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
         return args.func(args)
     except LowbitError as e:
-        print(textwrap.fill(f"lowbit: error: {e}", width=100, break_on_hyphens=False), file=sys.stderr)
+        print(_for_terminal(f"lowbit: error: {e}"), file=sys.stderr)
         return 2
     except Exception as e:  # a write that ran out of room, wherever it was: said in one sentence
         from lowbit.io.atomic import disk_full
 
         if (why := disk_full(e)) is None:
             raise
-        print(textwrap.fill(f"lowbit: error: could not write the output: {why} ({type(e).__name__}: "
+        print(_for_terminal(f"lowbit: error: could not write the output: {why} ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:160]}). Nothing was written in its place; make room and run "
-                            f"again.", width=100, break_on_hyphens=False), file=sys.stderr)
+                            f"again."), file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print(f"lowbit: {e.args[0] if e.args else 'interrupted; nothing was written.'}", file=sys.stderr)
