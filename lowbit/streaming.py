@@ -39,7 +39,7 @@ from lowbit.api import (
 )
 from lowbit.data.calibration import CalibConfig
 from lowbit.errors import LowbitError
-from lowbit.hardware import peak_memory, resolve_compute_dtype, resolve_device
+from lowbit.hardware import peak_memory, resolve_compute_dtype, resolve_device, return_freed_memory
 from lowbit.io.atomic import disk_full, free_space
 from lowbit.io.checkpoint import (
     INDEX,
@@ -265,6 +265,7 @@ def quantize_streamed(model: str | Path, recipe: Recipe, out: str | Path, *, tok
     A leftover work folder of `out` is refused unless `resume`, and resumed only by a run of the same model,
     recipe and calibration; `resume_hint` is the command the messages give for resuming."""
     start = time.perf_counter()
+    return_freed_memory()
     if recipe.kv_cache or recipe.kv_static:
         raise LowbitError("a quantized KV cache is calibrated over the whole model, which quantizing from disk never "
                           "holds; quantize in memory (--in-memory) for --kv-cache.")
