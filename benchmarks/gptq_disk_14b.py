@@ -16,13 +16,14 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from lowbit.hardware import run_measured
 
 HIDDEN, MLP, HEADS, KV_HEADS, HEAD_DIM = 5120, 13824, 40, 8, 128
 
@@ -85,20 +86,16 @@ def main() -> None:
     argv = [sys.executable, "-m", "lowbit", "quantize", str(root / "model"), "--out", str(root / "q"), "--method",
             "gptq", "--scheme", "w4a16", "--group-size", "128", "--act-order", "--calib-samples", str(args.samples),
             "--calib-seqlen", str(args.seqlen), "--device", "cuda", "--quiet"]
-    watcher = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
-               f"r = subprocess.run({argv!r}); "
-               "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, time.perf_counter() - t)")
-    out = subprocess.run([sys.executable, "-c", watcher], capture_output=True, text=True)
-    print(out.stdout[-3000:], out.stderr[-3000:], sep="\n")
-    code, kb, seconds = out.stdout.split()[-3:]
-    if code != "0":
+    run = run_measured(argv)
+    print(run.stdout[-3000:], run.stderr[-3000:], sep="\n")
+    if run.returncode:
         raise SystemExit("the quantization failed")
     header = json.loads((root / "q" / "lowbit.json").read_text())
     blocks = [b["seconds"] for b in header["blocks"]]
     print(f"GPTQ w4a16 g128 act-order from disk, {args.samples}x{args.seqlen} calibration tokens: "
-          f"wall {float(seconds):.0f} s; "
+          f"wall {run.seconds:.0f} s; "
           f"blocks {min(blocks):.1f}-{max(blocks):.1f} s (sum {sum(blocks):.0f} s); peak host RSS "
-          f"{int(kb) * 1024 / 1e9:.1f} GB ({int(kb) * 1024 / size:.2f}x the model); peak GPU memory "
+          f"{run.peak_rss_bytes / 1e9:.1f} GB ({run.peak_rss_bytes / size:.2f}x the model); peak GPU memory "
           f"{header['memory'].get('peak_device_bytes', 0) / 2**30:.1f} GiB; output "
           f"{header['bytes_on_disk'] / 1e9:.1f} GB")
     shutil.rmtree(root, ignore_errors=True)

@@ -16,18 +16,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lowbit.hardware import run_measured
+
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 
 
 def peak_and_time(argv: list[str]) -> tuple[int, float]:
-    watcher = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
-               f"r = subprocess.run({argv!r}, stdout=subprocess.DEVNULL); "
-               "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, time.perf_counter() - t)")
-    out = subprocess.run([sys.executable, "-c", watcher], capture_output=True, text=True, check=True)
-    code, kb, seconds = out.stdout.split()
-    if code != "0":
-        raise SystemExit(f"{argv} failed: {out.stderr[-2000:]}")
-    return int(kb) * 1024, float(seconds)
+    run = run_measured(argv)
+    if run.returncode:
+        raise SystemExit(f"{argv} failed: {run.stderr[-2000:]}")
+    return run.peak_rss_bytes, run.seconds
 
 
 def main() -> None:

@@ -212,9 +212,10 @@ def memory_advice(model: nn.Module, calib: CalibConfig | None, device: torch.dev
                           f"{', or quantize on the CPU (--device cpu)' if gpu else ''}.") from None
 
 
-def size_report(model: nn.Module, dtype: torch.dtype, others: list[torch.Tensor] | None = None) -> dict:
-    """Bits per weight (overall and per layer type) and bytes, counting every stored bit. `others`: the stored
-    tensors outside the quantized layers' packed buffers, when the model does not hold them all (streaming)."""
+def size_report(model: nn.Module, dtype: torch.dtype, others: tuple[int, int] | None = None) -> dict:
+    """Bits per weight (overall and per layer type) and bytes, counting every stored bit. `others`: the number and
+    the stored bytes of the values outside the quantized layers' packed buffers, when the model does not hold them
+    all (streaming: read from the written shards)."""
     qlayers = quantized_layers(model)
     bits, numel = defaultdict(int), defaultdict(int)
     for name, m in qlayers.items():
@@ -224,9 +225,10 @@ def size_report(model: nn.Module, dtype: torch.dtype, others: list[torch.Tensor]
     if others is None:
         tensors, _ = unique_state_dict(model)
         qprefixes = tuple(n + "." for n in qlayers)
-        others = [t for k, t in tensors.items() if not is_packed(k, qprefixes)]
-    other_params = sum(t.numel() for t in others)
-    other_bytes = sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size()) for t in others)
+        rest = [t for k, t in tensors.items() if not is_packed(k, qprefixes)]
+        others = (sum(t.numel() for t in rest),
+                  sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size()) for t in rest))
+    other_params, other_bytes = others
     qbits, qnumel = sum(bits.values()), sum(numel.values())
     return {
         "quantized_layers": len(qlayers),

@@ -70,14 +70,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if resolve(args.model).kind == "hf":  # an architecture lowbit cannot quantize is said before anything loads
         family_for(api.model_type(args.model))
     tokenizer = api.load_tokenizer(args.model)
-    whole = _whole_model_reasons(args, recipe)
+    whole, source = _whole_model_reasons(args, recipe)
     if not whole:
         import shlex
 
         from lowbit.streaming import quantize_streamed
 
         again = " ".join(shlex.quote(a) for a in ["lowbit", *sys.argv[1:]] if a != "--resume") + " --resume"
-        result, header = quantize_streamed(args.model, recipe, out, tokenizer=tokenizer, calib=calib,
+        result, header = quantize_streamed(source, recipe, out, tokenizer=tokenizer, calib=calib,
                                            device=args.device, dtype=args.dtype, compute_dtype=args.compute_dtype,
                                            progress=not args.quiet, reuse_scales=args.reuse_scales,
                                            resume=args.resume, overwrite=args.overwrite, resume_hint=again)
@@ -132,8 +132,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _whole_model_reasons(args: argparse.Namespace, recipe) -> list[str]:
-    """Why the run loads the whole model; none when it reads it block by block from disk (the default)."""
+def _whole_model_reasons(args: argparse.Namespace, recipe) -> tuple[list[str], object]:
+    """Why the run loads the whole model; none, with the model opened for it, when it reads it block by block from
+    disk (the default)."""
     from lowbit.model.sources import resolve
     from lowbit.streaming import whole_model_reason
 
@@ -142,10 +143,13 @@ def _whole_model_reasons(args: argparse.Namespace, recipe) -> list[str]:
                ("--kv-cache", bool(recipe.kv_cache)),
                ("the model is not a Hugging Face directory", resolve(args.model).kind not in ("hf", "builtin"))]
     why = [name for name, applies in reasons if applies]
-    if not why and (reason := whole_model_reason(args.model)):
+    if why:
+        return why, None
+    source, reason = whole_model_reason(args.model)
+    if reason:
         print(f"lowbit: loading the whole model: it cannot be read block by block ({reason})", file=sys.stderr)
         why.append(reason)
-    return why
+    return why, source
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -74,3 +75,35 @@ def return_freed_memory() -> None:
     if mallopt is not None:
         mallopt(-3, 8 << 20)  # M_MMAP_THRESHOLD
         mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasuredRun:
+    returncode: int
+    peak_rss_bytes: int  # the command's own peak resident memory
+    seconds: float
+    stdout: str
+    stderr: str
+
+
+_WATCHER = ("import json, resource, subprocess, sys, time; argv = json.loads(sys.argv[1]); t = time.perf_counter(); "
+            "r = subprocess.run(argv, capture_output=True, text=True); s = time.perf_counter() - t; "
+            "sys.stderr.write(r.stderr); sys.stdout.write(r.stdout); "
+            "print('\\n#lowbit-watch', r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, s)")
+
+
+def run_measured(argv: list[str], **kwargs) -> MeasuredRun:
+    """Run a command and measure its peak resident memory: it runs as the only child of a small watcher process,
+    whose RUSAGE_CHILDREN maximum is then that command's alone (a child forked from a large process, such as a test
+    runner holding a model, would count its parent's pages). `kwargs` go to subprocess.run (env, cwd)."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _WATCHER, json.dumps(argv)], capture_output=True, text=True,
+                         check=False, **kwargs)
+    body, _, tail = out.stdout.rpartition("\n#lowbit-watch ")
+    if not tail:
+        raise RuntimeError(f"the watcher of {argv[:4]} failed: {out.stderr[-2000:]}")
+    code, kb, seconds = tail.split()
+    return MeasuredRun(int(code), int(kb) * 1024, float(seconds), body, out.stderr)

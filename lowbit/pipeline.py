@@ -358,7 +358,7 @@ def quantize_block(block: nn.Module, specs: dict[str, LayerSpec], method, cfg, o
                 result.partial, result.deferred, result.deferred_name = gs.outputs, deferred, group[0]
             _quantize_group(block, gs, weights, specs, module, cfg, result.qweights)
             if parent:
-                key = (type(block).__name__, parent)
+                key = (block_kind(block), parent)
                 rm = ReplayedModule(block.get_submodule(parent), block.get_submodule(group[0]), record,
                                     deferred.inputs, check=key not in verified)
                 replay = (parent, rm)
@@ -366,11 +366,17 @@ def quantize_block(block: nn.Module, specs: dict[str, LayerSpec], method, cfg, o
     finally:
         if replay is not None:
             set_module(block, replay[0], replay[1].real)
-            key = (type(block).__name__, replay[0])
+            key = (block_kind(block), replay[0])
             if key not in verified and replay[1].ok is not None:
                 verified[key] = replay[1].ok
             result.replayed = bool(replay[1].ok)
     return result
+
+
+def block_kind(block: nn.Module) -> str:
+    """The block's class, by module and qualified name: the key of `verified`'s checks (classes of two models may
+    share a bare name, e.g. one defined in transformers and one in a model's remote code)."""
+    return f"{type(block).__module__}.{type(block).__qualname__}"
 
 
 def _replayable_parent(group: list[str], later: list[list[str]]) -> str | None:
@@ -387,7 +393,7 @@ def _next_inputs(block: nn.Module, br: BlockResult, inputs: BlockInputs, device,
     on the first batch, against a real pass), else by running the block."""
     if br.deferred is not None:
         out = shortcut_outputs(block.get_submodule(br.deferred_name), br.partial, br.deferred, device, offload)
-        key = (type(block).__name__, br.deferred_name)
+        key = (block_kind(block), br.deferred_name)
         if key not in verified:
             real = run_block(block, first_batches(inputs, 1), device, offload)
             verified[key] = _relative_error(out, real) < 1e-6
@@ -529,7 +535,7 @@ def quantize_model(model: nn.Module, family: Family, plan: dict[str, LayerSpec],
         install(block, br.qweights, specs, input_scales)
         if inputs is not None:
             inputs = _next_inputs(block, br, inputs, device, offload, verified)
-            report.shortcut = br.deferred is not None and verified.get((type(block).__name__, br.deferred_name),
+            report.shortcut = br.deferred is not None and verified.get((block_kind(block), br.deferred_name),
                                                                         False)
             report.replay = br.replayed
             report.output_error = _relative_error(inputs, br.reference)

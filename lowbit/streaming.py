@@ -15,6 +15,7 @@ The checkpoint is the one `api.quantize` + `api.save` write, in shards: one per 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import time
@@ -51,7 +52,7 @@ from lowbit.io.checkpoint import (
     write_metadata,
 )
 from lowbit.io.faults import fault_point
-from lowbit.io.lazy import LazyWeights
+from lowbit.io.lazy import LazyWeights, read_header
 from lowbit.io.workdir import Resumed, WorkDir
 from lowbit.model.adapt import adapt
 from lowbit.model.architectures import Family, decoder_blocks, family_for
@@ -90,17 +91,38 @@ def skeleton(directory: Path) -> nn.Module:
     return adapt(model.eval())
 
 
-def whole_model_reason(model: str | Path) -> str | None:
-    """Why this model cannot be quantized block by block from disk (None when it can)."""
+@dataclass(frozen=True)
+class Source:
+    """A model directory opened for reading block by block: its lazy weights and its skeleton, checked."""
+
+    name: str  # the model as the user named it (a built-in name, a path)
+    directory: Path
+    lazy: LazyWeights
+    model: nn.Module
+    family: Family
+
+
+def open_source(model: str | Path) -> Source:
+    """The model's directory, weights and skeleton, after refusing (before any work) a model that cannot be read
+    block by block."""
+    directory = source_directory(model)
+    lazy = LazyWeights(directory)
+    skel = skeleton(directory)
+    check_layout(skel, lazy)
+    family = family_for(skel.config.model_type)
+    if layer_types(skel, len(decoder_blocks(skel, family))) is not None:
+        raise LowbitError(f"{skel.config.model_type} has blocks of several kinds, whose inputs are captured by running "
+                          f"the first blocks; quantizing from disk does not do that yet. Use --in-memory.")
+    return Source(str(model), directory, lazy, skel, family)
+
+
+def whole_model_reason(model: str | Path) -> tuple[Source | None, str | None]:
+    """The opened source, or why this model cannot be quantized block by block from disk (its error's first
+    clause)."""
     try:
-        directory = source_directory(model)
-        skel = skeleton(directory)
-        check_layout(skel, LazyWeights(directory))
-        if layer_types(skel, len(decoder_blocks(skel, family_for(skel.config.model_type)))) is not None:
-            return "its blocks are of several kinds"
+        return open_source(model), None
     except LowbitError as e:
-        return str(e).split(";")[0].split(",")[0]
-    return None
+        return None, str(e).split(";")[0].split(",")[0]
 
 
 def check_layout(model: nn.Module, lazy: LazyWeights) -> None:
@@ -240,10 +262,11 @@ class StreamedRun:
         rest_state = {k: t for k, t in skel.state_dict().items() if not k.startswith(family.blocks + ".")}
         tensors, tied = storage_state_dict(skel, self.store, state=rest_state)
         save_file(tensors, str(work.path / shard_name(self.blocks, shards)), metadata=WEIGHTS_METADATA)
-        _write_index(work.path, shards)
+        headers = _shard_headers(work.path, shards)
+        _write_index(work.path, headers)
         result = QuantizeResult(skel, self.recipe, self.plan, self.store, time.perf_counter() - start, pipeline,
                                 self.calib, self.source, compute_dtype=str(self.compute_dtype).removeprefix("torch."))
-        result.sizes = size_report(skel, self.store, _stored_others(work.path, skel))
+        result.sizes = size_report(skel, self.store, _stored_others(headers, skel))
         result.memory = peak_memory(self.device)
         info, texts, extra = checkpoint_extras(result)
         info["streamed"] = {"resumed_after_blocks": resumed.next_block if resumed else 0, "shards": shards}
@@ -254,7 +277,7 @@ class StreamedRun:
         return result, header
 
 
-def quantize_streamed(model: str | Path, recipe: Recipe, out: str | Path, *, tokenizer=None,
+def quantize_streamed(model: str | Path | Source, recipe: Recipe, out: str | Path, *, tokenizer=None,
                       calib: CalibConfig | None = None, device: str = "auto", dtype: str = "auto",
                       compute_dtype: str = "auto", progress: bool = True, reuse_scales: str | Path | None = None,
                       resume: bool = False, overwrite: bool = False, resume_hint: str | None = None
@@ -269,21 +292,15 @@ def quantize_streamed(model: str | Path, recipe: Recipe, out: str | Path, *, tok
     if recipe.kv_cache or recipe.kv_static:
         raise LowbitError("a quantized KV cache is calibrated over the whole model, which quantizing from disk never "
                           "holds; quantize in memory (--in-memory) for --kv-cache.")
-    directory = source_directory(model)
-    lazy = LazyWeights(directory)
-    skel = skeleton(directory)
-    check_layout(skel, lazy)
-    family = family_for(skel.config.model_type)
-    if layer_types(skel, len(decoder_blocks(skel, family))) is not None:
-        raise LowbitError(f"{skel.config.model_type} has blocks of several kinds, whose inputs are captured by running "
-                          f"the first blocks; quantizing from disk does not do that yet. Use --in-memory.")
+    source = model if isinstance(model, Source) else open_source(model)
+    lazy, skel, family = source.lazy, source.model, source.family
     method, reused = method_for(recipe, reuse_scales)
     plan = select_layers(skel, family, recipe)
     store = storage_dtype_of(skel, dtype, lambda: (lazy.get(k) for k in sorted(lazy.keys())))
     dev = resolve_device(device)
     cdtype = resolve_compute_dtype(compute_dtype, dev)
     calib = calibration_for(recipe, method, reused, plan, family, calib)
-    run = StreamedRun(str(model), recipe, lazy, skel, family, plan, store, dev, cdtype, calib, WorkDir(out))
+    run = StreamedRun(source.name, recipe, lazy, skel, family, plan, store, dev, cdtype, calib, WorkDir(out))
     identity = {"model": lazy.fingerprint(), "recipe": recipe.to_dict(), "calibration": calib and calib.to_dict(),
                 "compute_dtype": str(cdtype), "device": dev.type, "dtype": str(store),
                 "reuse_scales": str(reuse_scales) if reuse_scales else None}
@@ -320,38 +337,22 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C in a streamed run: what was finished is kept, and the message says how to go on."""
 
 
-def _write_index(directory: Path, shards: int) -> None:
+def _shard_headers(directory: Path, shards: int) -> dict[str, dict]:
+    """Each written shard's safetensors header, read once: tensor name → {dtype, shape, data_offsets}."""
+    return {name: read_header(directory / name) for name in (shard_name(i, shards) for i in range(shards))}
+
+
+def _write_index(directory: Path, headers: dict[str, dict]) -> None:
     """model.safetensors.index.json, as transformers writes it for sharded checkpoints."""
-    names = [shard_name(i, shards) for i in range(shards)]
-    weight_map = {key: name for name in names for key in _keys(directory / name)}
-    total = sum((directory / name).stat().st_size for name in names)
+    weight_map = {key: name for name, header in headers.items() for key in header}
+    total = sum((directory / name).stat().st_size for name in headers)
     (directory / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                               indent=1))
 
 
-def _keys(path: Path) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return list(f.keys())
-
-
-def _stored_others(directory: Path, model: nn.Module) -> list[torch.Tensor]:
-    """Meta stand-ins for every stored tensor outside the quantized layers' packed buffers (for the size report)."""
-    from safetensors import safe_open
-
+def _stored_others(headers: dict[str, dict], model: nn.Module) -> tuple[int, int]:
+    """The number and stored bytes of the values outside the quantized layers' packed buffers (the size report)."""
     qprefixes = tuple(n + "." for n in quantized_layers(model))
-    out = []
-    for path in sorted(directory.glob("model-*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                if not is_packed(key, qprefixes):
-                    s = f.get_slice(key)
-                    dtype = _DTYPES[s.get_dtype()]
-                    out.append(torch.empty(s.get_shape(), dtype=dtype, device="meta"))
-    return out
-
-
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32,
-           "I64": torch.int64, "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16,
-           "F8_E4M3": torch.float8_e4m3fn, "BOOL": torch.bool}
+    entries = [e for header in headers.values() for key, e in header.items() if not is_packed(key, qprefixes)]
+    return (sum(math.prod(e["shape"]) for e in entries),
+            sum(e["data_offsets"][1] - e["data_offsets"][0] for e in entries))

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lowbit.hardware import run_measured
 from lowbit.io.checkpoint import HEADER
 from lowbit.model.loading import builtin_checkpoint
 
@@ -142,13 +143,9 @@ def test_host_memory_stays_under_half_the_model(tmp_path):
     # the peak of the quantizing process alone, measured by a small parent whose only child it is
     argv = [sys.executable, "-m", "lowbit", "quantize", str(tmp_path / "big"), "--out", str(tmp_path / "q"),
             "--method", "rtn", "--group-size", "128", "--device", "cpu", "--quiet"]
-    watch = subprocess.run([sys.executable, "-c", f"import resource, subprocess, sys; "
-                            f"r = subprocess.run({argv!r}); "
-                            f"print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"],
-                           capture_output=True, text=True)
-    code, peak_kb = map(int, watch.stdout.split()[-2:])
-    assert code == 0, watch.stderr
-    peak = peak_kb * 1024
+    run = run_measured(argv)
+    assert run.returncode == 0, run.stderr
+    peak = run.peak_rss_bytes
     header = json.loads((tmp_path / "q" / HEADER).read_text())
     assert header["memory"]["peak_host_bytes"] <= peak
     assert peak < size / 2, (peak / 1e9, size / 1e9)

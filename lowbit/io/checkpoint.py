@@ -27,6 +27,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.formats.spec import LayerSpec
 from lowbit.io.atomic import atomic_directory
+from lowbit.io.lazy import INDEX, shard_map
 from lowbit.model.adapt import adapt
 from lowbit.model.architectures import family_for
 from lowbit.runtime import kvcache
@@ -36,7 +37,6 @@ FORMAT_NAME = "lowbit"
 FORMAT_VERSION = 1
 HEADER = "lowbit.json"
 WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"  # a sharded checkpoint (written block by block) names its shards here
 
 
 def sha256(path: Path) -> str:
@@ -144,14 +144,9 @@ def write_metadata(directory: Path, model: nn.Module, layers: dict, tied: dict[s
 
 def weight_files(path: Path) -> list[Path]:
     """A checkpoint's weight files: model.safetensors, or the shards its index names (a streamed quantization)."""
-    index = path / INDEX
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise LowbitError(f"{str(index)!r} is not a valid shard index ({e}); the checkpoint is damaged. Re-run "
-                              f"`lowbit quantize`.") from None
-        return [path / n for n in names]
+    if (path / INDEX).is_file():
+        names = shard_map(path, "the checkpoint is damaged. Re-run `lowbit quantize`")
+        return [path / n for n in sorted(set(names.values()))]
     return [path / WEIGHTS]
 
 

@@ -21,22 +21,21 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
-def shard_map(directory: Path) -> dict[str, str]:
-    """tensor name → shard file name, from the index or the single file."""
+def shard_map(directory: Path, remedy: str = "download the model again") -> dict[str, str]:
+    """tensor name → shard file name, from the index or the single file. `remedy` ends the error on a bad index."""
     index = directory / INDEX
     if index.is_file():
         try:
             return dict(json.loads(index.read_text())["weight_map"])
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise LowbitError(f"{str(index)!r} is not a valid safetensors index ({e}); download the model "
-                              f"again.") from None
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise LowbitError(f"{str(index)!r} is not a valid safetensors index ({e}); {remedy}.") from None
     if (directory / SINGLE).is_file():
-        return dict.fromkeys(_header(directory / SINGLE), SINGLE)
+        return dict.fromkeys(read_header(directory / SINGLE), SINGLE)
     raise LowbitError(f"{str(directory)!r} has no {SINGLE} and no {INDEX}: its weights are not in safetensors "
                       f"shards, which streaming reads. Convert the model with transformers' save_pretrained.")
 
 
-def _header(path: Path) -> dict:
+def read_header(path: Path) -> dict:
     """The safetensors header of a file (its tensors' names, dtypes, shapes and offsets), without __metadata__."""
     try:
         with open(path, "rb") as f:
@@ -82,5 +81,5 @@ class LazyWeights:
             path = self.directory / shard
             h.update(shard.encode())
             h.update(str(path.stat().st_size).encode())
-            h.update(json.dumps(_header(path), sort_keys=True).encode())
+            h.update(json.dumps(read_header(path), sort_keys=True).encode())
         return h.hexdigest()
