@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +16,9 @@ import torch
 from torch import nn
 
 from lowbit.data.calibration import CalibConfig, calibration_ids
+from lowbit.data.datasets import calibration_file
 from lowbit.errors import LowbitError
+from lowbit.eval.result import EvalResult
 from lowbit.formats import fake_quantize, fake_quantize_activation
 from lowbit.formats.spec import LayerSpec
 from lowbit.hardware import peak_memory, resolve_compute_dtype, resolve_device
@@ -27,7 +31,7 @@ from lowbit.model.architectures import text_config
 from lowbit.model.capture import BlockInputs, Where, capture_block_inputs
 from lowbit.model.loading import family_of, load, load_tokenizer, model_type, to_device  # noqa: F401 (the public API)
 from lowbit.model.sources import resolve
-from lowbit.model.targets import linear_layers, select_layers
+from lowbit.model.targets import fit_group_size, linear_layers, select_layers
 from lowbit.pipeline import MoEConfig, PipelineResult, activation_device, quantize_model
 from lowbit.recipe import Recipe
 from lowbit.runtime import kvcache
@@ -77,12 +81,41 @@ class QuantizeResult:
     compute_dtype: str = "float32"
     allocation: dict | None = None  # mixed precision: how the per-layer formats were chosen (lowbit.choose.mixed)
     memory: dict | None = None  # peak host and device memory of the process, at the end of the run
+    group_size_note: str | None = None  # the group size was chosen automatically, and why (fit_group_size)
 
 
-def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, calib: CalibConfig | None = None,
-             device: str = "auto", dtype: str = "auto", compute_dtype: str = "auto",
-             progress: bool = True, reuse_scales: str | Path | None = None) -> QuantizeResult:
-    """Quantize a model as the recipe says, block by block; returns the model with QuantLinear layers.
+def check_calibration_data(recipe: Recipe, calib: CalibConfig | None, reuse_scales: str | Path | None) -> bool:
+    """Whether the run reads calibration data; if it does, that its file exists (said before any model loads)."""
+    entry = get_method(recipe.method)
+    needs = entry.module.NEEDS_CALIBRATION if reuse_scales is not None else entry.needs_calibration
+    if not (calib is not None or needs or recipe.act_static or recipe.kv_static):
+        return False
+    calibration_file((calib or CalibConfig()).dataset)
+    return True
+
+
+def fitted_recipe(model: nn.Module, family, recipe: Recipe, say: bool) -> tuple[Recipe, str | None]:
+    """The recipe with a group size that fits the model (lowbit.model.targets.fit_group_size), said on stderr."""
+    recipe, note = fit_group_size(model, family, recipe)
+    if note and say:
+        print(f"lowbit: group size {note}", file=sys.stderr)
+    return recipe, note
+
+
+def quantize(model: str | Path | nn.Module, recipe: str | Recipe | Mapping | None = None, *,
+             method: str | None = None, group_size: int | None = None, tokenizer=None,
+             calib: CalibConfig | Mapping | None = None, device: str = "auto", dtype: str = "auto",
+             compute_dtype: str = "auto", progress: bool = True, reuse_scales: str | Path | None = None,
+             **settings) -> QuantizeResult:
+    """Quantize a model as the recipe says, block by block; returns the model with QuantLinear layers (save it with
+    `lowbit.save`, or `lowbit.export` it for vLLM or llama.cpp).
+
+    `model`: a loaded model, a Hugging Face directory, a .gguf file or a built-in name (smollm2-135m).
+    `recipe`: a scheme's name ("w4a16", "w8a8", "fp8", "q4_k_m", …), a preset's, a mapping of recipe fields or a
+    `lowbit.Recipe`; `method` ("rtn", "gptq", "awq", …), `group_size` (default: the scheme's, fitted to the model)
+    and `settings` (other recipe fields such as `targets` or `ignore`, and the method's options such as
+    `act_order=True`) refine it (lowbit.Recipe.of). `calib`: a `lowbit.CalibConfig` or a mapping of its fields
+    (dataset, samples, seqlen, seed).
 
     `reuse_scales` (AWQ, SmoothQuant): apply the scales an earlier run saved (its checkpoint directory, or its
     scales.safetensors) instead of searching them.
@@ -92,6 +125,9 @@ def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, c
     fast at it); statistics and quantization stay in float32, from the original weights.
     """
     start = time.perf_counter()
+    recipe = Recipe.of(recipe, method=method, group_size=group_size, **settings)
+    if isinstance(calib, Mapping):
+        calib = CalibConfig.from_dict(calib)
     source = str(model) if not isinstance(model, nn.Module) else getattr(model, "name_or_path", "")
     if not isinstance(model, nn.Module):
         kind = resolve(model).kind
@@ -99,14 +135,12 @@ def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, c
             what = "already a lowbit checkpoint (its lowbit.json names the source model under source_model)" \
                 if kind == "lowbit" else f"already quantized (a {kind} checkpoint)"
             raise LowbitError(f"{source!r} is {what}; quantize the original float model instead.")
-        entry = get_method(recipe.method)
-        needs = entry.module.NEEDS_CALIBRATION if reuse_scales is not None else entry.needs_calibration
-        if tokenizer is None and (calib is not None or needs
-                                  or recipe.act_static or recipe.kv_static):
+        if check_calibration_data(recipe, calib, reuse_scales) and tokenizer is None:
             tokenizer = load_tokenizer(model)
-        model = load(model)
+        model = load(model, progress=progress)
     method, reused = method_for(recipe, reuse_scales)
     family = family_of(adapt(model))
+    recipe, group_note = fitted_recipe(model, family, recipe, progress)
     plan = select_layers(model, family, recipe)
     check_finite(linear_layers(model), plan)
     store_dtype = storage_dtype(model, dtype)
@@ -133,7 +167,7 @@ def quantize(model: str | Path | nn.Module, recipe: Recipe, *, tokenizer=None, c
     if "lm_head" in plan and getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False
     out = QuantizeResult(model, recipe, plan, store_dtype, time.perf_counter() - start, result, calib, source,
-                         compute_dtype=str(cdtype).removeprefix("torch."))
+                         compute_dtype=str(cdtype).removeprefix("torch."), group_size_note=group_note)
     out.sizes = size_report(model, store_dtype)
     out.memory = peak_memory(dev)
     return out
@@ -241,6 +275,38 @@ def size_report(model: nn.Module, dtype: torch.dtype, others: tuple[int, int] | 
     }
 
 
+def evaluate(reference: str | Path | nn.Module | None, candidate: str | Path | nn.Module | None = None, *,
+             kl: bool = True, ppl: str | Iterable[str] = (), tasks: str | Iterable[str] = (), device: str = "cpu",
+             progress: bool = True, **options) -> EvalResult:
+    """Compare `candidate` with `reference` as `lowbit eval` does; returns what was measured (`.to_dict()` is the
+    JSON object of `lowbit eval --json`).
+
+    Both are models lowbit can load (paths, built-in names, lowbit or GGUF checkpoints, or
+    `openai+http://HOST:PORT/v1#MODEL` for a served candidate) or models already in memory (a QuantizeResult's
+    `.model`, say). `kl`: the KL divergence and token rejection rate on the reference's generations (Fireworks'
+    method); `ppl`: perplexity corpora ("wikitext2", "ptb", "c4" or text files); `tasks`: zero-shot tasks ("piqa",
+    "arc_easy", …). `options`: the other settings of lowbit.eval.runner.EvalConfig by name (prompts, max_prompts,
+    max_new_tokens, top_n, save_reference, reference_record, seqlen, max_windows, limit, batch_tokens, seed, …).
+    Missing data and unwritable outputs are refused before any model loads.
+    """
+    from lowbit.eval.preflight import check_eval_inputs
+    from lowbit.eval.runner import EvalConfig
+    from lowbit.eval.runner import evaluate as run
+
+    fields = {f.name for f in dataclasses.fields(EvalConfig)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise LowbitError(f"unknown evaluation setting(s) {', '.join(map(repr, unknown))}; the settings are "
+                          f"{', '.join(sorted(fields - {'reference', 'candidate'}))}.")
+    names = {k: tuple(x.strip() for x in v.split(",") if x.strip()) if isinstance(v, str) else tuple(v)
+             for k, v in {"ppl": ppl, "tasks": tasks, **({"kl_text": options.pop("kl_text")}
+                                                        if "kl_text" in options else {})}.items()}
+    cfg = EvalConfig(reference=reference, candidate=candidate, kl=kl, device=device, progress=progress,
+                     **names, **options)
+    check_eval_inputs(cfg)
+    return EvalResult.from_dict(run(cfg))
+
+
 def save(result: QuantizeResult, out_dir: str | Path, *, tokenizer=None, overwrite: bool = False) -> dict:
     """Write a QuantizeResult as a lowbit checkpoint (atomically); returns its header."""
     info, texts, extra = checkpoint_extras(result)
@@ -263,6 +329,8 @@ def checkpoint_extras(result: QuantizeResult) -> tuple[dict, dict[str, str], dic
         info["allocation"] = result.allocation
     if result.memory is not None:
         info["memory"] = result.memory
+    if result.group_size_note is not None:
+        info["group_size_auto"] = result.group_size_note
     scales = result.pipeline.scales
     extra = {SCALES_FILE: scales_file(scales, transform_name(get_method(result.recipe.method)))} if scales else {}
     return info, {"recipe.yaml": result.recipe.to_yaml()}, extra

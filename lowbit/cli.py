@@ -67,6 +67,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         check_recipe(recipe)  # refuse what the format cannot hold before quantizing
         check_family(api.model_type(args.model))
     calib = _calib_from_args(args)
+    api.check_calibration_data(recipe, calib, args.reuse_scales)
     if resolve(args.model).kind == "hf":  # an architecture lowbit cannot quantize is said before anything loads
         family_for(api.model_type(args.model))
     tokenizer = api.load_tokenizer(args.model)
@@ -167,6 +168,7 @@ def _names(text: str | None) -> tuple[str, ...]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from lowbit.eval.preflight import check_eval_inputs
     from lowbit.eval.report import html_report, text_report, write_text
     from lowbit.eval.runner import EvalConfig, evaluate, write_json
 
@@ -185,6 +187,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seqlen=args.seqlen, max_windows=args.max_windows, limit=args.limit, batch_tokens=args.batch_tokens,
         seed=args.seed, device=args.device, progress=not args.quiet, tokenizer=args.tokenizer,
         served=_served_options(args))
+    check_eval_inputs(cfg, {"--json": args.json, "--report": args.report})
     if args.out:
         from lowbit.eval.many import REPORT, evaluate_many, summary_lines
 

@@ -16,6 +16,7 @@ It loads from YAML and is saved with every checkpoint, so a checkpoint says exac
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property
 from pathlib import Path
@@ -287,6 +288,31 @@ class Recipe:
     @property
     def default_spec(self) -> LayerSpec:
         return self._spec(self.scheme, self.group_size, self.symmetric, self.clip, self.zero_point)
+
+    @classmethod
+    def of(cls, spec: str | Recipe | Mapping | None = None, **settings: Any) -> Recipe:
+        """A recipe from what a Python caller gives: a Recipe, a mapping of recipe fields (as recipe.yaml holds
+        them), a preset's name, or a scheme's name (None: the defaults, w4a16 by RTN); then `settings` by name,
+        each a recipe field (method, group_size, symmetric, targets, …) or an option of the method (act_order,
+        damp, …). Settings that are None are left as they are."""
+        names = {f.name for f in fields(cls)}
+        given = {k: v for k, v in settings.items() if v is not None and k in names}
+        options = {**given.pop("options", {}), **{k: v for k, v in settings.items() if v is not None
+                                                  and k not in names}}
+        if isinstance(spec, str) and spec not in PRESETS:
+            return cls(**{"scheme": spec, **given, "options": options})
+        if spec is None:
+            return cls(**given, options=options)
+        if isinstance(spec, str):
+            base = cls.preset(spec)
+        elif isinstance(spec, Recipe):
+            base = spec
+        elif isinstance(spec, Mapping):
+            base = cls.from_dict(dict(spec), source="the recipe mapping")
+        else:
+            raise LowbitError(f"a recipe is a scheme's name (e.g. 'w4a16'), a preset's ({', '.join(PRESETS)}), a "
+                              f"mapping of recipe fields or a lowbit.Recipe; got {spec!r} ({type(spec).__name__}).")
+        return base.with_options(**given, options=options) if given or options else base
 
     @classmethod
     def preset(cls, name: str) -> Recipe:

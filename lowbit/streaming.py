@@ -33,6 +33,7 @@ from lowbit.api import (
     calibration_for,
     check_finite,
     checkpoint_extras,
+    fitted_recipe,
     memory_advice,
     method_for,
     size_report,
@@ -227,6 +228,7 @@ class StreamedRun:
     compute_dtype: torch.dtype
     calib: CalibConfig | None
     work: WorkDir
+    group_size_note: str | None = None
 
     @property
     def blocks(self) -> int:
@@ -265,7 +267,8 @@ class StreamedRun:
         headers = _shard_headers(work.path, shards)
         _write_index(work.path, headers)
         result = QuantizeResult(skel, self.recipe, self.plan, self.store, time.perf_counter() - start, pipeline,
-                                self.calib, self.source, compute_dtype=str(self.compute_dtype).removeprefix("torch."))
+                                self.calib, self.source, compute_dtype=str(self.compute_dtype).removeprefix("torch."),
+                                group_size_note=self.group_size_note)
         result.sizes = size_report(skel, self.store, _stored_others(headers, skel))
         result.memory = peak_memory(self.device)
         info, texts, extra = checkpoint_extras(result)
@@ -294,13 +297,15 @@ def quantize_streamed(model: str | Path | Source, recipe: Recipe, out: str | Pat
                           "holds; quantize in memory (--in-memory) for --kv-cache.")
     source = model if isinstance(model, Source) else open_source(model)
     lazy, skel, family = source.lazy, source.model, source.family
+    recipe, group_note = fitted_recipe(skel, family, recipe, progress)
     method, reused = method_for(recipe, reuse_scales)
     plan = select_layers(skel, family, recipe)
     store = storage_dtype_of(skel, dtype, lambda: (lazy.get(k) for k in sorted(lazy.keys())))
     dev = resolve_device(device)
     cdtype = resolve_compute_dtype(compute_dtype, dev)
     calib = calibration_for(recipe, method, reused, plan, family, calib)
-    run = StreamedRun(source.name, recipe, lazy, skel, family, plan, store, dev, cdtype, calib, WorkDir(out))
+    run = StreamedRun(source.name, recipe, lazy, skel, family, plan, store, dev, cdtype, calib, WorkDir(out),
+                      group_note)
     identity = {"model": lazy.fingerprint(), "recipe": recipe.to_dict(), "calibration": calib and calib.to_dict(),
                 "compute_dtype": str(cdtype), "device": dev.type, "dtype": str(store),
                 "reuse_scales": str(reuse_scales) if reuse_scales else None}

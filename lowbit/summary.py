@@ -39,6 +39,8 @@ def print_summary(result, header: dict, out: Path) -> None:
         f" (predicted {s['bytes_predicted'] / 1e6:.1f} MB;"
         f" {header['bytes_on_disk'] / 1e6:.1f} MB with config and tokenizer)",
     ]
+    if result.group_size_note:
+        lines.append(f"  group size   {result.group_size_note}")
     if recipe.kv_cache:
         queries = " and attention queries" if "attention" in recipe.parts else ""
         scales = "one calibrated scale per layer for keys and one for values" if recipe.kv_static \

@@ -183,3 +183,50 @@ def test_quantize_to_a_gguf_file(capsys, stories_path, tmp_path):
                        "gguf", "--out", str(tmp_path / "t.gguf"), "--quiet")
     assert code != 0 and "block types" in err and not (tmp_path / "t.gguf").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.gguf"]
+
+
+@pytest.fixture()
+def no_model_loads(monkeypatch):
+    """Fail the test if any model's weights are read: what it checks must be refused before that."""
+    from lowbit import api
+    from lowbit.eval import runner
+    from lowbit.io.lazy import LazyWeights
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was refused")
+
+    for owner, name in ((api, "load"), (runner, "load"), (LazyWeights, "get")):
+        monkeypatch.setattr(owner, name, loaded)
+
+
+def _refused_before_loading(capsys, tmp_path, argv, message):
+    code, _, err = run(capsys, *argv, "--quiet")
+    assert code == 2, err
+    assert message in " ".join(err.split()), err
+    assert "Traceback" not in err
+    assert not [p for p in tmp_path.rglob("*") if p.name not in ("a-file", "no-data")]  # nothing written
+
+
+@pytest.mark.parametrize("case", ["json under a file", "report is a folder", "record under a file", "unknown ppl",
+                                  "missing ppl data", "missing task data", "missing calibration data"])
+def test_inputs_and_outputs_are_checked_before_any_model_loads(case, capsys, stories_path, tmp_path, monkeypatch,
+                                                                no_model_loads):
+    (tmp_path / "a-file").write_text("")
+    empty = tmp_path / "no-data"
+    m, under_file = str(stories_path), str(tmp_path / "a-file" / "x")
+    evaluate = ["eval", "--reference", m, "--candidate", m, "--kl"]
+    argv, message = {
+        "json under a file": ([*evaluate, "--json", under_file], f"cannot write --json {under_file!r}"),
+        "report is a folder": ([*evaluate, "--report", str(tmp_path)], f"--report {str(tmp_path)!r} is a directory"),
+        "record under a file": ([*evaluate, "--save-reference", under_file], "cannot write --save-reference"),
+        "unknown ppl": ([*evaluate, "--ppl", "wikitext2,nosuchset"], "unknown perplexity set 'nosuchset'"),
+        "missing ppl data": ([*evaluate, "--ppl", "ptb"], "perplexity set 'ptb' is read from"),
+        "missing task data": ([*evaluate, "--tasks", "piqa"], "task data"),
+        "missing calibration data": (["quantize", m, "--method", "gptq", "--group-size", "4", "--out",
+                                      str(tmp_path / "q")], "calibration set 'c4' is read from"),
+    }[case]
+    if case.startswith("missing"):
+        empty.mkdir()
+        monkeypatch.setenv("LOWBIT_DATA", str(empty))
+        message += f" '{empty}" + ("/tasks/piqa.jsonl' is missing. Set LOWBIT_DATA" if "task" in case else "")
+    _refused_before_loading(capsys, tmp_path, argv, message)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
 from lowbit.errors import LowbitError
 from lowbit.formats import FP8Format, IntFormat, PerChannel, PerGroup
 from lowbit.model.loading import family_of
-from lowbit.model.targets import select_layers
+from lowbit.model.targets import fit_group_size, select_layers
 from lowbit.recipe import Override, Recipe, scheme_spec
 
 LINEAR_KINDS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -200,3 +204,43 @@ def test_the_readme_lists_every_method_option():
         options = [f.name for cls in entry.configs for f in fields(cls)]
         assert len(options) == len(set(options)), f"{name}: its parts' options share a name"
         assert listed[name] == set(options), name
+
+
+def _smollm2_widths(layers: int = 1):
+    """A model with SmolLM2-135M's layer widths (hidden 576 = 4.5 × 128, MLP 1536), small otherwise."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_the_default_group_size_is_fitted_to_the_model(stories):
+    model = _smollm2_widths()
+    family = family_of(model)
+    fitted, note = fit_group_size(model, family, Recipe(method="gptq"))
+    assert fitted.group_size == 64 and "128 does not divide the input dimension 576" in note
+    assert {s.weight.granularity for s in select_layers(model, family, fitted).values()} == {PerGroup(64)}
+    # a group size the user gave is kept, and refused where it does not divide
+    given = Recipe(method="gptq", group_size=128)
+    assert fit_group_size(model, family, given) == (given, None)
+    with pytest.raises(LowbitError, match="group size 128 does not divide"):
+        select_layers(model, family, given)
+    # where the default divides (w2a16: 64), or is not a group size (w8a16: per channel), nothing changes
+    for recipe in (Recipe(scheme="w2a16"), Recipe(scheme="w8a16"), Recipe(per_tensor=True)):
+        assert fit_group_size(model, family, recipe) == (recipe, None)
+    # stories260K (64 and 172 columns): no size of 64 or 32 fits either; the usual refusal says what does
+    recipe = Recipe()
+    assert fit_group_size(stories, family_of(stories), recipe) == (recipe, None)
+
+
+def test_the_fitted_group_size_is_said_and_recorded(tmp_path, stories_tokenizer):
+    _smollm2_widths(2).save_pretrained(tmp_path / "m")
+    stories_tokenizer.save_pretrained(tmp_path / "m")
+    run = subprocess.run([sys.executable, "-m", "lowbit", "quantize", str(tmp_path / "m"), "--out",
+                          str(tmp_path / "q"), "--device", "cpu"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "group size 64, chosen automatically" in run.stderr
+    assert "group size   64, chosen automatically" in run.stdout
+    header = json.loads((tmp_path / "q" / "lowbit.json").read_text())
+    assert header["recipe"]["group_size"] == 64 and "576" in header["group_size_auto"]

@@ -75,7 +75,7 @@ def run(cfg: SensitivityConfig) -> dict:
     from lowbit.eval.prompts import load_prompts
     from lowbit.eval.record import ReferenceRecord
     from lowbit.model.loading import family_of, load, load_tokenizer
-    from lowbit.model.targets import select_layers
+    from lowbit.model.targets import fit_group_size, select_layers
 
     recipes = cfg.recipes()
     record = ReferenceRecord.load(cfg.reference_record) if cfg.reference_record else None
@@ -95,6 +95,7 @@ def run(cfg: SensitivityConfig) -> dict:
         record = make_record(model, tokenizer, texts, source=source, model_name=cfg.model,
                              max_new_tokens=cfg.max_new_tokens, top_n=cfg.top_n, progress=cfg.progress)
     family = family_of(model)
+    recipes = {label: fit_group_size(model, family, r)[0] for label, r in recipes.items()}
     plans = {label: select_layers(model, family, r) for label, r in recipes.items()}
     first = next(iter(recipes.values()))
     method = get_method(first.method)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,14 @@ class CalibConfig:
 
     def to_dict(self) -> dict:
         return {"dataset": self.dataset, "samples": self.samples, "seqlen": self.seqlen, "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> CalibConfig:
+        unknown = sorted(set(d) - set(cls().to_dict()))
+        if unknown:
+            raise LowbitError(f"unknown calibration setting(s) {', '.join(map(repr, unknown))}; a calibration is "
+                              f"given by {', '.join(cls().to_dict())}.")
+        return cls(**d)
 
 
 def calibration_ids(tokenizer, cfg: CalibConfig, max_seqlen: int | None = None) -> torch.Tensor:

@@ -14,7 +14,6 @@ from pathlib import Path
 from lowbit.errors import LowbitError
 
 C4_CALIBRATION_DOCS = range(0, 512)
-CALIBRATION_SETS = ("c4", "wikitext2", "ptb")
 
 
 def data_root() -> Path:
@@ -51,21 +50,43 @@ def records_text(path: Path) -> list[str]:
     return [r["text"] for r in items]
 
 
+_CALIBRATION_FILES = {"c4": "c4/c4-validation-sample.json", "wikitext2": "wikitext-2/valid.txt",
+                      "ptb": "ptb/ptb.valid.txt"}
+_EVALUATION_FILES = {"wikitext2": "wikitext-2-raw/wiki.test.raw", "ptb": "ptb/ptb.test.txt",
+                     "c4": "c4/c4-validation-sample.json"}
+
+
+def calibration_file(name: str) -> Path:
+    """The file a calibration set is read from, checked to exist (a named set's, or the path given)."""
+    return _dataset_file(name, _CALIBRATION_FILES, "calibration set", "a .txt, .json or .jsonl file")
+
+
+def evaluation_file(name: str) -> Path:
+    """The file a perplexity corpus is read from, checked to exist (a named set's, or the path given)."""
+    return _dataset_file(name, _EVALUATION_FILES, "perplexity set", "a text file")
+
+
+def _dataset_file(name: str, files: dict[str, str], what: str, other: str) -> Path:
+    if name.lower() in files:
+        path = data_root() / files[name.lower()]
+        if not path.is_file():
+            raise LowbitError(f"{what} {name!r} is read from {str(path)!r}, which does not exist. Set LOWBIT_DATA to a "
+                              f"folder laid out like ../shared/data, or give the path of {other} instead.")
+        return path
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    raise LowbitError(f"unknown {what} {name!r}: use one of {', '.join(files)} or the path of {other}"
+                      + (f" ({str(path)!r} does not exist)." if path.suffix else "."))
+
+
 def calibration_texts(name: str) -> list[str]:
     """The texts of a calibration set (never the evaluation splits)."""
-    key = name.lower()
-    if key == "c4":
-        docs = records_text(data_root() / "c4" / "c4-validation-sample.json")
+    path = calibration_file(name)
+    if name.lower() == "c4":
+        docs = records_text(path)
         return [docs[i] for i in C4_CALIBRATION_DOCS if i < len(docs)]
-    if key == "wikitext2":
-        return [_read(data_root() / "wikitext-2" / "valid.txt")]
-    if key == "ptb":
-        return [_read(data_root() / "ptb" / "ptb.valid.txt")]
-    path = Path(name).expanduser()
-    if path.exists():
-        return records_text(path)
-    raise LowbitError(f"unknown calibration set {name!r}: use one of {', '.join(CALIBRATION_SETS)} or a path to a "
-                      f".txt, .json or .jsonl file.")
+    return [_read(path)] if name.lower() in _CALIBRATION_FILES else records_text(path)
 
 
 def wikitext2_test_rows() -> list[str]:
@@ -74,7 +95,7 @@ def wikitext2_test_rows() -> list[str]:
     Each line keeps its trailing newline (row 1 is ' = Robert Boulter = \\n'); a blank line, whitespace only in
     the file (' \\n'), is the empty row ''.
     """
-    raw = _read(data_root() / "wikitext-2-raw" / "wiki.test.raw")
+    raw = _read(evaluation_file("wikitext2"))
     lines = raw.split("\n")
     rows = [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
     return ["" if not row.strip() else row for row in rows]
@@ -87,21 +108,17 @@ def wikitext2_test_text() -> str:
 
 
 C4_EVAL_DOCS = range(512, 1025)
-EVAL_SETS = ("wikitext2", "ptb", "c4")
 
 
 def evaluation_text(name: str) -> str:
     """A perplexity corpus joined as the GPTQ paper does: WikiText-2 test ("\\n\\n"), PTB test (" "),
     C4 evaluation documents 512–1024 of the sample (" "), or any text file."""
-    key = name.lower()
+    path, key = evaluation_file(name), name.lower()
     if key == "wikitext2":
         return wikitext2_test_text()
     if key == "ptb":
-        return " ".join(_read(data_root() / "ptb" / "ptb.test.txt").split("\n"))
+        return " ".join(_read(path).split("\n"))
     if key == "c4":
-        docs = records_text(data_root() / "c4" / "c4-validation-sample.json")
+        docs = records_text(path)
         return " ".join(docs[i] for i in C4_EVAL_DOCS if i < len(docs))
-    path = Path(name).expanduser()
-    if path.is_file():
-        return "\n\n".join(records_text(path))
-    raise LowbitError(f"unknown perplexity set {name!r}: use one of {', '.join(EVAL_SETS)} or a path to a text file.")
+    return "\n\n".join(records_text(path))

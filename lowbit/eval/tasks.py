@@ -15,6 +15,7 @@ import bz2
 import csv
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,10 +35,15 @@ class Item:
     greedy: bool = False  # scored by exact greedy match of the single continuation (LAMBADA)
 
 
+def missing_task_data(path: Path) -> LowbitError:
+    return LowbitError(f"task data {str(path)!r} is missing. Set LOWBIT_DATA to a folder laid out like "
+                       "../shared/data (tasks/, hellaswag/, mmlu/), or leave the task out.")
+
+
 def _jsonl(name: str) -> list[dict]:
     path = data_root() / "tasks" / f"{name}.jsonl"
     if not path.is_file():
-        raise LowbitError(f"task data {str(path)!r} is missing.")
+        raise missing_task_data(path)
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
@@ -71,7 +77,7 @@ def _hellaswag() -> list[Item]:
     """llama.cpp's text format: per item a context line, the gold index, then four endings."""
     path = data_root() / "hellaswag" / "hellaswag_val_full.txt.bz2"
     if not path.is_file():
-        raise LowbitError(f"task data {str(path)!r} is missing.")
+        raise missing_task_data(path)
     lines = bz2.open(path, "rt", encoding="utf-8").read().split("\n")
     items = []
     for k in range(0, len(lines) - 5, 6):
@@ -89,7 +95,7 @@ def _mmlu(shots: int) -> list[Item]:
     root = data_root() / "mmlu"
     files = sorted((root / "test").glob("*_test.csv"))
     if not files:
-        raise LowbitError(f"MMLU test files are missing under {str(root / 'test')!r}.")
+        raise missing_task_data(root / "test" / "*_test.csv")
     items = []
     for f in files:
         subject = f.name.removesuffix("_test.csv")

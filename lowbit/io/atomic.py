@@ -51,6 +51,28 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
         os.rename(tmp, target)
 
 
+def check_writable_file(target: str | Path, flag: str) -> Path:
+    """Refuse, before any work, a file output (`flag` names the option) that could not be written: a directory in
+    its place, a file where a folder of its path should be, or a folder that cannot be written. Nothing is left."""
+    target = Path(target).expanduser()
+    if target.is_dir():
+        raise LowbitError(f"{flag} {str(target)!r} is a directory; give a file name (e.g. {str(target / 'out')!r}).")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LowbitError(f"cannot write {flag} {str(target)!r}: {str(parent)!r} is a file, not a folder. Choose "
+                          f"another path.")
+    try:  # the real test (permission bits do not bind root): create and remove a probe file
+        fd, probe = tempfile.mkstemp(prefix=".lowbit-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise LowbitError(f"cannot write {flag} {str(target)!r}: {str(parent)!r} is not a writable folder "
+                          f"({e.strerror}). Choose another path.") from None
+    return target
+
+
 @contextmanager
 def atomic_file(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `target` that replaces it when the block completes without an exception."""

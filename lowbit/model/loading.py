@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -96,13 +98,13 @@ def tokenizer_dir_or_gguf(name_or_path: str | Path) -> tuple[Path, str | None]:
 
 
 def load(name_or_path: str | Path, dtype: torch.dtype | None = None, verify: bool = True,
-         device: str | torch.device = "cpu") -> nn.Module:
+         device: str | torch.device = "cpu", progress: bool = True) -> nn.Module:
     """The one way in: a lowbit checkpoint, a Hugging Face directory, a .gguf file or a built-in name.
 
     A lowbit checkpoint, and a compressed-tensors, GPTQ or AWQ directory, come back with QuantLinear layers that keep
     packed weights; the others as float models. `device="cuda"` moves the model to the GPU and readies the packed
     layers for lowbit's kernels (lowbit.kernels); there the default dtype is bfloat16, since the kernels take
-    16-bit activations. On the CPU the default is float32.
+    16-bit activations. On the CPU the default is float32. `progress=False` silences transformers' loading bars.
     """
     dev = resolve_device(device)
     source = resolve(name_or_path)
@@ -110,15 +112,31 @@ def load(name_or_path: str | Path, dtype: torch.dtype | None = None, verify: boo
     from lowbit.io.checkpoint import load_checkpoint
     from lowbit.io.foreign import READABLE, load_foreign
 
-    if source.kind == "lowbit":
-        model = load_checkpoint(source.path, load_dtype, verify)
-    elif source.kind in READABLE:
-        model = load_foreign(source.path, source.kind, load_dtype)
-    else:
-        model = load_float(source, load_dtype)
+    with transformers_bars(progress):
+        if source.kind == "lowbit":
+            model = load_checkpoint(source.path, load_dtype, verify)
+        elif source.kind in READABLE:
+            model = load_foreign(source.path, source.kind, load_dtype)
+        else:
+            model = load_float(source, load_dtype)
     if dev.type != "cpu":
         model = to_device(model, dev, dtype or torch.bfloat16)
     return model
+
+
+@contextmanager
+def transformers_bars(show: bool) -> Iterator[None]:
+    """transformers' own progress bars (loading weights, converting a GGUF) on or off for the block."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if was and not show:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not show:
+            hf_logging.enable_progress_bar()
 
 
 def to_device(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:

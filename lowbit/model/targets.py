@@ -25,9 +25,48 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
+AUTO_GROUP_SIZES = (128, 64, 32)  # tried in turn where the scheme's default group size does not fit the model
+
+
 def select_layers(model: nn.Module, family: Family, recipe: Recipe) -> dict[str, LayerSpec]:
     """Map each targeted linear layer's full name to its LayerSpec; errors when nothing or something odd matches."""
     linears = linear_layers(model)
+    plan = _plan(model, linears, family, recipe)
+    _check_group_sizes(plan, linears)
+    for name, spec in plan.items():
+        if isinstance(spec.weight, SpQRFormat):
+            try:
+                spec.weight.check_shape((linears[name].out_features, linears[name].in_features))
+            except LowbitError as e:
+                raise LowbitError(f"layer {name}: {e} Set --stat-group (β2) or --group-size (β1) to fit.") from None
+    return plan
+
+
+def fit_group_size(model: nn.Module, family: Family, recipe: Recipe) -> tuple[Recipe, str | None]:
+    """The recipe with its group size chosen for this model, and a note saying why (None when unchanged).
+
+    Only a recipe that leaves the group size to the scheme (`group_size` None) changes, and only where the scheme's
+    default groups do not divide every targeted layer's input dimension (SmolLM2's 576 columns and groups of 128):
+    it then takes the largest of AUTO_GROUP_SIZES, at most the default, that divides them all. A group size the user
+    gave is never changed (select_layers refuses it with the sizes that fit)."""
+    default = getattr(recipe.default_spec.weight, "granularity", None)
+    if recipe.group_size is not None or recipe.per_tensor or not isinstance(default, PerGroup):
+        return recipe, None
+    linears = linear_layers(model)
+    bad = _misfits(_plan(model, linears, family, recipe), linears)
+    if not bad:
+        return recipe, None
+    name = next(iter(bad.values()))[0]
+    for size in (s for s in AUTO_GROUP_SIZES if s < default.size):
+        fitted = replace(recipe, group_size=size)
+        if not _misfits(_plan(model, linears, family, fitted), linears):
+            return fitted, (f"{size}, chosen automatically: the default {default.size} does not divide the input "
+                            f"dimension {linears[name].in_features} of {name}")
+    return recipe, None
+
+
+def _plan(model: nn.Module, linears: dict[str, nn.Linear], family: Family, recipe: Recipe) -> dict[str, LayerSpec]:
+    """The targeted layers and their specs, before the checks of their shapes."""
     if recipe.parts and recipe.targets:
         raise LowbitError("give either --parts or --targets, not both (--ignore and overrides work with either).")
     if recipe.parts:
@@ -55,13 +94,6 @@ def select_layers(model: nn.Module, family: Family, recipe: Recipe) -> dict[str,
     plan = _ggml_types(plan, linears, family, recipe)
     if not plan:
         raise LowbitError("the recipe's overrides skip every targeted layer: nothing would be quantized.")
-    _check_group_sizes(plan, linears)
-    for name, spec in plan.items():
-        if isinstance(spec.weight, SpQRFormat):
-            try:
-                spec.weight.check_shape((linears[name].out_features, linears[name].in_features))
-            except LowbitError as e:
-                raise LowbitError(f"layer {name}: {e} Set --stat-group (β2) or --group-size (β1) to fit.") from None
     return plan
 
 
@@ -96,12 +128,18 @@ def _ggml_types(plan: dict[str, LayerSpec], linears: dict[str, nn.Linear], famil
     return out
 
 
-def _check_group_sizes(plan: dict[str, LayerSpec], linears: dict[str, nn.Linear]) -> None:
+def _misfits(plan: dict[str, LayerSpec], linears: dict[str, nn.Linear]) -> dict[int, list[str]]:
+    """group size → the planned layers whose input dimension it does not divide."""
     bad: dict[int, list[str]] = {}
     for name, spec in plan.items():
         g = getattr(spec.weight, "granularity", None)
         if isinstance(g, PerGroup) and linears[name].in_features % g.size:
             bad.setdefault(g.size, []).append(name)
+    return bad
+
+
+def _check_group_sizes(plan: dict[str, LayerSpec], linears: dict[str, nn.Linear]) -> None:
+    bad = _misfits(plan, linears)
     if not bad:
         return
     size, names = next(iter(bad.items()))
