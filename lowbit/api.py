@@ -84,11 +84,16 @@ class QuantizeResult:
     group_size_note: str | None = None  # the group size was chosen automatically, and why (fit_group_size)
 
 
-def check_calibration_data(recipe: Recipe, calib: CalibConfig | None, reuse_scales: str | Path | None) -> bool:
-    """Whether the run reads calibration data; if it does, that its file exists (said before any model loads)."""
+def calibration_needed(recipe: Recipe, reuse_scales: str | Path | None = None) -> bool:
+    """Whether the recipe's method (or its static activation or KV scales) needs calibration data."""
     entry = get_method(recipe.method)
     needs = entry.module.NEEDS_CALIBRATION if reuse_scales is not None else entry.needs_calibration
-    if not (calib is not None or needs or recipe.act_static or recipe.kv_static):
+    return bool(needs or recipe.act_static or recipe.kv_static)
+
+
+def check_calibration_data(recipe: Recipe, calib: CalibConfig | None, reuse_scales: str | Path | None) -> bool:
+    """Whether the run reads calibration data; if it does, that its file exists (said before any model loads)."""
+    if calib is None and not calibration_needed(recipe, reuse_scales):
         return False
     calibration_file((calib or CalibConfig()).dataset)
     return True
