@@ -230,3 +230,17 @@ def test_inputs_and_outputs_are_checked_before_any_model_loads(case, capsys, sto
         monkeypatch.setenv("LOWBIT_DATA", str(empty))
         message += f" '{empty}" + ("/tasks/piqa.jsonl' is missing. Set LOWBIT_DATA" if "task" in case else "")
     _refused_before_loading(capsys, tmp_path, argv, message)
+
+
+def test_fast_is_a_small_calibration(capsys, stories_path, tmp_path):
+    code, _, err = run(capsys, "quantize", str(stories_path), "--method", "gptq", "--group-size", "4", "--fast",
+                       "--calib-samples", "8", "--out", str(tmp_path / "q"))
+    assert code == 2 and "give either --fast or --calib-samples/--calib-seqlen" in " ".join(err.split())
+    code, _, _ = run(capsys, "quantize", str(stories_path), "--method", "gptq", "--group-size", "4", "--fast",
+                     "--out", str(tmp_path / "q"), "--quiet")
+    assert code == 0
+    calibration = json.loads((tmp_path / "q" / "lowbit.json").read_text())["calibration"]
+    assert (calibration["samples"], calibration["seqlen"]) == (32, 512)
+    code, _, _ = run(capsys, "quantize", str(stories_path), "--method", "rtn", "--group-size", "4", "--fast",
+                     "--out", str(tmp_path / "r"), "--quiet")  # a method without calibration: nothing to shrink
+    assert code == 0 and json.loads((tmp_path / "r" / "lowbit.json").read_text())["calibration"] is None
