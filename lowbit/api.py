@@ -287,11 +287,12 @@ def evaluate(reference: str | Path | nn.Module | None, candidate: str | Path | n
     JSON object of `lowbit eval --json`).
 
     Both are models lowbit can load (paths, built-in names, lowbit or GGUF checkpoints, or
-    `openai+http://HOST:PORT/v1#MODEL` for a served candidate) or models already in memory (a QuantizeResult's
-    `.model`, say). `kl`: the KL divergence and token rejection rate on the reference's generations (Fireworks'
-    method); `ppl`: perplexity corpora ("wikitext2", "ptb", "c4" or text files); `tasks`: zero-shot tasks ("piqa",
-    "arc_easy", …). `options`: the other settings of lowbit.eval.runner.EvalConfig by name (prompts, max_prompts,
-    max_new_tokens, top_n, save_reference, reference_record, seqlen, max_windows, limit, batch_tokens, seed, …).
+    `openai+http://HOST:PORT/v1#MODEL` for a served model; a served reference needs `tokenizer=`, a local model with
+    its tokenizer) or models already in memory (a QuantizeResult's `.model`, say). `kl`: the KL divergence and token
+    rejection rate on the reference's generations (Fireworks' method); `ppl`: perplexity corpora ("wikitext2", "ptb",
+    "c4" or text files); `tasks`: zero-shot tasks ("piqa", "arc_easy", …). `options`: the other settings of
+    lowbit.eval.runner.EvalConfig by name (prompts, max_prompts, max_new_tokens, top_n, save_reference,
+    reference_record, seqlen, max_windows, limit, batch_tokens, seed, …).
     Missing data and unwritable outputs are refused before any model loads.
     """
     from lowbit.eval.preflight import check_eval_inputs

@@ -496,6 +496,7 @@ def test_sweep_margins_and_report_in_a_real_browser(tmp_path, stories_path):
         page.goto(page_path.as_uri())
         page.wait_for_load_state("load")
         images = page.query_selector_all("img")
+        svgs = page.query_selector_all("svg.plot")
         drawn = [img.evaluate("i => i.complete && i.naturalWidth > 100") for img in images]
         tokens = page.query_selector_all(".worst .t")
         hover = tokens[-1].get_attribute("title")
@@ -503,7 +504,8 @@ def test_sweep_margins_and_report_in_a_real_browser(tmp_path, stories_path):
         browser.close()
     assert errors == []
     assert all(u.startswith(("file:", "data:")) for u in requests)  # self-contained: nothing from the network
-    assert len(images) == 4 and all(drawn)  # the frontier, KL by position, per prompt, the distribution
+    assert len(images) == 3 and all(drawn)  # the frontier, KL by position, the distribution
+    assert len(svgs) == 1  # per prompt, each prompt's first words on hover
     assert len(tokens) > 10 and "reference:" in hover and "candidate:" in hover
     assert {"Quality against size", "Summary", "Where it diverges", "rtn w4a16 per-channel"} <= set(headings)
 

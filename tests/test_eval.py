@@ -274,7 +274,8 @@ def test_cli_json_has_every_design_key(capsys, stories_path, tmp_path):
     assert result["ppl"]["wikitext2"]["seqlen"] == 512  # capped at the model's context
     assert {"n", "reference", "candidate", "flips"} <= set(result["tasks"]["piqa"])
     assert {"bits_per_weight", "bytes"} <= set(result["size"])
-    assert result["kl"]["prompts"] == 3 and report.read_text().count("<img") == 3
+    page = report.read_text()
+    assert result["kl"]["prompts"] == 3 and page.count("<img") == 2 and page.count("<svg") == 1
 
     # the record is reused: the same numbers without the reference model (no full KL then)
     again = tmp_path / "again.json"

@@ -2,7 +2,9 @@
 started here on 127.0.0.1 with GGUFs that lowbit exports from stories260K: the endpoint's numbers equal the local
 evaluation of the same GGUF within llama.cpp's own arithmetic, a quantized GGUF ranks the same way, a server killed
 mid-run is waited for, a failed run resumes, and bad input (no server, a wrong key, an unknown model, a server
-without log-probs, another tokenization) is a clear error."""
+without log-probs, another tokenization) is a clear error. A served reference (`--reference openai+…`) likewise: its
+sparse record against the same GGUF evaluated locally, the ranking of a quantized GGUF, the saved record's round
+trip, and what it refuses."""
 
 from __future__ import annotations
 
@@ -26,14 +28,15 @@ import torch
 
 from lowbit import cli
 from lowbit.errors import LowbitError
-from lowbit.eval import echo
-from lowbit.eval.divergence import compare, compare_answers
+from lowbit.eval import complete, echo
+from lowbit.eval.divergence import compare, compare_answers, reference_returned
 from lowbit.eval.endpoint import parse_endpoint
 from lowbit.eval.forward import logprobs, pad_right
 from lowbit.eval.openai_client import RetryPolicy
 from lowbit.eval.record import ReferenceRecord, tokenizer_fingerprint
 from lowbit.eval.runner import EvalConfig, evaluate
 from lowbit.eval.served import ServedOptions, teacher_force
+from lowbit.eval.served_reference import served_record
 from lowbit.eval.stats import sparse_token_stats, token_stats
 from lowbit.eval.token_text import TokenTexts
 
@@ -54,6 +57,8 @@ TEXTS = [
     "Max and his friend Sam built a tower of blocks. It was very tall, and then it fell down!",
     "The little boat sailed on the lake. The wind was strong, but the boat was brave.",
 ]
+PROMPTS = [t.split(".")[0] + "." for t in TEXTS[:4]]  # a served reference's prompts: first sentences
+SERVED_NEW_TOKENS = 24
 KEY = "sk-lowbit-test-0c5e1f9a77d2"  # the API key of the keyed server: must appear in no output
 
 
@@ -275,9 +280,28 @@ def test_token_texts_read_as_llama_cpp_writes_them(ggufs, stories_tokenizer):
     assert texts.canonical("") is None and texts.canonical("token_id:7") == 7
 
 
-def test_a_served_reference_is_refused_for_now():
-    with pytest.raises(LowbitError, match="not supported yet"):
-        evaluate(EvalConfig(reference="openai+http://127.0.0.1:9/v1#m", candidate="x", kl=True, progress=False))
+def test_a_generation_is_read_into_ids(stories_tokenizer):
+    """What a served reference's generation request gets back: ids where the server names them (vLLM), else the text
+    tokenized after the prompt; EOS added where the server stopped; a wrong prompt count or no text refused."""
+    prompt, text = stories_tokenizer(PROMPTS[0]).input_ids, " She loved to play."
+    more = stories_tokenizer(PROMPTS[0] + text).input_ids[len(prompt):]
+    usage = {"prompt_tokens": len(prompt), "completion_tokens": len(more)}
+
+    def answer(**choice) -> dict:
+        return {"choices": [{"text": text, "finish_reason": "length", **choice}], "usage": usage}
+
+    by_id = complete.read(answer(logprobs={"tokens": [f"token_id:{i}" for i in [*more, 7]]}), prompt,
+                          stories_tokenizer, "p")
+    assert by_id.ids == [*prompt, *more, 7] and by_id.by_id
+    by_text = complete.read(answer(logprobs={"tokens": ["x"]}, finish_reason="stop"), prompt, stories_tokenizer, "p")
+    assert by_text.ids == prompt + more + [stories_tokenizer.eos_token_id] and by_text.stopped
+    assert not by_text.by_id and not by_text.count_differs
+    with pytest.raises(echo.CountMismatch):
+        complete.read({**answer(), "usage": {"prompt_tokens": len(prompt) - 1}}, prompt, stories_tokenizer, "p")
+    with pytest.raises(LowbitError, match="holds no generated text"):
+        complete.read(answer(text=None), prompt, stories_tokenizer, "p")
+    with pytest.raises(LowbitError, match="generated nothing"):
+        complete.read(answer(text=""), prompt, stories_tokenizer, "p")
 
 
 def _llama_cpp_answer(seq: list[int], lp: np.ndarray, k: int, texts: TokenTexts, bos: int) -> dict:
@@ -461,6 +485,9 @@ def test_a_server_without_log_probs(ggufs, servers, record, stories_tokenizer, t
         with pytest.raises(LowbitError, match=r"returns no log-probs.*--logits_all true"):
             _served(record, stories_tokenizer, server.spec())
         assert time.monotonic() - start < 10
+        with pytest.raises(LowbitError, match=r"returns no log-probs.*--logits_all true"):  # nor a served reference
+            served_record(parse_endpoint(server.spec()), stories_tokenizer, PROMPTS[:1], source="test",
+                          max_new_tokens=4, top_n=16, options=_quick(cache=False))
     finally:
         server.stop()
     seq = record.sequence(0).tolist()
@@ -493,6 +520,124 @@ def test_a_record_the_server_tokenizes_otherwise_is_refused(servers, record, sto
     with pytest.raises(LowbitError, match=rf"At token {j} the record has id {split[0]} \({texts.render(split[0])!r}\)"
                                           rf", the server {word!r}"):
         _served(bad_record, stories_tokenizer, servers["f16"].spec())
+
+
+@pytest.fixture(scope="module")
+def served_reference(servers, stories_tokenizer) -> ReferenceRecord:
+    """The served F16 GGUF's record of PROMPTS: its greedy continuations and top-16, through the API."""
+    record, run = served_record(parse_endpoint(servers["f16"].spec()), stories_tokenizer, PROMPTS, source="test",
+                                max_new_tokens=SERVED_NEW_TOKENS, top_n=16, options=_quick(cache=False))
+    assert run["generation"]["requests"] >= len(PROMPTS) and run["teacher_forcing"]["requests"] >= len(PROMPTS)
+    return record
+
+
+def test_a_served_reference_against_the_same_gguf_locally(served_reference, ggufs, capsys):
+    """The served F16 GGUF as the reference, the same file evaluated locally (transformers) as the candidate: at every
+    position the record holds, the KL stays within what the measured difference between llama.cpp's and
+    transformers' arithmetic allows (KL over the same ids ≤ 2δ); the holes are position 0 of each sequence (llama-cpp-
+    python does not return it), padded −1 / NaN and left out; the continuations are the server's greedy ones."""
+    import lowbit
+
+    record, served = served_reference, served_reference.meta["served"]
+    assert record.meta["sparse"] and record.meta["top_n"] == served["top_k"] == 16
+    assert served["generation"]["count_differs"] == 0 and served["positions_top_unknown"] == 0
+    held = reference_returned(record)
+    starts = record.position_offsets()[:-1].numpy()
+    assert not held[starts].any() and held.sum() == len(held) - record.num_sequences
+    assert (record.top_ids[~held] == -1).all() and torch.isnan(record.next_logprob[~held]).all()
+    assert torch.isfinite(record.next_logprob[held]).all()
+    # greedy: each generated token is the reference's own most likely one, up to llama.cpp's rounding
+    for i in range(record.num_sequences):
+        assert len(record.sequence(i)) - record.prompt_lens[i] == SERVED_NEW_TOKENS
+        at = np.arange(int(record.prompt_lens[i]) - 1, len(record.sequence(i)) - 1) + starts[i]
+        assert (record.top_logprobs[at, 0] - record.next_logprob[at] < 1e-4).all()
+
+    model = lowbit.load(ggufs["f16"])
+    d = compare(record, model, None, progress=False).divergence
+    assert len(d.prompt) == held.sum()
+    delta, _, gap = _engine_gap(ggufs["f16"], record, model)
+    at = starts[d.prompt] + d.position
+    assert (d.stats.kl <= 2 * delta[at] + 1e-5).all(), (d.stats.kl - 2 * delta[at]).max()
+    assert (gap[at][d.stats.rejected > 0] <= 2 * delta[at][d.stats.rejected > 0] + 1e-5).all()
+    with capsys.disabled():
+        print(f"\nserved F16 reference vs local F16: mean KL {d.stats.kl.mean():.3g} (max {d.stats.kl.max():.3g}) "
+              f"over {len(at)} positions; llama.cpp vs transformers max|Δlog p| {delta[at].max():.3g} "
+              f"(mean {delta[at].mean():.3g}); rejection {d.stats.rejected.mean():.3g}")
+    assert d.stats.kl.mean() <= 2 * delta[at].mean()
+
+
+def test_a_served_reference_ranks_a_quantized_gguf_as_locally(served_reference, servers, ggufs, stories_tokenizer,
+                                                              capsys):
+    """Against the served F16 reference, Q4_0 is far from F16 — evaluated locally or served — as against a local
+    reference; served candidates are compared on the positions both servers returned."""
+    import lowbit
+
+    record = served_reference
+    means = {}
+    for name in ("f16", "q4"):
+        local = compare(record, lowbit.load(ggufs[name]), None, progress=False).divergence
+        served, info, _ = _served(record, stories_tokenizer, servers[name].spec())
+        assert info["positions_not_in_reference"] == record.num_sequences == info["positions_not_returned"]
+        assert info["positions_compared"] == len(served.prompt) == len(local.prompt)  # the same holes
+        means[name] = [float(x) for x in (local.stats.kl.mean(), served.stats.kl.mean(), local.stats.rejected.mean(),
+                                          served.stats.rejected.mean())]
+    with capsys.disabled():
+        print(f"\nagainst the served F16 reference (KL local, KL served, rejection local, served): {means}")
+    assert means["q4"][0] > 10 * means["f16"][0] and means["q4"][1] > 10 * means["f16"][1]
+    assert means["q4"][2] > means["f16"][2] and means["q4"][3] > means["f16"][3]
+
+
+def test_a_served_reference_record_round_trips(ggufs, stories_path, tmp_path, monkeypatch):
+    """`--reference openai+… --save-reference FILE` and then `--reference-record FILE`: the same numbers; a rerun of
+    the first takes the generations and log-probs from the cache; the API key is in no file."""
+    server = Server(ggufs["f16"], "f16", tmp_path / "ref.log", api_key=KEY).start()
+    try:
+        monkeypatch.setenv("LOWBIT_TEST_KEY", KEY)
+        prompts, saved = tmp_path / "prompts.txt", tmp_path / "served.safetensors"
+        prompts.write_text("\n".join(PROMPTS))
+        candidate = ["--candidate", str(ggufs["q4"]), "--kl", "--quiet"]
+        served = ["--reference", server.spec(), "--tokenizer", str(stories_path), "--api-key-env", "LOWBIT_TEST_KEY",
+                  "--prompts", str(prompts), "--max-new-tokens", str(SERVED_NEW_TOKENS)]
+        outs = [tmp_path / f"{n}.json" for n in ("made", "reused", "again")]
+        assert cli.main(["eval", *served, *candidate, "--save-reference", str(saved), "--json", str(outs[0])]) == 0
+        assert cli.main(["eval", "--reference-record", str(saved), *candidate, "--json", str(outs[1])]) == 0
+        assert cli.main(["eval", *served, *candidate, "--json", str(outs[2])]) == 0
+    finally:
+        server.stop()
+    made, reused, again = (json.loads(p.read_text()) for p in outs)
+    ref = made["reference_endpoint"]
+    assert (ref["url"], ref["model"], ref["top_k"], made["kl"]["top_n"]) == (server.base, "f16", 16, 16)
+    assert ref["positions_compared"] == made["kl"]["all"]["tokens"] == ref["positions"] - len(PROMPTS)
+    assert "definition" in ref and ref["run"]["generation"]["requests"] > 0
+    assert again["reference_endpoint"]["run"]["generation"]["requests"] == 0
+    assert again["reference_endpoint"]["run"]["teacher_forcing"]["requests"] == 0
+    assert "run" not in reused["reference_endpoint"]
+    assert made["kl"]["all"]["mean"] > 0
+    assert reused["kl"] == made["kl"] == again["kl"]
+    record = ReferenceRecord.load(saved)
+    assert record.meta["served"]["url"] == server.base and record.meta["model"] == server.spec()
+    written = [saved.read_bytes(), *(p.read_bytes() for p in outs)]
+    written += [p.read_bytes() for p in (tmp_path / "cache").rglob("*.json")]
+    assert not any(KEY.encode() in b for b in written)
+
+
+def test_a_served_reference_refuses_what_it_cannot_do(servers, served_reference, stories_path, tmp_path):
+    spec = servers["f16"].spec()
+    base = dict(reference=spec, candidate=str(stories_path), kl=True, progress=False)
+    with pytest.raises(LowbitError, match=r"a served reference needs --tokenizer MODEL"):
+        evaluate(EvalConfig(**base))
+    for asked in ({"ppl": ("wikitext2",)}, {"tasks": ("piqa",)}):
+        with pytest.raises(LowbitError, match=r"--kl only.*--ppl and --tasks need the reference model's full"):
+            evaluate(EvalConfig(**base, tokenizer=str(stories_path), **asked))
+    assert cli.main(["eval", "--reference", spec, "--candidate", str(stories_path), "--kl", "--quiet"]) == 2
+    # a record and a reference that are not the same model
+    served_reference.save(tmp_path / "served.safetensors")
+    with pytest.raises(LowbitError, match=r"made by the served model .* would be a second reference"):
+        evaluate(EvalConfig(reference=str(stories_path), reference_record=str(tmp_path / "served.safetensors"),
+                            candidate=str(stories_path), kl=True, progress=False))
+    with pytest.raises(LowbitError, match=r"the reference record was made by .*, not by --reference"):
+        evaluate(EvalConfig(**{**base, "reference": servers["q4"].spec()}, tokenizer=str(stories_path),
+                            reference_record=str(tmp_path / "served.safetensors")))
 
 
 def _same_numbers(d, e) -> None:

@@ -91,18 +91,19 @@ def make_record(model: nn.Module, tokenizer, prompts: list[str], *, source: str,
     start = time.perf_counter()
     prompt_ids, truncated = fit_context(encode_prompts(tokenizer, prompts), model, max_new_tokens)
     seqs = generate(model, tokenizer, prompt_ids, max_new_tokens, progress=progress)
-    lengths = torch.tensor([len(s) for s in seqs])
     meta = {"model": model_name, "model_fingerprint": model_fingerprint(model),
-            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": int(text_config(model).vocab_size),
-            "top_n": top_n, "max_new_tokens": max_new_tokens, "prompts": source, "num_prompts": len(prompts),
-            "truncated_prompts": truncated,
-            "generation_seconds": round(time.perf_counter() - start, 2)}
+            **record_meta(tokenizer, int(text_config(model).vocab_size), top_n, max_new_tokens, source, len(prompts)),
+            "truncated_prompts": truncated, "generation_seconds": round(time.perf_counter() - start, 2)}
+    return ReferenceRecord.of_sequences(meta, seqs, [len(p) for p in prompt_ids])
+
+
+def record_meta(tokenizer, vocab_size: int, top_n: int, max_new_tokens: int, source: str, num_prompts: int) -> dict:
+    """What every record of generations says about how it was made (a record's other fields: its model)."""
     from lowbit import __version__
 
-    meta["lowbit_version"] = __version__
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-    return ReferenceRecord(meta, torch.cat(seqs).int(), offsets,
-                           torch.tensor([len(p) for p in prompt_ids], dtype=torch.int32))
+    return {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": vocab_size, "top_n": top_n,
+            "max_new_tokens": max_new_tokens, "prompts": source, "num_prompts": num_prompts,
+            "lowbit_version": __version__}
 
 
 def text_record(wins: torch.Tensor, meta: dict) -> ReferenceRecord:
@@ -123,6 +124,12 @@ class Divergence:
     cand_top_ids: np.ndarray | None = None  # [positions, SHOWN_TOP] the candidate's most likely tokens
     cand_top_logprobs: np.ndarray | None = None
 
+    def select(self, mask: np.ndarray) -> Divergence:
+        pick = lambda a: None if a is None else a[mask]  # noqa: E731
+        return Divergence(self.stats.select(mask), self.prompt[mask], self.position[mask], self.prefill[mask],
+                          self.generation_offset[mask], self.shared, pick(self.cand_top_ids),
+                          pick(self.cand_top_logprobs))
+
 
 @dataclass(frozen=True)
 class Comparison:
@@ -135,7 +142,8 @@ def compare(record: ReferenceRecord, candidate: nn.Module | None, reference: nn.
     """Teacher-force the candidate (and the reference, when given) on the record's sequences.
 
     A record without top-N data is completed from the reference's pass: the comparison carries that new record
-    (the one given is not changed). Its divergence is None when there is no candidate.
+    (the one given is not changed). Its divergence is None when there is no candidate. The holes of a sparse record
+    (a served reference's, lowbit.eval.served_reference: positions it did not return) are left out.
     """
     n_seq = record.num_sequences
     lengths = [int(record.offsets[i + 1] - record.offsets[i]) for i in range(n_seq)]
@@ -184,33 +192,43 @@ def compare(record: ReferenceRecord, candidate: nn.Module | None, reference: nn.
     position = np.concatenate([np.arange(lengths[i] - 1) for i in range(n_seq)])
     plen = record.prompt_lens.numpy()[prompt]
     prefill = position < plen - 1
-    return Comparison(record, Divergence(stats, prompt, position, prefill, position - (plen - 1), common_prefix(record),
-                                         torch.cat([cand_top[i][0] for i in range(n_seq)]).numpy(),
-                                         torch.cat([cand_top[i][1] for i in range(n_seq)]).numpy()))
+    d = Divergence(stats, prompt, position, prefill, position - (plen - 1), common_prefix(record),
+                   torch.cat([cand_top[i][0] for i in range(n_seq)]).numpy(),
+                   torch.cat([cand_top[i][1] for i in range(n_seq)]).numpy())
+    held = reference_returned(record)
+    return Comparison(record, d if held.all() else d.select(held))
+
+
+def reference_returned(record: ReferenceRecord) -> np.ndarray:
+    """Per position, whether the record holds the reference's prediction there: everywhere but a sparse record's
+    holes (id −1 in the first column)."""
+    return (record.top_ids[:, 0] >= 0).numpy()
 
 
 def compare_answers(record: ReferenceRecord, answers: list) -> tuple[Divergence, dict]:
     """`compare` for a served candidate: its sparse answers (lowbit.eval.echo.Answer, one per sequence of the record)
     against the record's top-N (lowbit.eval.stats.sparse_token_stats). Positions the server did not return, and
     those where none of the reference's top-N ids came back (no KL can be formed there), are left out of the
-    statistics and counted in the returned dict, with the mean size of the top-N ∩ returned ids. Where the server's
-    most likely token is a text no one id has ('' for a control token, lowbit.eval.token_text), it is rejected
-    unless the reference's top-1 reads as that text."""
+    statistics and counted in the returned dict, with the mean size of the top-N ∩ returned ids; so are the holes of
+    a sparse record (a served reference's). Where the server's most likely token is a text no one id has ('' for a
+    control token, lowbit.eval.token_text), it is rejected unless the reference's top-1 reads as that text."""
     if record.top_ids is None:
         raise LowbitError("the reference record holds no predictions; give --reference MODEL to complete it.")
     pos_off = record.position_offsets()
+    held = reference_returned(record)
     parts, prompt, position, top_ids, top_lps = [], [], [], [], []
-    counts = {"positions": int(pos_off[-1]), "positions_not_returned": 0, "positions_no_overlap": 0,
-              "positions_argmax_by_text": 0}
+    counts = {"positions": int(pos_off[-1]), "positions_not_returned": 0, "positions_not_in_reference":
+              int((~held).sum()), "positions_no_overlap": 0, "positions_argmax_by_text": 0}
     overlap, dropped = [], 0
     for i, a in enumerate(answers):
         sl = slice(int(pos_off[i]), int(pos_off[i + 1]))
-        keep = torch.from_numpy(a.returned)
+        returned = a.returned & held[sl]
+        keep = torch.from_numpy(returned)
         ref_ids = record.top_ids[sl][keep]
         stats = sparse_token_stats(ref_ids, record.top_logprobs[sl][keep], record.next_logprob[sl][keep],
-                                   torch.from_numpy(a.ids[a.returned]), torch.from_numpy(a.logprobs[a.returned]),
-                                   torch.from_numpy(a.next_logprob[a.returned]))
-        at = np.nonzero(a.returned)[0]  # the position of each row
+                                   torch.from_numpy(a.ids[returned]), torch.from_numpy(a.logprobs[returned]),
+                                   torch.from_numpy(a.next_logprob[returned]))
+        at = np.nonzero(returned)[0]  # the position of each row
         hidden = a.hidden_logprob[at] > a.logprobs[at].max(-1)
         for r in np.nonzero(hidden)[0]:  # the server's most likely token reads as a text no one id has
             stats.rejected[r] = float(int(ref_ids[r, 0]) not in a.hidden_ids[at[r]])
@@ -218,7 +236,8 @@ def compare_answers(record: ReferenceRecord, answers: list) -> tuple[Divergence,
         ok = np.isfinite(stats.kl)
         counts["positions_not_returned"] += int((~a.returned).sum())
         counts["positions_no_overlap"] += int((~ok).sum())
-        found = (ref_ids.numpy()[:, :, None] == a.ids[at][:, None, :]).any(-1).sum(-1)
+        ref = ref_ids.numpy()
+        found = ((ref[:, :, None] == a.ids[at][:, None, :]).any(-1) & (ref >= 0)).sum(-1)
         overlap.append(found[ok])
         dropped += a.keys_left_out
         parts.append(stats.select(ok))
@@ -306,6 +325,7 @@ def worst_prompts(d: Divergence, record: ReferenceRecord, tokenizer, k: int = WO
         n = len(seq) - 1
         sl = slice(int(pos_off[i]), int(pos_off[i]) + n)
         ref_ids, ref_lp = record.top_ids[sl, :SHOWN_TOP], record.top_logprobs[sl, :SHOWN_TOP].float()
+        ref_lp, ref_ids = ref_lp.numpy(), ref_ids.numpy()
         rows = np.nonzero(d.prompt == i)[0]
         rows = rows[d.position[rows] < n]  # a served candidate may leave positions out: those read None, []
         kl: list = [None] * n
@@ -317,8 +337,8 @@ def worst_prompts(d: Divergence, record: ReferenceRecord, tokenizer, k: int = WO
         out.append({
             "prompt": int(i), "mean": means[i], "prompt_tokens": int(record.prompt_lens[i]),
             "tokens": token_texts(tokenizer, seq), "kl": kl,
-            "reference_top": [list(zip(text(ids), np.exp(lp.numpy()).round(4).tolist(), strict=True))
-                              for ids, lp in zip(ref_ids, ref_lp, strict=True)],
+            "reference_top": [list(zip(text(ids[ids >= 0]), np.exp(lp[ids >= 0]).round(4).tolist(), strict=True))
+                              for ids, lp in zip(ref_ids, ref_lp, strict=True)],  # (a sparse record pads with −1)
             "candidate_top": cand,
         })
     return out

@@ -68,21 +68,32 @@ class Answer:
 
 def read(response: dict, seq: list[int], texts: TokenTexts, k: int, where: str) -> Answer:
     """Check and read one sequence's answer (a completions response). `where` names the sequence in errors."""
+    choice = first_choice(response, where)
+    answer = _read_choice(choice, seq, texts, k, where)
+    check_prompt_count(response, seq, where)
+    return answer
+
+
+def first_choice(response: dict, where: str) -> dict:
+    """choices[0] of a completions answer, else an error saying the answer is not one."""
     choices = response.get("choices") if isinstance(response, dict) else None
     choice = choices[0] if isinstance(choices, list) and choices else None
     if not isinstance(choice, dict):
         raise LowbitError(f"{where}: the server's answer has no choices[0]; it is not an OpenAI completions answer "
                           f"({_brief(response)}).")
+    return choice
+
+
+def check_prompt_count(response: dict, seq: list[int], where: str) -> None:
+    """Refuse (CountMismatch) an answer whose `usage.prompt_tokens` is not the sequence's length."""
     usage = response.get("usage")
     prompt_tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
-    answer = _read_choice(choice, seq, texts, k, where)
     if isinstance(prompt_tokens, int) and prompt_tokens != len(seq):
         raise CountMismatch(f"{where}: the server read the prompt as {prompt_tokens} tokens; the record's sequence has "
                             f"{len(seq)}" + (" (it puts a BOS token before every prompt, and the record's sequences "
                                              "do not start with one)" if prompt_tokens == len(seq) + 1 else "")
                             + ". The served model must read the sequences as the reference did.",
                             prompt_tokens, len(seq))
-    return answer
 
 
 def _read_choice(choice: dict, seq: list[int], texts: TokenTexts, k: int, where: str) -> Answer:

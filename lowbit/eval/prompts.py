@@ -87,3 +87,28 @@ def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
             out.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
         return out
     return [tokenizer(p, verbose=False)["input_ids"] for p in prompts]
+
+
+def _shared_length(seqs: list[list[int]]) -> int:
+    """How many leading ids every sequence has in common."""
+    n = 0
+    for column in zip(*seqs, strict=False):
+        if len(set(column)) > 1:
+            break
+        n += 1
+    return n
+
+
+def prompt_starts(record, tokenizer, words: int = 8) -> list[str]:
+    """The first words of each prompt of a record (a lowbit.eval.record.ReferenceRecord), so that a report can say
+    which prompt is which. What every prompt shares at its start and end (a chat template's tokens) is left out."""
+    prompts = [record.sequence(i)[: int(record.prompt_lens[i])].tolist() for i in range(record.num_sequences)]
+    head = tail = 0
+    if len(prompts) > 1:
+        head = _shared_length(prompts)
+        tail = min(_shared_length([p[::-1] for p in prompts]), min(map(len, prompts)) - head)
+    out = []
+    for p in prompts:
+        text = tokenizer.decode(p[head: len(p) - tail] or p, skip_special_tokens=True).split()
+        out.append(" ".join(text[:words]) + (" …" if len(text) > words else ""))
+    return out

@@ -68,6 +68,15 @@ class ReferenceRecord:
         object.__setattr__(self, "meta", MappingProxyType(dict(self.meta)))
         object.__setattr__(self, "extras", MappingProxyType(dict(self.extras)))
 
+    @classmethod
+    def of_sequences(cls, meta: Mapping, seqs: list[list[int]] | list[torch.Tensor],
+                     prompt_lens: list[int]) -> ReferenceRecord:
+        """A record of these sequences (prompt + generated tokens each), without predictions yet."""
+        lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+        tokens = torch.cat([torch.as_tensor(s, dtype=torch.int32) for s in seqs])
+        return cls(meta, tokens, torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
+                   torch.tensor(prompt_lens, dtype=torch.int32))
+
     def with_predictions(self, top_ids: torch.Tensor, top_logprobs: torch.Tensor,
                          next_logprob: torch.Tensor) -> ReferenceRecord:
         """This record with the reference's top-N predictions at every position."""

@@ -19,8 +19,11 @@ class EvalResult:
     kl_text: Mapping | None = None  # dataset → divergence on its perplexity windows
     ppl: Mapping | None = None  # dataset → reference and candidate perplexity
     tasks: Mapping | None = None  # task → accuracy of each, and flips
-    size: Mapping | None = None  # the candidate's bits per weight and bytes
+    size: Mapping | None = None  # the candidate's bits per weight and bytes; a lowbit checkpoint's method and recipe
     endpoint: Mapping | None = None  # a served candidate: how it was asked
+    reference_endpoint: Mapping | None = None  # a served reference: how its record was made, k, its holes
+    lowbit_version: str | None = None  # the lowbit that evaluated
+    date: str | None = None  # when the evaluation ran (ISO 8601, local time with its UTC offset)
     timings_s: Mapping = field(default_factory=dict)
     other: Mapping = field(default_factory=dict)  # entries this version of the class does not name
 

@@ -2,7 +2,10 @@
 
 The reference is a model, a saved record, or both (the record saves the reference's generation and predictions;
 the model adds the exact full-vocabulary KL). The candidate can also be a served model (`openai+http://…/v1#MODEL`):
-it is teacher-forced on the record through its API (lowbit.eval.served), which needs a local tokenizer.
+it is teacher-forced on the record through its API (lowbit.eval.served), which needs a local tokenizer. So can the
+reference (--kl only, with --tokenizer): it generates and is teacher-forced through its API, and its record holds the
+top-k the server returns, with holes where it returns none (lowbit.eval.served_reference); a local or a served
+candidate is compared with it on the positions it holds.
 Whatever the reference computes — its top-N predictions, its perplexity NLLs, its task correctness — is cached in
 the record, so `--save-reference` once and `--reference-record` afterwards never recompute the reference for another
 candidate.
@@ -15,11 +18,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lowbit import __version__
 from lowbit.errors import LowbitError
 from lowbit.eval import perplexity as ppl_mod
 from lowbit.eval import tasks as tasks_mod
@@ -29,15 +34,17 @@ from lowbit.eval.divergence import (
     compare,
     compare_answers,
     make_record,
+    reference_returned,
     summarize_divergence,
     text_record,
     worst_prompts,
 )
 from lowbit.eval.endpoint import Endpoint, parse_endpoint
 from lowbit.eval.forward import DEFAULT_BATCH_TOKENS
-from lowbit.eval.prompts import load_prompts
+from lowbit.eval.prompts import load_prompts, prompt_starts
 from lowbit.eval.record import ReferenceRecord, tokenizer_fingerprint
 from lowbit.eval.served import ServedOptions, api_key, teacher_force
+from lowbit.eval.served_reference import SERVED_REFERENCE_DEFINITION, served_record
 from lowbit.io.foreign import READABLE
 from lowbit.model.architectures import text_config
 from lowbit.model.loading import load, load_tokenizer
@@ -72,7 +79,7 @@ class EvalConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
-    tokenizer: str | None = None  # a local model whose tokenizer a served candidate uses
+    tokenizer: str | None = None  # a local model whose tokenizer a served candidate or reference uses
     served: ServedOptions = dataclasses.field(default_factory=ServedOptions)
 
 
@@ -98,7 +105,9 @@ def _size(name: str) -> dict | None:
 
         header = read_header(source.path)
         return {"bits_per_weight": header.get("bits_per_weight"), "bytes": header.get("bytes_on_disk"),
-                "method": header.get("method"), "scheme": header.get("scheme")}
+                "bytes_16bit": (header.get("size") or {}).get("bytes_16bit"),
+                **{k: header.get(k) for k in ("method", "scheme", "recipe", "calibration", "allocation",
+                                              "lowbit_version")}}  # lowbit_version: the one that quantized it
     if source.kind == "gguf":
         return {"bits_per_weight": None, "bytes": source.path.stat().st_size}
     if source.kind in ("hf", *READABLE):
@@ -107,10 +116,13 @@ def _size(name: str) -> dict | None:
     return None
 
 
-def _check_vocab(reference_vocab: int, candidate) -> None:
+def _check_vocab(reference_vocab: int, candidate, exact: bool = True) -> None:
+    """The candidate's vocabulary is the reference's (`exact`), or at least covers the reference's tokenizer (a served
+    reference, whose model's vocabulary size is not known here)."""
     cand_vocab = int(candidate.config.vocab_size)
-    if cand_vocab != reference_vocab:
-        raise LowbitError(f"the candidate's vocabulary has {cand_vocab} tokens and the reference's {reference_vocab}: "
+    if cand_vocab != reference_vocab if exact else cand_vocab < reference_vocab:
+        whose = "the reference's" if exact else "the reference's tokenizer's"
+        raise LowbitError(f"the candidate's vocabulary has {cand_vocab} tokens and {whose} {reference_vocab}: "
                           f"their distributions cannot be compared token by token. Compare models that share a "
                           f"tokenizer.")
 
@@ -130,36 +142,40 @@ def evaluate(cfg: EvalConfig) -> dict:
     for task in cfg.tasks:
         if task not in tasks_mod.TASKS:
             raise LowbitError(f"unknown task {task!r}; available: {', '.join(tasks_mod.TASKS)}.")
-    served = _check_served(cfg)
+    served_reference, served = _check_served(cfg)
     prompts = load_prompts(cfg.prompts, cfg.max_prompts) if cfg.kl else None
     record = ReferenceRecord.load(cfg.reference_record) if cfg.reference_record else None
 
     timings: dict[str, float] = {}
     with timed(timings, "load"):
         # on a GPU both models run in 16 bits (the candidate's quantized layers on lowbit's kernels)
-        reference = load(cfg.reference, device=cfg.device) if cfg.reference else None
+        reference = load(cfg.reference, device=cfg.device) if cfg.reference and served_reference is None else None
         candidate = load(cfg.candidate, device=cfg.device) if cfg.candidate and served is None else None
         tokenizer = load_tokenizer(_tokenizer_source(cfg, served, record))
     if record is not None:
         record.check_tokenizer(tokenizer, "--tokenizer" if cfg.tokenizer else
                                "reference" if cfg.reference else "candidate")
-        if reference is not None and not record.made_by(reference):
-            raise LowbitError(f"the reference record was made by another model ({record.meta.get('model')!r}) than "
-                              f"--reference {cfg.reference!r}; drop one of them, or record again.")
-    ref_vocab = int(reference.config.vocab_size) if reference is not None else int(record.meta["vocab_size"])
+        _check_record_source(cfg, record, reference, served_reference)
+    if reference is not None:
+        ref_vocab = int(reference.config.vocab_size)
+    else:
+        ref_vocab = int(record.meta["vocab_size"]) if record is not None else len(tokenizer)
     if candidate is not None:
-        _check_vocab(ref_vocab, candidate)
+        sparse = served_reference is not None or (record is not None and record.meta.get("sparse"))
+        _check_vocab(ref_vocab, candidate, exact=not sparse)
     if record is None:
         record = ReferenceRecord({"model": cfg.reference, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
                                   "vocab_size": ref_vocab}, torch.zeros(0, dtype=torch.int32),
                                  torch.zeros(1, dtype=torch.long), torch.zeros(0, dtype=torch.int32))
 
-    models = Models(reference, candidate, tokenizer, served)
-    out: dict = {"reference": cfg.reference or cfg.reference_record, "candidate": cfg.candidate}
+    models = Models(reference, candidate, tokenizer, served, served_reference)
+    out: dict = {"reference": cfg.reference or cfg.reference_record, "candidate": cfg.candidate,
+                 "lowbit_version": __version__, "date": datetime.now().astimezone().isoformat(timespec="seconds")}
     if cfg.kl:
         out["kl"], record = _divergence(cfg, record, models, prompts, timings)
-        if out["kl"] is not None and "endpoint" in out["kl"]:
-            out["endpoint"] = out["kl"].pop("endpoint")
+        for key in ("endpoint", "reference_endpoint"):
+            if out["kl"] is not None and key in out["kl"]:
+                out[key] = out["kl"].pop(key)
     if cfg.kl_text:
         out["kl_text"] = {}
         for name in cfg.kl_text:
@@ -188,26 +204,59 @@ class Models:
     candidate: torch.nn.Module | None
     tokenizer: object
     served: Endpoint | None = None  # a served candidate (then `candidate` is None)
+    served_reference: Endpoint | None = None  # a served reference (then `reference` is None)
 
 
-def _check_served(cfg: EvalConfig) -> Endpoint | None:
-    """The served candidate, if any, after refusing what cannot be done with one (before anything loads)."""
-    if is_served(cfg.reference):
-        raise LowbitError("a served reference (--reference openai+…) is not supported yet: lowbit records the "
-                          "reference's generations as token ids, with its top-N at every position. Record the "
-                          "reference from a local copy of the model (--reference MODEL --kl --save-reference FILE), "
-                          "then evaluate served candidates against that record (--reference-record FILE --candidate "
-                          "openai+…).")
-    if not is_served(cfg.candidate):
-        return None
-    endpoint = parse_endpoint(cfg.candidate)
+def _check_served(cfg: EvalConfig) -> tuple[Endpoint | None, Endpoint | None]:
+    """The served reference and candidate, if any, after refusing what cannot be done with them (before anything
+    loads)."""
+    reference = _check_served_reference(cfg) if is_served(cfg.reference) else None
+    candidate = None
+    if is_served(cfg.candidate):
+        candidate = parse_endpoint(cfg.candidate)
+        if cfg.kl_text or cfg.ppl or cfg.tasks:
+            raise LowbitError("a served candidate is measured by --kl only (teacher-forced log-probs through its "
+                              "API); --kl-text, --ppl and --tasks need the candidate's files.")
+        if not cfg.kl:
+            raise LowbitError("a served candidate is measured by --kl: add --kl.")
+    if reference or candidate:
+        api_key(cfg.served)  # a missing key is said before anything loads
+    return reference, candidate
+
+
+def _check_served_reference(cfg: EvalConfig) -> Endpoint:
+    endpoint = parse_endpoint(cfg.reference)
     if cfg.kl_text or cfg.ppl or cfg.tasks:
-        raise LowbitError("a served candidate is measured by --kl only (teacher-forced log-probs through its API); "
-                          "--kl-text, --ppl and --tasks need the candidate's files.")
+        raise LowbitError("a served reference (--reference openai+…) is measured by --kl only: its API gives the "
+                          "top-k log-probs of the sequences it generates. --ppl and --tasks need the reference "
+                          "model's full distribution, --kl-text its files: give a local copy of the model as "
+                          "--reference MODEL for those.")
     if not cfg.kl:
-        raise LowbitError("a served candidate is measured by --kl: add --kl.")
-    api_key(cfg.served)  # a missing key is said before anything loads
+        raise LowbitError("a served reference is measured by --kl: add --kl.")
+    if not cfg.tokenizer:
+        raise LowbitError("a served reference needs --tokenizer MODEL (a local model, .gguf or Hugging Face "
+                          "directory with the served model's tokenizer): lowbit tokenizes the prompts with its chat "
+                          "template, as for a local reference, and reads the server's tokens back into ids with it.")
     return endpoint
+
+
+def _check_record_source(cfg: EvalConfig, record: ReferenceRecord, reference,
+                         served_reference: Endpoint | None) -> None:
+    """Refuse a record that another model than --reference made."""
+    served = record.meta.get("served")
+    if served_reference is not None:
+        same = served and served.get("url") == served_reference.base_url and \
+            served_reference.model in (None, served.get("model"))
+        if not same:
+            raise LowbitError(f"the reference record was made by {record.meta.get('model')!r}, not by --reference "
+                              f"{cfg.reference!r}; drop one of them, or record again.")
+    elif reference is not None and served:
+        raise LowbitError(f"the reference record was made by the served model {record.meta.get('model')!r}; "
+                          f"--reference {cfg.reference!r} would be a second reference. Drop --reference (the record "
+                          "is the reference), or record again from the local model.")
+    elif reference is not None and not record.made_by(reference):
+        raise LowbitError(f"the reference record was made by another model ({record.meta.get('model')!r}) than "
+                          f"--reference {cfg.reference!r}; drop one of them, or record again.")
 
 
 def _tokenizer_source(cfg: EvalConfig, served: Endpoint | None, record: ReferenceRecord | None) -> str:
@@ -233,12 +282,20 @@ def _divergence(cfg: EvalConfig, record: ReferenceRecord, m: Models, prompts,
                 timings: dict[str, float]) -> tuple[dict | None, ReferenceRecord]:
     """The divergence summary, and the record (with the reference's generations and predictions, when it had none)."""
     prompt_list, source = prompts
+    options = dataclasses.replace(cfg.served, progress=cfg.served.progress and cfg.progress)
+    reference_run = None
     if record.num_sequences == 0:
-        if m.reference is None:
+        if m.served_reference is not None:
+            with timed(timings, "kl_served_reference"):
+                fresh, reference_run = served_record(m.served_reference, m.tokenizer, prompt_list, source=source,
+                                                     max_new_tokens=cfg.max_new_tokens, top_n=cfg.top_n,
+                                                     options=options)
+        elif m.reference is None:
             raise LowbitError("the reference record holds no generations; make one with --reference MODEL --kl.")
-        with timed(timings, "kl_generation"):
-            fresh = make_record(m.reference, m.tokenizer, prompt_list, source=source, model_name=cfg.reference,
-                                max_new_tokens=cfg.max_new_tokens, top_n=cfg.top_n, progress=cfg.progress)
+        else:
+            with timed(timings, "kl_generation"):
+                fresh = make_record(m.reference, m.tokenizer, prompt_list, source=source, model_name=cfg.reference,
+                                    max_new_tokens=cfg.max_new_tokens, top_n=cfg.top_n, progress=cfg.progress)
         record = dataclasses.replace(fresh, extras=record.extras)
     elif cfg.max_prompts is not None and cfg.max_prompts < record.num_sequences:
         record = record.first(cfg.max_prompts)
@@ -248,7 +305,6 @@ def _divergence(cfg: EvalConfig, record: ReferenceRecord, m: Models, prompts,
             with timed(timings, "kl_teacher_forcing"):
                 record = compare(record, None, m.reference, cfg.batch_tokens, cfg.progress).record
         with timed(timings, "kl_served"):
-            options = dataclasses.replace(cfg.served, progress=cfg.served.progress and cfg.progress)
             answers = teacher_force(record, m.tokenizer, m.served, options)
         d, counts = compare_answers(record, answers.answers)
         served_info = {**answers.info, **counts, "definition": SERVED_DEFINITION}
@@ -258,12 +314,23 @@ def _divergence(cfg: EvalConfig, record: ReferenceRecord, m: Models, prompts,
         with timed(timings, "kl_teacher_forcing"):
             comparison = compare(record, m.candidate, m.reference, cfg.batch_tokens, cfg.progress)
         record, d = comparison.record, comparison.divergence
+        if d is not None and not len(d.prompt):
+            raise LowbitError("the reference record holds no prediction to compare with: its served reference returned "
+                              "no position.")
     if d is None:
         return None, record
     summary = summarize_divergence(d, int(record.meta["top_n"]), cfg.seed)
     if served_info is not None:
         summary["endpoint"] = served_info
+    if record.meta.get("served"):
+        held = reference_returned(record)
+        summary["reference_endpoint"] = {**record.meta["served"], "positions": len(held),
+                                         "positions_not_in_reference": int((~held).sum()),
+                                         "positions_compared": len(d.prompt),
+                                         "definition": SERVED_REFERENCE_DEFINITION,
+                                         **({"run": reference_run} if reference_run else {})}
     summary["worst"] = worst_prompts(d, record, m.tokenizer)
+    summary["prompt_starts"] = prompt_starts(record, m.tokenizer)
     summary["record"] = {k: record.meta.get(k) for k in ("model", "prompts", "max_new_tokens", "num_prompts",
                                                          "truncated_prompts")}
     return summary, record

@@ -6,13 +6,16 @@ top-k it allows), then sends every sequence of the record — `options.concurren
 `options.timeout` seconds and the retries of lowbit.eval.openai_client — and returns each sequence's answer
 (lowbit.eval.echo.Answer) with a description of the run for the JSON (`info`). lowbit.eval.divergence's
 `compare_answers` turns them into the usual statistics (lowbit.eval.stats.sparse_token_stats).
+`generate(prompts, tokenizer, endpoint, options, max_new_tokens)` asks a served reference for its greedy
+continuations the same way (lowbit.eval.complete; lowbit.eval.served_reference makes its record). Both are a `Job` —
+the request's body and how its answer is read — run by one driver: the probe, the concurrent `Sender`, the `Cache`.
 
-Partial results: each sequence's answer (the server's log-probs, as it sent them) is written, atomically, to
-`$LOWBIT_CACHE/served/<key>/seq-NNNNN.json` as soon as it arrives, where <key> hashes the API's URL, the model's
-name, the record's token sequences and k; `meta.json` there says what the folder holds. A rerun of the same
-evaluation reads them back (checking each again) and asks only for the rest, so a run that was killed, or that
-failed on a server that went away, continues where it stopped. A different model served under the same name is
-not noticed: give `--no-endpoint-cache` (or remove the folder) after changing what the server serves.
+Partial results: each sequence's answer (the server's log-probs or generation, as it sent them) is written,
+atomically, to `$LOWBIT_CACHE/served/<key>/seq-NNNNN.json` as soon as it arrives, where <key> hashes the API's URL,
+the model's name, the sequences, k and (for a generation) its length; `meta.json` there says what the folder holds.
+A rerun of the same evaluation reads them back (checking each again) and asks only for the rest, so a run that was
+killed, or that failed on a server that went away, continues where it stopped. A different model served under the
+same name is not noticed: give `--no-endpoint-cache` (or remove the folder) after changing what the server serves.
 """
 
 from __future__ import annotations
@@ -21,14 +24,17 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
-from lowbit.eval import echo
+from lowbit.eval import complete, echo
 from lowbit.eval.endpoint import Endpoint
 from lowbit.eval.openai_client import APIError, Client, RetryPolicy, Unreachable
 from lowbit.eval.record import ReferenceRecord
@@ -62,6 +68,12 @@ class ServedOptions:
 @dataclass(frozen=True)
 class Served:
     answers: list[echo.Answer]
+    info: dict
+
+
+@dataclass(frozen=True)
+class Generated:
+    generations: list[complete.Generation]
     info: dict
 
 
@@ -103,50 +115,94 @@ def connect(endpoint: Endpoint, options: ServedOptions) -> tuple[Client, str]:
     return client, endpoint.model
 
 
+@dataclass(frozen=True)
+class Job:
+    """What each sequence's request asks: its body (from the model's name, the prompt as ids or text, and k), how
+    its answer is read (response, sequence, k, where → the answer), and what else keys its cache."""
+
+    name: str  # the progress bar's label
+    where: Callable[[int], str]  # names sequence i in errors
+    request: Callable[[str, list[int] | str, int], dict]
+    read: Callable[[dict, list[int], int, str], Any]
+    protocol: str  # what is sent (the prompt aside), for the JSON and errors
+    cache_meta: Mapping = field(default_factory=dict)
+
+
 def teacher_force(record: ReferenceRecord, tokenizer, endpoint: Endpoint, options: ServedOptions) -> Served:
     """Every sequence of the record through the API; see the module's docstring."""
     if record.num_sequences == 0:
         raise LowbitError("the reference record holds no sequences to send to the served model.")
-    start = time.perf_counter()
-    client, model = connect(endpoint, options)
     texts = TokenTexts.of(tokenizer)
     seqs = [record.sequence(i).tolist() for i in range(record.num_sequences)]
     if max(max(s) for s in seqs) >= len(texts.texts):
         raise LowbitError("the record's token ids exceed the tokenizer's vocabulary; it was made with another "
                           "tokenizer than the one given.")
-    cache = Cache.of(endpoint, model, record, options) if options.cache else None
+
+    def read(response: dict, seq: list[int], k: int, where: str) -> echo.Answer:
+        return echo.read(response, seq, texts, k, where)
+
+    job = Job("served model", _where, echo.request, read,
+              "POST /completions, echo: true, logprobs: k, max_tokens: 1, temperature: 0")
+    answers, plan, info = _run(job, seqs, tokenizer, endpoint, options, options.top_k)
+    info = {**info, "top_k": plan["k"], "top_k_asked": options.top_k,
+            "protocol": job.protocol + (", prompt_logprobs: k" if plan["mode"] == echo.IDS else "")}
+    return Served(answers, info)
+
+
+def generate(prompts: list[list[int]], tokenizer, endpoint: Endpoint, options: ServedOptions,
+             max_new_tokens: int) -> Generated:
+    """Each prompt's greedy continuation through the API (lowbit.eval.complete), with the concurrency, retries and
+    cache of `teacher_force`."""
+    if not prompts:
+        raise LowbitError("there are no prompts for the served reference to generate from.")
+    job = Job("served reference generates", lambda i: f"prompt {i}",
+              lambda model, prompt, k: complete.request(model, prompt, k, max_new_tokens),
+              lambda response, seq, k, where: complete.read(response, seq, tokenizer, where),
+              f"POST /completions, max_tokens: {max_new_tokens}, temperature: 0, logprobs: 1, repeat_penalty: 1",
+              {"job": "generation", "max_new_tokens": max_new_tokens})
+    generations, _, info = _run(job, prompts, tokenizer, endpoint, options, 1)
+    info = {**info, "protocol": job.protocol, "stopped": sum(g.stopped for g in generations),
+            "tokens_as": "ids" if all(g.by_id for g in generations) else "text, tokenized here",
+            "count_differs": sum(g.count_differs for g in generations)}
+    return Generated(generations, info)
+
+
+def _run(job: Job, seqs: list[list[int]], tokenizer, endpoint: Endpoint, options: ServedOptions,
+         k: int) -> tuple[list, dict, dict]:
+    """One request per sequence (the first one finds the plan: how the server takes a prompt, the k it allows),
+    answers kept and reused by the cache; returns the answers in order, the plan and a description of the run."""
+    start = time.perf_counter()
+    client, model = connect(endpoint, options)
+    cache = Cache.of(endpoint, model, seqs, k, job.cache_meta) if options.cache else None
     plan = cache.plan() if cache else None
-    answers: dict[int, echo.Answer] = {}
+    answers: dict[int, Any] = {}
     for i in range(len(seqs)):
         saved = cache.load(i) if cache and plan else None
         if saved is not None:
-            answers[i] = echo.read(saved, seqs[i], texts, plan["k"], _where(i))
+            answers[i] = job.read(saved, seqs[i], plan["k"], job.where(i))
     cached = len(answers)
     todo = [i for i in range(len(seqs)) if i not in answers]
     requests = 0
     if todo and plan is None:
         first = todo.pop(0)
-        plan, response, answers[first], requests = _probe(client, model, seqs[first], tokenizer, texts, options.top_k,
-                                                          endpoint, options, _where(first))
+        plan, response, answers[first], requests = _probe(client, model, job, seqs[first], tokenizer, k, endpoint,
+                                                          options, job.where(first))
         if cache:
             cache.start(plan)
             cache.save(first, response)
     if todo:
-        sender = Sender(client, model, tokenizer, texts, plan, endpoint, options, cache)
+        sender = Sender(client, model, job, tokenizer, plan, endpoint, options, cache)
         answers.update(sender.run(todo, seqs))
     requests += len(todo)
-    info = {"url": endpoint.base_url, "model": model, "top_k": plan["k"], "top_k_asked": options.top_k,
-            "prompt_as": "token ids" if plan["mode"] == echo.IDS else "text",
-            "protocol": "POST /completions, echo: true, logprobs: k, max_tokens: 1, temperature: 0"
-                        + (", prompt_logprobs: k" if plan["mode"] == echo.IDS else ""),
+    info = {"url": endpoint.base_url, "model": model, "prompt_as": "token ids" if plan["mode"] == echo.IDS else "text",
             "requests": requests, "sequences": len(seqs), "sequences_from_cache": cached,
             "concurrency": options.concurrency, "seconds": round(time.perf_counter() - start, 2),
             "cache": str(cache.folder) if cache else None}
-    return Served([answers[i] for i in range(len(seqs))], info)
+    return [answers[i] for i in range(len(seqs))], plan, info
 
 
-def _probe(client: Client, model: str, seq: list[int], tokenizer, texts: TokenTexts, k: int, endpoint: Endpoint,
-           options: ServedOptions, where: str) -> tuple[dict, dict, echo.Answer, int]:
+def _probe(client: Client, model: str, job: Job, seq: list[int], tokenizer, k: int, endpoint: Endpoint,
+           options: ServedOptions, where: str) -> tuple[dict, dict, Any, int]:
     """Send the first sequence as ids, then as text (without, then with, the leading BOS token: a server that puts
     none before a text prompt reads one token fewer), with k or the largest of FALLBACK_TOP_K the server takes.
     Returns the plan {mode, keep_bos, k}, the response, its answer and the number of requests."""
@@ -155,9 +211,9 @@ def _probe(client: Client, model: str, seq: list[int], tokenizer, texts: TokenTe
         refusals = []
         try:
             requests += 1
-            response = _post(client, echo.request(model, seq, k_try), endpoint, options, where)
+            response = _post(client, job.request(model, seq, k_try), endpoint, options, where)
             plan = {"mode": echo.IDS, "keep_bos": False, "k": k_try}
-            return plan, response, echo.read(response, seq, texts, k_try, where), requests
+            return plan, response, job.read(response, seq, k_try, where), requests
         except _BadRequest as e:
             refusals.append(e.error.message)
         if seq[0] != tokenizer.bos_token_id:
@@ -169,13 +225,13 @@ def _probe(client: Client, model: str, seq: list[int], tokenizer, texts: TokenTe
         for keep_bos in (False, True):
             try:
                 requests += 1
-                response = _post(client, echo.request(model, echo.prompt_text(tokenizer, seq, keep_bos), k_try),
+                response = _post(client, job.request(model, echo.prompt_text(tokenizer, seq, keep_bos), k_try),
                                  endpoint, options, where)
             except _BadRequest as e:
                 refusals.append(e.error.message)
                 break
             try:
-                answer = echo.read(response, seq, texts, k_try, where)
+                answer = job.read(response, seq, k_try, where)
             except echo.CountMismatch as e:
                 if keep_bos or e.server != e.record - 1:
                     raise
@@ -189,8 +245,7 @@ def _probe(client: Client, model: str, seq: list[int], tokenizer, texts: TokenTe
         if not any("logprob" in r.lower() for r in refusals):
             break
     raise LowbitError(f"the server refused lowbit's completions request: {_short(refusals[-1], 300)}. lowbit sends "
-                      "POST /completions with echo: true, logprobs: k, max_tokens: 1 and the prompt as token ids or "
-                      "text; the server must take it.")
+                      f"{job.protocol}, with the prompt as token ids or text; the server must take it.")
 
 
 class _BadRequest(Exception):
@@ -247,27 +302,28 @@ def _refused(e: APIError, endpoint: Endpoint, options: ServedOptions, where: str
 class Sender:
     """The remaining sequences, `options.concurrency` requests at a time, with a progress bar in requests/s."""
 
-    def __init__(self, client: Client, model: str, tokenizer, texts: TokenTexts, plan: dict, endpoint: Endpoint,
+    def __init__(self, client: Client, model: str, job: Job, tokenizer, plan: dict, endpoint: Endpoint,
                  options: ServedOptions, cache: Cache | None):
-        self.client, self.model, self.tokenizer, self.texts = client, model, tokenizer, texts
+        self.client, self.model, self.job, self.tokenizer = client, model, job, tokenizer
         self.plan, self.endpoint, self.options, self.cache = plan, endpoint, options, cache
 
-    def one(self, i: int, seq: list[int]) -> echo.Answer:
+    def one(self, i: int, seq: list[int]) -> Any:
         prompt = seq if self.plan["mode"] == echo.IDS else echo.prompt_text(self.tokenizer, seq, self.plan["keep_bos"])
+        where = self.job.where(i)
         try:
-            response = _post(self.client, echo.request(self.model, prompt, self.plan["k"]), self.endpoint,
-                             self.options, _where(i))
+            response = _post(self.client, self.job.request(self.model, prompt, self.plan["k"]), self.endpoint,
+                             self.options, where)
         except _BadRequest as e:
-            raise LowbitError(f"{_where(i)}: the server refused the request ({e.error.status}: "
+            raise LowbitError(f"{where}: the server refused the request ({e.error.status}: "
                               f"{_short(e.error.message, 300)}), which it took for the first sequence.") from None
-        answer = echo.read(response, seq, self.texts, self.plan["k"], _where(i))
+        answer = self.job.read(response, seq, self.plan["k"], where)
         if self.cache:
             self.cache.save(i, response)
         return answer
 
-    def run(self, todo: list[int], seqs: list[list[int]]) -> dict[int, echo.Answer]:
-        out: dict[int, echo.Answer] = {}
-        bar = tqdm(total=len(todo), desc="served model", unit="req", disable=not self.options.progress,
+    def run(self, todo: list[int], seqs: list[list[int]]) -> dict[int, Any]:
+        out: dict[int, Any] = {}
+        bar = tqdm(total=len(todo), desc=self.job.name, unit="req", disable=not self.options.progress,
                    dynamic_ncols=True)
         pool = ThreadPoolExecutor(max_workers=self.options.concurrency, thread_name_prefix="lowbit-served")
         try:
@@ -291,18 +347,21 @@ class Sender:
 
 
 class Cache:
-    """One folder per (API URL, model name, record sequences, k): the plan and each sequence's answer."""
+    """One folder per (API URL, model name, sequences, k, and what else the job says — a generation's length): the
+    plan and each sequence's answer."""
 
     def __init__(self, folder: Path, meta: dict):
         self.folder, self.meta = folder, meta
 
     @classmethod
-    def of(cls, endpoint: Endpoint, model: str, record: ReferenceRecord, options: ServedOptions) -> Cache:
+    def of(cls, endpoint: Endpoint, model: str, seqs: list[list[int]], k: int, job_meta: Mapping) -> Cache:
         from lowbit.model.builtin import cache_dir
 
-        record_hash = hashlib.sha256(record.tokens.numpy().tobytes() + record.offsets.numpy().tobytes()).hexdigest()
-        meta = {"protocol": PROTOCOL_VERSION, "url": endpoint.base_url, "model": model, "top_k_asked": options.top_k,
-                "record_sequences_sha256": record_hash, "sequences": record.num_sequences}
+        offsets = np.cumsum([0, *map(len, seqs)], dtype=np.int64)
+        tokens = np.array([t for s in seqs for t in s], dtype=np.int32)
+        record_hash = hashlib.sha256(tokens.tobytes() + offsets.tobytes()).hexdigest()
+        meta = {"protocol": PROTOCOL_VERSION, "url": endpoint.base_url, "model": model, "top_k_asked": k,
+                "record_sequences_sha256": record_hash, "sequences": len(seqs), **job_meta}
         key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
         return cls(cache_dir() / "served" / key, meta)
 
@@ -325,9 +384,9 @@ class Cache:
             return None
 
     def save(self, i: int, response: dict) -> None:
+        kept = ("logprobs", "prompt_logprobs", "text", "finish_reason")
         keep = {"usage": response.get("usage"),
-                "choices": [{k: v for k, v in c.items() if k in ("logprobs", "prompt_logprobs")}
-                            for c in response.get("choices", [])[:1]]}
+                "choices": [{k: v for k, v in c.items() if k in kept} for c in response.get("choices", [])[:1]]}
         with atomic_file(self.folder / f"seq-{i:05d}.json") as tmp:
             tmp.write_text(json.dumps(keep))
 

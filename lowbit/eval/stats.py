@@ -19,7 +19,8 @@ distributions renormalized there:
 
 (NaN where I ∩ K is empty), rejection compares the candidate's most likely id among K with the reference's top-1,
 spec_rejection = 1 − Σ_{i∈I∩K} min(p_i, q_i) (an upper bound, like the top-N one), and Δp = q(x) − p(x) as before.
-When K covers the vocabulary these are exactly `token_stats`'s.
+When K covers the vocabulary these are exactly `token_stats`'s. A served reference's record is sparse too
+(lowbit.eval.served_reference): its rows are padded with id −1, and I is then the ids it holds, in either function.
 """
 
 from __future__ import annotations
@@ -70,11 +71,15 @@ def token_stats(ref_top_ids: torch.Tensor, ref_top_logprobs: torch.Tensor, ref_n
     ref_top_ids, ref_top_logprobs: [T, N], the reference's top-N (log-probs over the full vocabulary, descending);
     ref_next_logprob: [T], the reference's log-prob of the token that comes next; cand_logprobs: [T, V] full
     log-softmax of the candidate; next_ids: [T]; ref_logprobs: [T, V] full reference log-probs, when available.
+    A sparse record (a served reference) pads its rows with id −1: the sums run over the ids it has (NaN KL where
+    it has none).
     """
-    lp = ref_top_logprobs.float()
-    lq = cand_logprobs.float().gather(-1, ref_top_ids.long())
+    known = ref_top_ids >= 0
+    lp = torch.where(known, ref_top_logprobs.float(), -torch.inf)
+    lq = torch.where(known, cand_logprobs.float().gather(-1, ref_top_ids.long().clamp(min=0)), -torch.inf)
     log_p, log_q = renormalized(lp), renormalized(lq)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0)
+    terms = torch.where(known, log_p.exp() * (log_p - log_q), 0.0)
+    kl = terms.sum(-1).clamp(min=0).masked_fill(~known.any(-1), torch.nan)
     rejected = cand_logprobs.argmax(-1) != ref_top_ids[:, 0]
     spec = 1 - torch.minimum(lp.exp(), lq.exp()).sum(-1)
     q_next = cand_logprobs.float().gather(-1, next_ids.long().unsqueeze(-1)).squeeze(-1)

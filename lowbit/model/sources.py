@@ -33,9 +33,9 @@ def resolve(name_or_path: str | Path, served: bool = False) -> Source:
     if is_served(name_or_path):
         if served:
             return Source("served", Path(), text.strip())
-        raise LowbitError(f"{text!r} is a served model (an OpenAI-compatible API); only `lowbit eval --candidate` "
-                          "takes one. This needs the model's files: give a directory, a .gguf file or a built-in "
-                          "name.")
+        raise LowbitError(f"{text!r} is a served model (an OpenAI-compatible API); only `lowbit eval` takes one "
+                          "(--candidate, --reference). This needs the model's files: give a directory, a .gguf "
+                          "file or a built-in name.")
     if text.lower() in BUILTINS:
         return Source("builtin", Path(), text.lower())
     path = Path(text).expanduser()
