@@ -45,6 +45,7 @@ from lowbit.eval.prompts import load_prompts, prompt_starts
 from lowbit.eval.record import ReferenceRecord, tokenizer_fingerprint
 from lowbit.eval.served import ServedOptions, api_key, teacher_force
 from lowbit.eval.served_reference import SERVED_REFERENCE_DEFINITION, served_record
+from lowbit.hardware import resolve_device
 from lowbit.io.foreign import READABLE
 from lowbit.model.architectures import text_config
 from lowbit.model.loading import load, load_tokenizer
@@ -59,8 +60,8 @@ SERVED_DEFINITION = ("per position, the served model's top-k log-probs (and its 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    reference: str | None = None
-    candidate: str | None = None
+    reference: str | torch.nn.Module | None = None  # a model lowbit loads, or one in memory (Python callers)
+    candidate: str | torch.nn.Module | None = None
     kl: bool = False
     kl_text: tuple[str, ...] = ()
     ppl: tuple[str, ...] = ()
@@ -116,6 +117,55 @@ def _size(name: str) -> dict | None:
     return None
 
 
+def _in_memory(cfg: EvalConfig) -> tuple[EvalConfig, dict[str, torch.nn.Module]]:
+    """The models given in memory, set aside, and the config with a name in their place (for the JSON). Such a model
+    is used where it is (its device must be `cfg.device`'s), and its tokenizer is read from where it was loaded
+    (its config's name_or_path) unless `cfg.tokenizer` names one."""
+    given = {role: m for role in ("reference", "candidate")
+             if isinstance(m := getattr(cfg, role), torch.nn.Module)}
+    if not given:
+        return cfg, {}
+    device = resolve_device(cfg.device)
+    for role, model in given.items():
+        where = next(model.parameters()).device
+        if where.type != device.type:
+            raise LowbitError(f"the {role} model is on {where} but the evaluation runs on {device}: move the model "
+                              f"(model.to(...)) or pass device={str(where)!r}.")
+    origins = {role: str(getattr(m, "name_or_path", "") or "") for role, m in given.items()}
+    names = {role: f"{role} in memory" + (f" (loaded from {origins[role]})" if origins[role] else "")
+             for role in given}
+    tokenizer = cfg.tokenizer
+    if tokenizer is None and "reference" in given:
+        tokenizer = next((o for o in (origins["reference"], origins.get("candidate", "")) if _loadable(o)), None) \
+            or (cfg.candidate if isinstance(cfg.candidate, (str, Path)) else None)
+        if tokenizer is None:
+            raise LowbitError("the reference model in memory does not say where it was loaded from, so its tokenizer "
+                              "is unknown: give tokenizer=PATH (a model directory or built-in name with its "
+                              "tokenizer).")
+    return dataclasses.replace(cfg, **names, tokenizer=tokenizer), given
+
+
+def _loadable(name: str) -> bool:
+    if not name:
+        return False
+    try:
+        resolve(name)
+        return True
+    except LowbitError:
+        return False
+
+
+def _size_in_memory(model: torch.nn.Module) -> dict:
+    """A candidate in memory: its bits per weight and the bytes a checkpoint of it would take (nothing on disk)."""
+    from lowbit.api import size_report
+
+    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    dtype = torch.bfloat16 if torch.bfloat16 in floats else torch.float16
+    sizes = size_report(model, dtype)
+    return {"bits_per_weight": sizes["bits_per_weight"], "bytes": None, "bytes_predicted": sizes["bytes_predicted"],
+            "bytes_16bit": sizes["bytes_16bit"], "in_memory": True}
+
+
 def _check_vocab(reference_vocab: int, candidate, exact: bool = True) -> None:
     """The candidate's vocabulary is the reference's (`exact`), or at least covers the reference's tokenizer (a served
     reference, whose model's vocabulary size is not known here)."""
@@ -128,7 +178,9 @@ def _check_vocab(reference_vocab: int, candidate, exact: bool = True) -> None:
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    """Run the requested evaluations; returns the DESIGN.md JSON object."""
+    """Run the requested evaluations; returns the DESIGN.md JSON object. The reference and the candidate may be
+    models already in memory (Python callers): see `_in_memory`."""
+    cfg, given = _in_memory(cfg)
     if cfg.reference is None and cfg.reference_record is None:
         raise LowbitError("give a reference: --reference MODEL, --reference-record FILE, or both.")
     if not (cfg.kl or cfg.kl_text or cfg.ppl or cfg.tasks):
@@ -149,8 +201,11 @@ def evaluate(cfg: EvalConfig) -> dict:
     timings: dict[str, float] = {}
     with timed(timings, "load"):
         # on a GPU both models run in 16 bits (the candidate's quantized layers on lowbit's kernels)
-        reference = load(cfg.reference, device=cfg.device) if cfg.reference and served_reference is None else None
-        candidate = load(cfg.candidate, device=cfg.device) if cfg.candidate and served is None else None
+        reference = given["reference"] if "reference" in given else \
+            load(cfg.reference, device=cfg.device, progress=cfg.progress) \
+            if cfg.reference and served_reference is None else None
+        candidate = given["candidate"] if "candidate" in given else \
+            load(cfg.candidate, device=cfg.device, progress=cfg.progress) if cfg.candidate and served is None else None
         tokenizer = load_tokenizer(_tokenizer_source(cfg, served, record))
     if record is not None:
         record.check_tokenizer(tokenizer, "--tokenizer" if cfg.tokenizer else
@@ -191,7 +246,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         for name in cfg.tasks:
             with timed(timings, f"task_{name}"):
                 out["tasks"][name], record = _task(cfg, record, models, name)
-    out["size"] = _size(cfg.candidate) if cfg.candidate and served is None else None
+    out["size"] = _size_in_memory(candidate) if "candidate" in given else \
+        _size(cfg.candidate) if cfg.candidate and served is None else None
     out["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
     if cfg.save_reference:
         record.save(cfg.save_reference, getattr(torch, cfg.record_dtype))
