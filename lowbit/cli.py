@@ -271,17 +271,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from lowbit.io.checkpoint import read_header, verify_files
+    from lowbit.io.checkpoint import header_hashed, read_header, verify_files
+    from lowbit.model.loading import describe_gguf
     from lowbit.model.sources import resolve
 
     source = resolve(args.checkpoint)
-    if source.kind != "lowbit":
-        print(json.dumps(_model_info(args.checkpoint, source), indent=1))
-        return 0
-    header = read_header(args.checkpoint)
-    verify_files(Path(args.checkpoint), header)
-    print(json.dumps({k: v for k, v in header.items() if k not in ("layers", "files", "blocks")}, indent=1))
+    if source.kind == "gguf":
+        info = {**describe_gguf(source.path), "note": f"{NOT_LOWBIT}: a GGUF file (llama.cpp's format), described "
+                                                     "from its header"}
+    elif source.kind != "lowbit":
+        info = _model_info(args.checkpoint, source)
+    else:
+        header = read_header(source.path)
+        verify_files(source.path, header)
+        info = {k: v for k, v in header.items() if k not in ("layers", "files", "blocks")}
+        info["checked"] = ("the sha256 of the header and of every file it names" if header_hashed(header) else
+                           "the sha256 of every file the header names; the header itself is not covered by a hash "
+                           "(it was written before lowbit hashed headers), so its own fields are unchecked")
+    print(json.dumps(info, indent=1))
     return 0
+
+
+NOT_LOWBIT = "not a lowbit checkpoint, so there are no hashes to check"
 
 
 def _model_info(name: str, source) -> dict:
@@ -292,15 +303,16 @@ def _model_info(name: str, source) -> dict:
     from lowbit.io.checkpoint import quantized_layers
     from lowbit.summary import describe_spec
 
-    model = api.load(name)
+    model = api.load(name, progress=False)
     sizes = api.size_report(model, _dtype_of(model))
     formats = Counter(describe_spec(m.spec) for m in quantized_layers(model).values())
-    files = [source.path] if source.kind == "gguf" else list(source.path.glob("*.safetensors")) \
-        if source.kind != "builtin" else []
+    files = list(source.path.glob("*.safetensors")) if source.kind != "builtin" else []
+    what = {"hf": "a Hugging Face model directory", "builtin": "lowbit's built-in model"}.get(
+        source.kind, f"a {source.kind} checkpoint (as its config.json's quantization_config says)")
     return {"format": source.kind, "model_type": model.config.model_type,
             "quantized_layers": sizes["quantized_layers"], "bits_per_weight": sizes["bits_per_weight"],
             "layer_formats": dict(formats), "kv_cache": getattr(model, "lowbit_kv_cache", None),
-            "bytes_on_disk": sum(f.stat().st_size for f in files) or None}
+            "bytes_on_disk": sum(f.stat().st_size for f in files) or None, "note": f"{NOT_LOWBIT}: {what}"}
 
 
 def _dtype_of(model):
@@ -427,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=cmd_export)
 
     e = sub.add_parser("eval", help="compare a candidate with its reference: KL, perplexity, tasks")
-    e.add_argument("--reference", help="reference model (built-in name, Hugging Face directory, .gguf)")
+    e.add_argument("--reference", help="reference model (built-in name, Hugging Face directory, .gguf), or a served "
+                                       "model openai+http://HOST:PORT/v1#MODEL (--kl only, with --tokenizer)")
     e.add_argument("--candidate", action="append",
                    help="candidate: lowbit checkpoint, Hugging Face directory, .gguf, built-in name, or a served "
                         "model openai+http://HOST:PORT/v1#MODEL (OpenAI-compatible API, teacher-forced through the "
@@ -464,10 +477,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", metavar="FILE", help="write the results as JSON")
     e.add_argument("--report", metavar="FILE.html", help="write a self-contained HTML report with plots")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
-    v = e.add_argument_group("served candidate", "a candidate given as openai+http(s)://HOST:PORT/v1#MODEL")
+    v = e.add_argument_group("served models", "a candidate or reference given as openai+http(s)://HOST:PORT/v1#MODEL")
     v.add_argument("--tokenizer", metavar="MODEL",
-                   help="a local model (directory, .gguf or built-in name) with the served model's tokenizer, where "
-                        "no --reference MODEL gives it (default: the record's model, if it is here)")
+                   help="a local model (directory, .gguf or built-in name) with the served model's tokenizer: needed "
+                        "for a served reference; for a served candidate where no --reference MODEL gives it "
+                        "(default: the record's model, if it is here)")
     v.add_argument("--api-key-env", metavar="NAME",
                    help="the environment variable holding the API key (sent as Authorization: Bearer; never "
                         "printed or saved)")
@@ -532,8 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
 
-    i = sub.add_parser("info", help="show a checkpoint's header after checking its files (or, for a compressed-"
-                                    "tensors, GPTQ, AWQ, Hugging Face or .gguf model, what it holds)")
+    i = sub.add_parser("info", help="show a checkpoint's header after checking its hash and its files' (or, for a "
+                                    "compressed-tensors, GPTQ, AWQ, Hugging Face or .gguf model, what it holds)")
     i.add_argument("checkpoint")
     i.set_defaults(func=cmd_info)
     return p

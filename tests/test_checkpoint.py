@@ -125,3 +125,34 @@ def test_quantizing_a_checkpoint_is_refused(stories, tmp_path):
     api.save(api.quantize(stories, Recipe(group_size=0), progress=False), tmp_path / "ckpt")
     with pytest.raises(LowbitError, match="already a lowbit checkpoint"):
         api.quantize(str(tmp_path / "ckpt"), Recipe(group_size=0), progress=False)
+
+
+def test_edited_header_fails_its_own_hash(stories, tmp_path):
+    header = api.save(api.quantize(stories, Recipe(scheme="w4a16", group_size=4), progress=False), tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / checkpoint.HEADER
+    stored = json.loads(path.read_text())
+    assert stored == header and stored[checkpoint.HEADER_HASH] == checkpoint.header_digest(stored)
+    path.write_text(json.dumps({**stored, "bits_per_weight": 2.0}, indent=1))
+    with pytest.raises(LowbitError, match=r"lowbit\.json' was edited or damaged: .* Re-run `lowbit quantize`"):
+        lowbit.load(tmp_path / "ckpt", verify=False)
+
+
+def test_unhashed_header_loads_and_an_edited_layer_entry_is_named(stories, tmp_path):
+    """A header written before headers were hashed still loads; editing a layer's format in it is refused naming the
+    layer, not with torch's size mismatch."""
+    api.save(api.quantize(stories, Recipe(scheme="w4a16", group_size=4), progress=False), tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / checkpoint.HEADER
+    old = json.loads(path.read_text())
+    del old[checkpoint.HEADER_HASH]
+    path.write_text(json.dumps(old, indent=1))
+    lowbit.load(tmp_path / "ckpt")
+    q, down = "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"
+    for layer, field, value, message in ((q, "bits", 2, "disagrees with the stored tensors"),
+                                         (q, "granularity", {"type": "per_group", "size": 8}, "disagrees"),
+                                         (down, "granularity", {"type": "per_group", "size": 3}, "cannot describe")):
+        edited = json.loads(json.dumps(old))
+        edited["layers"][layer]["spec"]["weight"][field] = value
+        path.write_text(json.dumps(edited))
+        with pytest.raises(LowbitError, match=rf"layer {layer}'s entry in .*lowbit\.json.* {message}.*was edited or "
+                                              "damaged"):
+            lowbit.load(tmp_path / "ckpt")

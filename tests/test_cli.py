@@ -244,3 +244,108 @@ def test_fast_is_a_small_calibration(capsys, stories_path, tmp_path):
     code, _, _ = run(capsys, "quantize", str(stories_path), "--method", "rtn", "--group-size", "4", "--fast",
                      "--out", str(tmp_path / "r"), "--quiet")  # a method without calibration: nothing to shrink
     assert code == 0 and json.loads((tmp_path / "r" / "lowbit.json").read_text())["calibration"] is None
+
+
+def test_info_checks_the_header_hash(capsys, stories_path, tmp_path):
+    """The streamed writer hashes the header; info refuses an edited header and says when one has no hash."""
+    assert run(capsys, "quantize", str(stories_path), "--group-size", "4", "--out", str(tmp_path / "q"),
+               "--quiet")[0] == 0
+    path = tmp_path / "q" / checkpoint.HEADER
+    header = json.loads(path.read_text())
+    code, out, _ = run(capsys, "info", str(tmp_path / "q"))
+    assert code == 0 and json.loads(out)["checked"] == "the sha256 of the header and of every file it names"
+    path.write_text(json.dumps({**header, "bits_per_weight": 2.0}, indent=1))
+    code, _, err = run(capsys, "info", str(tmp_path / "q"))
+    assert code == 2 and f"{str(path)!r} was edited or damaged" in " ".join(err.split()) and "Traceback" not in err
+    del header[checkpoint.HEADER_HASH]  # as lowbit wrote headers before they were hashed
+    path.write_text(json.dumps(header, indent=1))
+    code, out, _ = run(capsys, "info", str(tmp_path / "q"))
+    assert code == 0 and "the header itself is not covered by a hash" in json.loads(out)["checked"]
+
+
+def _tiny_gguf(path):
+    """A small GGUF file written with the gguf package: two tensors, F32 and F16."""
+    import numpy as np
+
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.ones((32, 64), np.float32))
+    writer.add_tensor("blk.0.attn_q.weight", np.ones((64, 64), np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("case", ["random bytes", "empty", "version 9", "header cut", "tensors cut"])
+def test_bad_gguf_file_is_refused_in_one_sentence(case, capsys, tmp_path):
+    whole = _tiny_gguf(tmp_path / "whole.gguf").read_bytes()
+    content, message = {
+        "random bytes": (bytes(range(256)) * 8, "is not a GGUF file: it does not start with the GGUF magic bytes"),
+        "empty": (b"", "is empty (0 bytes), not a GGUF model"),
+        "version 9": (b"GGUF" + (9).to_bytes(4, "little") + whole[8:], "is GGUF version 9, which the installed gguf "
+                      "package does not read (it reads versions 2, 3). Update the gguf package"),
+        "header cut": (whole[:40], "is truncated or damaged: a GGUF version 3 file whose header or tensor data"),
+        "tensors cut": (whole[:-100], "is truncated or damaged: a GGUF version 3 file whose header or tensor data"),
+    }[case]
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(content)
+    for argv in (["quantize", str(bad), "--out", str(tmp_path / "q")],
+                 ["quantize", str(bad), "--format", "compressed-tensors", "--out", str(tmp_path / "q")],
+                 ["info", str(bad)]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and f"{str(bad)!r} {message}" in " ".join(err.split()), err
+        assert "Traceback" not in err and ("again." in err or case == "version 9")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf", "whole.gguf"]
+
+
+def test_info_describes_what_is_not_a_lowbit_checkpoint(capsys, stories_path, tmp_path):
+    code, out, _ = run(capsys, "info", str(_tiny_gguf(tmp_path / "m.gguf")))
+    info = json.loads(out)
+    assert code == 0 and info["format"] == "gguf" and info["architecture"] == "llama" and info["tensors"] == 2
+    assert info["tensor_types"] == {"F32": 1, "F16": 1} and "not a lowbit checkpoint" in info["note"]
+    code, out, _ = run(capsys, "info", str(stories_path))
+    assert code == 0 and json.loads(out)["note"].endswith("a Hugging Face model directory")
+
+
+def _refused_in(folder, real):
+    """tempfile's `real` mkdtemp/mkstemp, raising EACCES for `folder` as a folder without write permission would."""
+    import errno
+    from pathlib import Path
+
+    def create(*args, **kwargs):
+        if kwargs.get("dir") is not None and Path(kwargs["dir"]) == folder:
+            raise PermissionError(errno.EACCES, "Permission denied", str(folder))
+        return real(*args, **kwargs)
+
+    return create
+
+
+@pytest.mark.parametrize("blocked", ["parent is a file", "permission denied"])
+def test_unwritable_output_is_refused_before_any_work(blocked, capsys, stories_path, tmp_path, monkeypatch):
+    """quantize and export --out where nothing can be written. Permission bits do not bind root, so the refusal
+    is simulated: a folder of the path is a regular file, or creating anything in the folder raises EACCES."""
+    import tempfile
+
+    assert run(capsys, "quantize", str(stories_path), "--scheme", "w8a16", "--group-size", "0", "--out",
+               str(tmp_path / "ckpt"), "--quiet")[0] == 0
+    where = tmp_path / "locked"
+    if blocked == "parent is a file":
+        where.write_text("a file")
+    else:
+        where.mkdir()
+        for name in ("mkdtemp", "mkstemp"):
+            monkeypatch.setattr(tempfile, name, _refused_in(where, getattr(tempfile, name)))
+    m, ckpt = str(stories_path), str(tmp_path / "ckpt")
+    for argv, out in ((["quantize", m, "--scheme", "w4a16", "--out"], where / "q"),
+                      (["quantize", m, "--scheme", "q4_k_m", "--format", "gguf", "--out"], where / "q.gguf"),
+                      (["export", ckpt, "--to", "compressed-tensors", "--out"], where / "ct"),
+                      (["export", ckpt, "--to", "gguf", "--out"], where / "e.gguf")):
+        code, _, err = run(capsys, *argv, str(out))
+        err = " ".join(err.split())
+        assert code == 2 and "cannot write" in err and str(out) in err and "Choose another" in err, err
+        assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "locked"]
+    assert where.is_file() or not list(where.iterdir())

@@ -7,10 +7,12 @@ A checkpoint directory holds
   `.weight` e4m3 and `.weight_scale` float32) and every other tensor in 16 bits; tied tensors are stored once;
 - `config.json` (+ generation config, tokenizer files) as transformers writes them;
 - `lowbit.json`: format version, lowbit version, recipe, each quantized layer's format and shape, the tied
-  tensors, sizes, and the sha256 of every other file (checked on load).
+  tensors, sizes, the sha256 of every other file, and `header_sha256`, the sha256 of the header itself (its
+  canonical JSON: keys sorted, compact, without that field); all checked on load. Headers written before
+  `header_sha256` still load (readers that predate it ignore it, so the format version stays 1).
 
 Loading is two-phase: the model is built with parameters on the meta device, quantized layers are swapped
-for QuantLinear as the header says, then the state dict is assigned after its keys are checked.
+for QuantLinear as the header says, then the state dict is assigned after its keys and shapes are checked.
 """
 
 from __future__ import annotations
@@ -36,7 +38,15 @@ from lowbit.runtime.qlinear import QuantLinear, set_module
 FORMAT_NAME = "lowbit"
 FORMAT_VERSION = 1
 HEADER = "lowbit.json"
+HEADER_HASH = "header_sha256"
+REBUILD = "Re-run `lowbit quantize` to rebuild the checkpoint."
 WEIGHTS = "model.safetensors"
+
+
+def header_digest(header: dict) -> str:
+    """The sha256 of a header's canonical JSON: keys sorted, compact separators, without the hash field itself."""
+    body = {k: v for k, v in header.items() if k != HEADER_HASH}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def sha256(path: Path) -> str:
@@ -138,6 +148,8 @@ def write_metadata(directory: Path, model: nn.Module, layers: dict, tied: dict[s
         "tied": tied, "layers": layers, "files": files,
         "bytes_on_disk": sum((directory / f).stat().st_size for f in files),
     }
+    header = json.loads(json.dumps(header))  # as a reader sees it (lists for tuples, string keys): what is hashed
+    header[HEADER_HASH] = header_digest(header)
     (directory / HEADER).write_text(json.dumps(header, indent=1))
     return header
 
@@ -151,18 +163,33 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def read_header(path: str | Path) -> dict:
+    """A checkpoint's header, refused if damaged: not JSON, not lowbit's, from a newer format, or not matching its
+    own `header_sha256` (a header written before that field has none to check: see `header_hashed`)."""
     path = Path(path)
     try:
         header = json.loads((path / HEADER).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LowbitError(f"{str(path / HEADER)!r} is missing or not valid JSON ({e}); the checkpoint is "
-                          f"damaged.") from None
-    if header.get("format") != FORMAT_NAME or not isinstance(header.get("layers"), dict):
+                          f"damaged. {REBUILD}") from None
+    layers = header.get("layers") if isinstance(header, dict) else None
+    if not isinstance(layers, dict) or header.get("format") != FORMAT_NAME:
         raise LowbitError(f"{str(path)!r} does not hold a lowbit checkpoint header.")
-    if header.get("format_version", 0) > FORMAT_VERSION:
-        raise LowbitError(f"{str(path)!r} was written by a newer lowbit (format {header['format_version']}); upgrade "
-                          f"lowbit to read it.")
+    version = header.get("format_version", 0)
+    if not isinstance(version, int):
+        raise LowbitError(f"{str(path / HEADER)!r} is damaged: its format_version is {version!r}. {REBUILD}")
+    if version > FORMAT_VERSION:
+        raise LowbitError(f"{str(path)!r} was written by a newer lowbit (format {version}); upgrade lowbit to read "
+                          f"it.")
+    if header_hashed(header) and header[HEADER_HASH] != (digest := header_digest(header)):
+        raise LowbitError(f"{str(path / HEADER)!r} was edited or damaged: its contents hash to {digest[:16]}…, not "
+                          f"to the {str(header[HEADER_HASH])[:16]}… its {HEADER_HASH} field records, so none of its "
+                          f"fields (bits per weight, recipe, layer formats) can be trusted. {REBUILD}")
     return header
+
+
+def header_hashed(header: dict) -> bool:
+    """Whether the header carries its own hash (written by a lowbit that hashes headers)."""
+    return HEADER_HASH in header
 
 
 def verify_files(path: Path, header: dict) -> None:
@@ -193,10 +220,16 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, verify
     for attn in static_kv or ():
         attn.register_buffer("k_scale", torch.empty((), device="meta"))
         attn.register_buffer("v_scale", torch.empty((), device="meta"))
+    edited = f"The checkpoint's header ({HEADER}) was edited or damaged after lowbit wrote it. {REBUILD}"
     for name, layer in header["layers"].items():
-        spec = LayerSpec.from_dict(layer["spec"])
-        set_module(model, name, QuantLinear(layer["in_features"], layer["out_features"], spec, layer["bias"],
-                                            device="meta", bias_dtype=dtype, outliers=layer.get("outliers", 0)))
+        try:
+            set_module(model, name, QuantLinear(layer["in_features"], layer["out_features"],
+                                                LayerSpec.from_dict(layer["spec"]), layer["bias"], device="meta",
+                                                bias_dtype=dtype, outliers=layer.get("outliers", 0)))
+        except (LowbitError, KeyError, TypeError, ValueError, AttributeError) as e:
+            why = str(e).split(". ")[0] if isinstance(e, LowbitError) else f"{type(e).__name__}: {e}"
+            raise LowbitError(f"layer {name}'s entry in {str(path / HEADER)!r} cannot describe a layer of this model "
+                              f"({why}). {edited}") from None
     tensors: dict[str, torch.Tensor] = {}
     for file in weight_files(path):
         try:
@@ -205,7 +238,8 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, verify
             raise LowbitError(f"could not read {str(file)!r}: {e}") from None
     tied = header.get("tied", {})
     assign_tensors(model, tensors, set(model.state_dict()) - set(tied), tied,
-                   tuple(n + "." for n in header["layers"]), dtype, f"checkpoint {str(path)!r}")
+                   tuple(n + "." for n in header["layers"]), dtype, f"checkpoint {str(path)!r}", layers_from=HEADER,
+                   layer_remedy=edited)
     for attn in static_kv or ():
         attn.k_scale, attn.v_scale = attn.k_scale.float(), attn.v_scale.float()
     if recipe.get("kv_cache"):
@@ -215,16 +249,33 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, verify
     return model.eval()
 
 
+OTHER_VERSION = "It may come from another version of the tool that wrote it or of transformers."
+
+
 def assign_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], expected: set[str], tied: dict[str, str],
-                   qprefixes: tuple[str, ...], dtype: torch.dtype, where: str) -> None:
-    """Second phase of a two-phase load: check that `tensors` has exactly the `expected` keys, cast floats outside
-    packed buffers to `dtype`, assign them, tie {dropped: kept} tensors, and refuse anything left on meta."""
+                   qprefixes: tuple[str, ...], dtype: torch.dtype, where: str, *,
+                   layers_from: str = "its quantization config", layer_remedy: str = OTHER_VERSION) -> None:
+    """Second phase of a two-phase load: check that `tensors` has exactly the `expected` keys, each of the shape (and,
+    for packed buffers, the dtype) the built model has for it, cast floats outside packed buffers to `dtype`, assign
+    them, tie {dropped: kept} tensors, and refuse anything left on meta. A mismatch is refused naming the quantized
+    layer whose description (in `layers_from`) disagrees, ending with `layer_remedy` (else OTHER_VERSION)."""
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
-        raise LowbitError(f"{where} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}. "
-                          f"It may come from another version of the tool that wrote it or of transformers.")
+        layer = _layer_of((missing + unexpected)[0], qprefixes)
+        raise LowbitError(f"{where} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+                          f"{f' (layer {layer} as {layers_from} describes it)' if layer else ''}. "
+                          f"{layer_remedy if layer else OTHER_VERSION}")
+    built = model.state_dict()
     for key, t in tensors.items():
-        if t.is_floating_point() and not is_packed(key, qprefixes):
+        want, packed = built[key], is_packed(key, qprefixes)
+        if t.shape != want.shape or (packed and t.dtype != want.dtype):
+            layer, stored = _layer_of(key, qprefixes), f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+            wanted = f"{list(want.shape)} {str(want.dtype).removeprefix('torch.')}"
+            what = f"layer {layer}'s entry in {layers_from}" if layer else "the model's config"
+            raise LowbitError(f"{where}: {what} disagrees with the stored tensors: {key} is {stored} on disk, "
+                              f"{wanted} by the {'entry' if layer else 'config'}. "
+                              f"{layer_remedy if layer else OTHER_VERSION}")
+        if t.is_floating_point() and not packed:
             tensors[key] = t.to(dtype)
     model.load_state_dict(tensors, strict=False, assign=True)
     for dropped, kept in tied.items():
@@ -232,6 +283,10 @@ def assign_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], expected:
     leftover = [n for n, t in model.state_dict().items() if t.is_meta]
     if leftover:
         raise LowbitError(f"{where} left tensors uninitialized: {leftover[:3]}.")
+
+
+def _layer_of(key: str, qprefixes: tuple[str, ...]) -> str | None:
+    return next((p[:-1] for p in qprefixes if key.startswith(p)), None)
 
 
 def _tie(model: nn.Module, dropped: str, kept: str) -> None:

@@ -177,13 +177,9 @@ def export(source, to: str, out: str | Path, *, tokenizer=None, overwrite: bool 
 def _export_gguf(source, out: str | Path, overwrite: bool) -> dict:
     """One .gguf file (lowbit.io.gguf_export), refused before any work if it exists or cannot be written."""
     from lowbit.api import QuantizeResult
-    from lowbit.io.gguf_export import export_gguf
+    from lowbit.io.gguf_export import check_gguf_out, export_gguf
 
-    out = Path(out)
-    if out.is_dir() or (out.exists() and not overwrite):
-        raise LowbitError(f"{str(out)!r} exists; GGUF export writes one file: choose another --out or pass "
-                          "--overwrite.")
-    check_writable(out.parent / f".{out.name}.probe", overwrite=False)
+    out = check_gguf_out(out, overwrite)
     source_model = source.source if isinstance(source, QuantizeResult) else None
     model, _, _, directory = _source(source)
     if source_model is None:

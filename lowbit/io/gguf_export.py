@@ -59,8 +59,6 @@ def source_gguf(source_model: str) -> Path | None:
 def check_gguf_target(model: str, recipe, out: str | Path, overwrite: bool) -> Path:
     """Before quantizing for `--format gguf`: the recipe's formats have llama.cpp types, the source can be described
     to llama.cpp, and `out` is a file that can be written (refused if it exists, unless `overwrite`)."""
-    from lowbit.io.export import check_writable
-
     specs = [recipe.default_spec] + [s for o in recipe.overrides if (s := recipe.override_spec(o)) is not None]
     for spec in specs:
         if ggml_type(spec.weight) is None or spec.act is not None:
@@ -78,12 +76,17 @@ def check_gguf_target(model: str, recipe, out: str | Path, overwrite: bool) -> P
             raise LowbitError(f"--format gguf quantizes a GGUF, a built-in model or a Hugging Face model; {model!r} is "
                               f"a {src.kind} checkpoint: export it with `lowbit export --to gguf` instead.")
         hf_arch(AutoConfig.from_pretrained(src.path))
-    out = Path(out)
+    return check_gguf_out(out, overwrite)
+
+
+def check_gguf_out(out: str | Path, overwrite: bool) -> Path:
+    """Refuse, before any work, a .gguf output that exists (unless `overwrite`) or could not be written."""
+    from lowbit.io.atomic import check_writable_file
+
+    out = Path(out).expanduser()
     if out.is_dir() or (out.exists() and not overwrite):
-        raise LowbitError(f"{str(out)!r} exists; --format gguf writes one file: choose another --out or pass "
-                          "--overwrite.")
-    check_writable(out.parent / f".{out.name}.probe", overwrite=False)
-    return out
+        raise LowbitError(f"{str(out)!r} exists; a GGUF is one file: choose another --out or pass --overwrite.")
+    return check_writable_file(out, "--out")
 
 
 def check_layers(layers: dict[str, object]) -> str:
@@ -112,7 +115,10 @@ def export_gguf(model: torch.nn.Module, source_model: str, out: Path, tokenizer_
     main_type = check_layers(layers)
     src = source_gguf(source_model)
     if src is not None:
-        return _atomic(out, lambda tmp: _write_from_gguf(model, layers, src, main_type, tmp))
+        from lowbit.model.loading import check_gguf
+
+        reader = check_gguf(src)  # a source damaged since is refused before anything is written
+        return _atomic(out, lambda tmp: _write_from_gguf(model, layers, reader, main_type, tmp))
     from lowbit.io.gguf_hf import hf_arch
 
     arch = hf_arch(model.config)  # refuses what it cannot describe, before anything is written
@@ -199,10 +205,9 @@ def _quantized(module, key: str, heads: dict[str, int]) -> tuple[np.ndarray, obj
     return ggml_bytes(qw), getattr(gguf.GGMLQuantizationType, ggml_type(qw.fmt).upper())
 
 
-def _write_from_gguf(model, layers: dict, src: Path, main_type: str, tmp: str) -> None:
+def _write_from_gguf(model, layers: dict, reader, main_type: str, tmp: str) -> None:
     import gguf
 
-    reader = gguf.GGUFReader(src)
     arch = reader.fields["general.architecture"].contents()
     by_gguf = _gguf_names(layers, _tensor_names(arch, int(reader.fields[f"{arch}.block_count"].contents())), arch)
     present = {t.name for t in reader.tensors}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,6 +20,9 @@ from lowbit.model.adapt import adapt
 from lowbit.model.architectures import Family, family_for
 from lowbit.model.builtin import builtin_gguf, cache_dir
 from lowbit.model.sources import Source, resolve
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
 
 
 def family_of(model: nn.Module) -> Family:
@@ -66,20 +71,81 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     return adapt(model)
 
 
-def check_gguf(path: Path) -> None:
-    """Refuse a file that is not a whole GGUF (a truncated download, another format renamed) in one sentence, before
-    any reader meets its missing bytes: the gguf package reads the header and maps every tensor's data."""
-    import gguf
+def check_gguf(path: Path) -> GGUFReader:
+    """The gguf package's reader of `path`, after refusing in one sentence, before any reader meets its missing bytes,
+    a file that is not a whole GGUF this reader reads: another format (renamed, or an HTML error page saved as the
+    download), a GGUF version it does not read, or a truncated file. The reader is kept for the next call on the same
+    unchanged file (reading a GGUF's header takes seconds: its vocabulary is in it)."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError as e:
+        raise LowbitError(f"could not read {str(path)!r}: {e.strerror}.") from None
+    return _checked_gguf(path, stat.st_size, (stat.st_ino, stat.st_mtime_ns))
 
+
+@functools.lru_cache(maxsize=2)
+def _checked_gguf(path: Path, size: int, _version: tuple[int, int]) -> GGUFReader:
+    import gguf
+    from gguf.gguf_reader import READER_SUPPORTED_VERSIONS
+
+    fix = "Download or export it again."
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise LowbitError(f"could not read {str(path)!r}: {e.strerror}.") from None
+    if not size:
+        raise LowbitError(f"{str(path)!r} is empty (0 bytes), not a GGUF model. {fix}")
+    if head[:4] != b"GGUF":
+        raise LowbitError(f"{str(path)!r} is not a GGUF file: it does not start with the GGUF magic bytes (it starts "
+                          f"with {head[:4]!r}). {fix}")
+    if len(head) < 8:
+        raise LowbitError(f"{str(path)!r} is truncated: {size} bytes, not even a GGUF header. {fix}")
+    version = int.from_bytes(head[4:8], "little")
+    if version & 0xFFFF == 0:  # written for the other byte order, as the gguf package reads it
+        version = int.from_bytes(head[4:8], "big")
+    if version not in READER_SUPPORTED_VERSIONS:
+        newer = version > max(READER_SUPPORTED_VERSIONS)
+        raise LowbitError(f"{str(path)!r} is GGUF version {version}, which the installed gguf package does not read "
+                          f"(it reads versions {', '.join(map(str, READER_SUPPORTED_VERSIONS))}). "
+                          + ("Update the gguf package (pip install -U gguf)." if newer else
+                             "Convert the model again with a current llama.cpp (convert_hf_to_gguf.py)."))
     try:
         reader = gguf.GGUFReader(path)
         end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
     except Exception as e:
-        raise LowbitError(f"could not read {str(path)!r} as a GGUF model: it is truncated, damaged or not a GGUF file "
-                          f"({type(e).__name__}: {e}). Download or export it again.") from None
-    if end > path.stat().st_size:
-        raise LowbitError(f"{str(path)!r} is truncated: its tensors need {end} bytes, the file has "
-                          f"{path.stat().st_size}. Download or export it again.")
+        raise LowbitError(f"{str(path)!r} is truncated or damaged: a GGUF version {version} file whose header or "
+                          f"tensor data cannot be read whole ({type(e).__name__}: {e}). {fix}") from None
+    if end > size:
+        raise LowbitError(f"{str(path)!r} is truncated: its tensors need {end} bytes, the file has {size}. {fix}")
+    return reader
+
+
+def describe_gguf(path: Path) -> dict:
+    """What a .gguf file holds, from its header alone (nothing is dequantized): architecture, name, file type,
+    tensors by llama.cpp type, bits per weight over all tensors, bytes."""
+    import gguf
+
+    reader = check_gguf(path)
+
+    def field(key: str):
+        return reader.fields[key].contents() if key in reader.fields else None
+
+    arch, file_type = field("general.architecture"), field("general.file_type")
+    try:
+        file_type = gguf.LlamaFileType(file_type).name if file_type is not None else None
+    except ValueError:
+        pass  # a type this gguf package does not name: its number
+    elements = sum(int(t.n_elements) for t in reader.tensors)
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    return {"format": "gguf", "gguf_version": field("GGUF.version"), "architecture": arch,
+            "name": field("general.name"), "file_type": file_type, "blocks": field(f"{arch}.block_count"),
+            "tensors": len(reader.tensors), "tensor_types": types,
+            "bits_per_weight": 8 * sum(int(t.n_bytes) for t in reader.tensors) / elements if elements else None,
+            "bytes_on_disk": Path(path).stat().st_size}
 
 
 def load_gguf_tokenizer(path: Path):
@@ -89,11 +155,13 @@ def load_gguf_tokenizer(path: Path):
 
 
 def tokenizer_dir_or_gguf(name_or_path: str | Path) -> tuple[Path, str | None]:
-    """Where the tokenizer of a model argument lives: (directory, gguf file name or None)."""
+    """Where the tokenizer (and config) of a model argument lives: (directory, gguf file name or None); a .gguf file
+    is checked whole first (check_gguf)."""
     source = resolve(name_or_path)
     if source.kind == "builtin":
         return builtin_checkpoint(source.name), None
     if source.kind == "gguf":
+        check_gguf(source.path)
         return source.path.parent, source.path.name
     return source.path, None
 
@@ -169,8 +237,6 @@ def load_tokenizer(name_or_path: str | Path):
     from transformers import AutoTokenizer
 
     directory, gguf = tokenizer_dir_or_gguf(name_or_path)
-    if gguf:
-        check_gguf(Path(directory) / gguf)
     try:
         return AutoTokenizer.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {}))
     except (ValueError, OSError, KeyError) as e:
