@@ -196,6 +196,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         served=_served_options(args))
     check_eval_inputs(cfg, {"--json": args.json, "--report": args.report})
     if args.out:
+        from lowbit.io.atomic import check_writable_folder
+
+        check_writable_folder(args.out, "--out")
+    if args.out:
         from lowbit.eval.many import REPORT, evaluate_many, summary_lines
 
         runs = evaluate_many(cfg, candidates, args.out)

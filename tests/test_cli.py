@@ -207,7 +207,8 @@ def _refused_before_loading(capsys, tmp_path, argv, message):
     assert not [p for p in tmp_path.rglob("*") if p.name not in ("a-file", "no-data")]  # nothing written
 
 
-@pytest.mark.parametrize("case", ["json under a file", "report is a folder", "record under a file", "unknown ppl",
+@pytest.mark.parametrize("case", ["json under a file", "report is a folder", "record under a file",
+                                  "results under a file", "unknown ppl",
                                   "missing ppl data", "missing task data", "missing calibration data"])
 def test_inputs_and_outputs_are_checked_before_any_model_loads(case, capsys, stories_path, tmp_path, monkeypatch,
                                                                 no_model_loads):
@@ -219,6 +220,7 @@ def test_inputs_and_outputs_are_checked_before_any_model_loads(case, capsys, sto
         "json under a file": ([*evaluate, "--json", under_file], f"cannot write --json {under_file!r}"),
         "report is a folder": ([*evaluate, "--report", str(tmp_path)], f"--report {str(tmp_path)!r} is a directory"),
         "record under a file": ([*evaluate, "--save-reference", under_file], "cannot write --save-reference"),
+        "results under a file": ([*evaluate, "--out", under_file], f"cannot write --out {under_file!r}"),
         "unknown ppl": ([*evaluate, "--ppl", "wikitext2,nosuchset"], "unknown perplexity set 'nosuchset'"),
         "missing ppl data": ([*evaluate, "--ppl", "ptb"], "perplexity set 'ptb' is read from"),
         "missing task data": ([*evaluate, "--tasks", "piqa"], "task data"),

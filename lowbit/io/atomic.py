@@ -57,7 +57,24 @@ def check_writable_file(target: str | Path, flag: str) -> Path:
     target = Path(target).expanduser()
     if target.is_dir():
         raise LowbitError(f"{flag} {str(target)!r} is a directory; give a file name (e.g. {str(target / 'out')!r}).")
-    parent = target.parent
+    _probe_nearest_folder(target.parent, target, flag)
+    return target
+
+
+def check_writable_folder(target: str | Path, flag: str) -> Path:
+    """The same for an output folder that may already exist (a resumable one): it, or the nearest folder above it
+    that exists, must be a folder this process can write in."""
+    target = Path(target).expanduser()
+    if target.exists() and not target.is_dir():
+        raise LowbitError(f"{flag} {str(target)!r} is a file, not a folder. Choose another path.")
+    _probe_nearest_folder(target, target, flag)
+    return target
+
+
+def _probe_nearest_folder(start: Path, target: Path, flag: str) -> None:
+    """Create and remove a file in `start` or the nearest folder above it that exists (`target`, `flag`: for the
+    message)."""
+    parent = start
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
@@ -70,7 +87,6 @@ def check_writable_file(target: str | Path, flag: str) -> Path:
     except OSError as e:
         raise LowbitError(f"cannot write {flag} {str(target)!r}: {str(parent)!r} is not a writable folder "
                           f"({e.strerror}). Choose another path.") from None
-    return target
 
 
 @contextmanager
