@@ -1,4 +1,5 @@
-"""GPTQ's two costs per layer on a GPU, side by side: the Hessian products (float32 vs TF32 on 16-bit inputs) and
+"""GPTQ's two costs per layer on a GPU, side by side: the Hessian products (float32, as lowbit runs them, vs the
+TF32 tensor cores, which lowbit does not use: they broke positive definiteness on a real run, BENCHMARKS.md) and
 the column loop (PyTorch, about ten launches per column, vs lowbit's one-kernel-per-batch Triton loop).
 
 Llama-3-8B's layer shapes as the pipeline quantizes them (q/k/v stacked, o, gate/up stacked, down), inputs of
@@ -38,7 +39,9 @@ def hessian(k: int, tokens: int, tf32: bool) -> torch.Tensor:
     spread[:4] = 30
     for _ in range(tokens // 16384):
         x = (torch.randn(16384, k, device="cuda", generator=g) * spread).to(torch.bfloat16)
-        accumulate(stats, x if tf32 else x.float())  # float32 inputs take the float32 path
+        before, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, tf32
+        accumulate(stats, x)
+        torch.backends.cuda.matmul.allow_tf32 = before
     return stats
 
 

@@ -20,7 +20,7 @@ def _recipe_from_args(args: argparse.Namespace):
     scheme = args.scheme or ("fp8" if args.method == "fp8" else None)
     if scheme is None and (args.method or "").startswith("smoothquant") and recipe.scheme not in ("w8a8", "fp8"):
         scheme = "w8a8"
-    options = {"act_order": True if args.act_order else None, "damp": args.damp, "block_size": args.block_size,
+    options = {"act_order": args.act_order, "damp": args.damp, "block_size": args.block_size,
                "stat_bits": args.stat_bits, "stat_group": args.stat_group,
                "outlier_threshold": args.outlier_threshold, "outlier_rate": args.outlier_rate, "alpha": args.alpha,
                "smooth_all": True if args.smooth_all else None, "awq_clip": False if args.no_awq_clip else None}
@@ -355,8 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--clip", action="store_true", help="choose each group's range by an error-minimizing search")
     m = q.add_argument_group("method options", "each belongs to one method (in a recipe file: its `options`); "
                              "given to another method, it is an error")
-    m.add_argument("--act-order", action="store_true", help="GPTQ: columns by descending Hessian diagonal "
-                                                            "(static groups)")
+    m.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: columns by descending Hessian diagonal, with static groups (default: on, except on "
+                        "llama.cpp's k-quant grids; --no-act-order: column order)")
     m.add_argument("--damp", type=float, help="GPTQ, SpQR: dampening, a fraction of the mean Hessian diagonal (0.01)")
     m.add_argument("--block-size", type=int, help="GPTQ, SpQR: columns per lazy batch (128)")
     m.add_argument("--stat-bits", type=int, help="SpQR: bits of the quantized scales and zeros (3; 16 = float16)")

@@ -90,7 +90,7 @@ def what_it_means(result: dict) -> str:
                      f"({ppl['candidate'] / ppl['reference'] - 1:+.0%}); perplexity only says the text got less "
                      "likely, KL says how far each prediction moved.")
     lines.append("Small models lose more to 4 bits than the 7B+ models people ship, so read this as a demonstration of "
-                 "the measure. Next: `lowbit quantize smollm2-135m --method gptq --act-order` (error-compensating: "
+                 "the measure. Next: `lowbit quantize smollm2-135m --method gptq` (error-compensating: "
                  "lower KL and perplexity than round-to-nearest at every setting measured on SmolLM2, BENCHMARKS.md), "
                  "`--scheme w8a16` (8 bits), or `--target-bpw 4.5` (mixed precision under a size budget); then "
                  "`lowbit eval --kl` on the full prompt set, and `lowbit sweep` for the whole quality/size frontier.")

@@ -218,10 +218,10 @@ class Recipe:
         """The recipe's options as the method's frozen config `cls` (its defaults where none is set); None for None."""
         return None if cls is None else self._configs[cls]
 
-    def option(self, name: str) -> Any:
-        """One option's value, the method's default where the recipe sets none (None when the method has no such
+    def option(self, name: str, missing: Any = None) -> Any:
+        """One option's value, the method's default where the recipe sets none (`missing` when the method has no such
         option)."""
-        return all_options(self._configs).get(name)
+        return all_options(self._configs).get(name, missing)
 
     def layer_spec(self, name: str) -> LayerSpec | None:
         """The spec for a targeted layer after overrides, or None when an override skips it."""

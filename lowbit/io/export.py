@@ -68,9 +68,14 @@ def check_writable(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
+def _static_act_order(recipe: Recipe) -> bool:
+    """Whether GPTQ ran in act-order (on unless the recipe turns it off; integer grids get static groups)."""
+    return recipe.option("act_order", missing=False) is not False
+
+
 def check_recipe(recipe: Recipe) -> None:
     """Refuse, before quantizing, a recipe whose result compressed-tensors cannot hold."""
-    act_order = bool(recipe.option("act_order"))
+    act_order = _static_act_order(recipe)
     map_spec("(every targeted layer)", recipe.default_spec, act_order)
     for o in recipe.overrides:
         spec = recipe.override_spec(o)
@@ -144,7 +149,7 @@ def export(source, to: str, out: str | Path, *, tokenizer=None, overwrite: bool 
     qlayers = quantized_layers(model)
     if not qlayers:
         raise LowbitError("the model has no quantized layer; there is nothing for compressed-tensors to describe.")
-    act_order = bool(recipe.option("act_order"))
+    act_order = _static_act_order(recipe)
     mapped: dict[str, Mapped] = {name: map_spec(name, m.spec, act_order) for name, m in qlayers.items()}
     kv = check_kv(recipe)
     linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or n in qlayers]
