@@ -218,10 +218,14 @@ class Recipe:
         """The recipe's options as the method's frozen config `cls` (its defaults where none is set); None for None."""
         return None if cls is None else self._configs[cls]
 
-    def option(self, name: str, missing: Any = None) -> Any:
-        """One option's value, the method's default where the recipe sets none (`missing` when the method has no such
+    def configs(self) -> list[Any]:
+        """The method's option objects (each a frozen config class, defaults where the recipe sets none)."""
+        return list(self._configs.values())
+
+    def option(self, name: str) -> Any:
+        """One option's value, the method's default where the recipe sets none (None when the method has no such
         option)."""
-        return all_options(self._configs).get(name, missing)
+        return all_options(self._configs).get(name)
 
     def layer_spec(self, name: str) -> LayerSpec | None:
         """The spec for a targeted layer after overrides, or None when an override skips it."""
@@ -342,9 +346,13 @@ class Recipe:
             raise LowbitError(f"{source}: 'options' must be a mapping of the method's option names to values, got "
                               f"{options!r}.")
         options = dict(options)
-        for key, old_default in _FLAT_OPTIONS.items():  # recipes written before `options` kept these at the top
-            if key in d and (value := d.pop(key)) != old_default:
-                options.setdefault(key, value)
+        flat = {key: d.pop(key) for key in _FLAT_OPTIONS if key in d}  # recipes written before `options`
+        if flat:
+            now = _current_defaults(str(d.get("method", cls.method)).lower())
+            # a value is kept where it differs from the default then, or (None being "unset") from today's
+            for key, value in flat.items():
+                if value != _FLAT_OPTIONS[key] or (value is not None and key in now and now[key] != value):
+                    options.setdefault(key, value)
         d["options"] = options
         _check_keys(d, [f.name for f in fields(cls)], source)
         overrides = []
@@ -378,6 +386,14 @@ class Recipe:
 _FLAT_OPTIONS: dict[str, Any] = {"act_order": False, "damp": 0.01, "block_size": 128, "stat_bits": 3,
                                  "stat_group": 16, "outlier_threshold": None, "outlier_rate": None, "alpha": None,
                                  "smooth_all": False, "awq_clip": True}
+
+
+def _current_defaults(method: str) -> dict[str, Any]:
+    """The method's options with today's defaults; none for an unknown method (the recipe's check names it)."""
+    try:
+        return all_options(configure(method, {}))
+    except LowbitError:
+        return {}
 
 
 def _compile(pattern: str, what: str) -> re.Pattern:

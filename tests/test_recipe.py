@@ -160,6 +160,14 @@ def test_recipes_written_with_flat_method_options_still_load():
     assert recipe.default_spec.weight.beta2 == 4
 
 
+def test_a_flat_recipe_keeps_the_column_order_it_was_written_with():
+    old = {"lowbit_recipe": 1, "method": "gptq", "scheme": "w4a16", "group_size": 64, "act_order": False,
+           "damp": 0.01, "block_size": 128, "stat_bits": 3, "smooth_all": False}
+    assert Recipe.from_dict(old).option("act_order") is False  # then the default; act-order is the default now
+    assert Recipe.from_dict({**old, "method": "rtn"}).options == {}  # RTN has no such option
+    assert Recipe.from_dict({k: v for k, v in old.items() if k != "act_order"}).option("act_order") is None
+
+
 @pytest.mark.parametrize("method,options,match", [
     ("gptq", {"alpha": 0.5}, r"method gptq has no option 'alpha'; its options are block_size, damp, act_order"),
     ("rtn", {"damp": 0.1}, r"method rtn has no option 'damp'; it has none"),

@@ -23,6 +23,7 @@ from lowbit.io.compressed_tensors import (
     map_spec,
     write_safetensors,
 )
+from lowbit.methods.gptq import GPTQConfig
 from lowbit.model.loading import family_of
 from lowbit.recipe import Recipe
 from lowbit.runtime import kvcache
@@ -69,8 +70,9 @@ def check_writable(out: str | Path, overwrite: bool) -> Path:
 
 
 def _static_act_order(recipe: Recipe) -> bool:
-    """Whether GPTQ ran in act-order (on unless the recipe turns it off; integer grids get static groups)."""
-    return recipe.option("act_order", missing=False) is not False
+    """Whether GPTQ visited the (integer-grid) layers in act-order, with static groups."""
+    gptq = next((c for c in recipe.configs() if isinstance(c, GPTQConfig)), None)
+    return gptq is not None and gptq.ordered_on_int_grids
 
 
 def check_recipe(recipe: Recipe) -> None:

@@ -92,6 +92,11 @@ class GPTQConfig:
     damp: float = DEFAULT_DAMP  # λ, a fraction of the mean Hessian diagonal
     act_order: bool | None = None  # columns by descending Hessian diagonal; None: on, except on super-block grids
 
+    @property
+    def ordered_on_int_grids(self) -> bool:
+        """Whether integer grids are visited in act-order (static groups): unless act_order is False."""
+        return self.act_order is not False
+
     def __post_init__(self) -> None:
         if self.block_size < 1 or not 0 <= self.damp < 1:
             raise LowbitError(f"GPTQ needs a block size ≥ 1 and 0 ≤ damp < 1; got {self.block_size}, {self.damp}.")
@@ -143,7 +148,7 @@ def gptq_quantize(weight: torch.Tensor, stats: HessianStats, fmt: WeightFormat,
     group = fmt.granularity.size if isinstance(fmt.granularity, PerGroup) else None
     if group is not None and weight.shape[1] % group:
         raise LowbitError(f"group size {group} does not divide the input dimension {weight.shape[1]}.")
-    act_order = cfg.act_order is not False
+    act_order = cfg.ordered_on_int_grids
     W, Hinv, perm, diag = prepare(weight, stats, cfg.damp, act_order)
     rows, cols = W.shape
     scale = zero = None
