@@ -59,19 +59,30 @@ def peak_memory(device: torch.device) -> dict:
     return out
 
 
-def return_freed_memory() -> None:
-    """Make glibc give large freed blocks back to the system at once (allocations of 8 MiB and more are mapped on
-    their own, and the threshold no longer grows with use). Without it, the blocks a long streamed run reads and
-    drops one after the other stay in the process's resident memory in varying amounts. A no-op elsewhere."""
+def _libc():
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
-    except (OSError, AttributeError):
-        return
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+def trim_freed_memory() -> None:
+    """Give the system the free pages inside glibc's heaps (malloc_trim), which a block's many small tensors leave
+    behind in amounts that vary from run to run. A no-op elsewhere."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def return_freed_memory() -> None:
+    """Make glibc give large freed blocks back to the system at once (allocations of 8 MiB and more are mapped on
+    their own, and the threshold no longer grows with use). Without it, the blocks a long streamed run reads and
+    drops one after the other stay in the process's resident memory in varying amounts. A no-op elsewhere."""
+    mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is not None:
         mallopt(-3, 8 << 20)  # M_MMAP_THRESHOLD
         mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD

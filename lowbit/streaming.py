@@ -41,7 +41,13 @@ from lowbit.api import (
 )
 from lowbit.data.calibration import CalibConfig
 from lowbit.errors import LowbitError
-from lowbit.hardware import peak_memory, resolve_compute_dtype, resolve_device, return_freed_memory
+from lowbit.hardware import (
+    peak_memory,
+    resolve_compute_dtype,
+    resolve_device,
+    return_freed_memory,
+    trim_freed_memory,
+)
 from lowbit.io.atomic import disk_full, free_space
 from lowbit.io.checkpoint import (
     INDEX,
@@ -207,6 +213,7 @@ class BlockStream:
         self.work.commit(i + 1, inputs, result)
         fault_point("block-end", i)
         release(block)
+        trim_freed_memory()
 
 
 def shard_name(i: int, shards: int) -> str:
