@@ -51,7 +51,8 @@ def storage_dtype_of(model: nn.Module, requested: str, tensors: Callable[[], Ite
         if requested not in _DTYPES:
             raise LowbitError(f"unknown --dtype {requested!r}: use auto, {', '.join(_DTYPES)}.")
         return _DTYPES[requested]
-    own = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    own = getattr(model, "checkpoint_dtype", None) or getattr(model.config, "dtype", None) or \
+        getattr(model.config, "torch_dtype", None)
     if own in (torch.float16, torch.bfloat16, "float16", "bfloat16"):
         return _DTYPES[str(own).removeprefix("torch.")]
     fits = all(t.abs().max().item() <= FP16_MAX for t in tensors() if t.is_floating_point() and t.numel())

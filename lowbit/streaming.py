@@ -64,7 +64,7 @@ from lowbit.io.workdir import Resumed, WorkDir
 from lowbit.model.adapt import adapt
 from lowbit.model.architectures import Family, decoder_blocks, family_for
 from lowbit.model.capture import BlockInputs, layer_types, stash
-from lowbit.model.loading import builtin_checkpoint
+from lowbit.model.loading import builtin_checkpoint, checkpoint_dtype
 from lowbit.model.sources import resolve
 from lowbit.model.targets import linear_layers, select_layers
 from lowbit.pipeline import MoEConfig, PipelineResult, activation_device, quantize_model
@@ -92,10 +92,13 @@ def skeleton(directory: Path) -> nn.Module:
     except (ValueError, KeyError, OSError) as e:
         raise LowbitError(f"could not read the model config in {str(directory)!r}: {e}") from None
     family_for(config.model_type)
+    declared = checkpoint_dtype(config)  # from_config overwrites it
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.tie_weights()  # as loading does (tie_word_embeddings): one parameter, stored once
-    return adapt(model.eval())
+    model = adapt(model.eval())
+    model.checkpoint_dtype = declared
+    return model
 
 
 @dataclass(frozen=True)

@@ -197,3 +197,28 @@ def test_running_out_of_memory_says_what_to_lower(stories_path, stories_tokenize
                      calib=CalibConfig(samples=4, seqlen=64), device="cpu", progress=False)
     said = str(e.value)
     assert "ran out of the GPU" in said and "4 × 64 = 256 tokens" in said and "--calib-samples" in said
+
+
+@pytest.mark.parametrize("where", ["from disk", "in memory"])
+def test_a_bfloat16_checkpoint_keeps_bfloat16(tmp_path, where):
+    """The config's dtype is the checkpoint's (transformers overwrites it with the dtype a model is loaded in):
+    unquantized tensors of a bfloat16 model stay bfloat16, though every value would fit float16."""
+    from safetensors import safe_open
+
+    src = tmp_path / "bf16"
+    make_sharded_model(src, 2, 128, 256)
+    config = json.loads((src / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "float32"
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(src)
+    assert json.loads((src / "config.json").read_text())["dtype"] == "bfloat16"
+    args = ["--method", "rtn", "--group-size", "64"] + (["--in-memory"] if where == "in memory" else [])
+    run = quantize(src, tmp_path / "q", *args)
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "q" / HEADER).read_text())["dtype"] == "bfloat16"
+    stored = {}
+    for shard in (tmp_path / "q").glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            stored.update({k: f.get_slice(k).get_dtype() for k in f.keys()})
+    assert stored["model.norm.weight"] == "BF16" and stored["model.embed_tokens.weight"] == "BF16"

@@ -48,7 +48,16 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     except (ValueError, KeyError, OSError) as e:
         raise LowbitError(f"could not read the model config in {str(path)!r}: {e}") from None
     family_for(config.model_type)
-    return adapt(AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval())
+    model = adapt(AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval())
+    model.checkpoint_dtype = checkpoint_dtype(config)
+    return model
+
+
+def checkpoint_dtype(config) -> torch.dtype | None:
+    """The 16-bit dtype a checkpoint's config declares, read before loading: transformers overwrites the config's
+    dtype with the one the model is loaded in (float32 here)."""
+    own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(str(own).removeprefix("torch."))
 
 
 def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
