@@ -338,6 +338,10 @@ def quantize_streamed(model: str | Path | Source, recipe: Recipe, out: str | Pat
     try:
         return run.run(method, reused, tokenizer, resumed, progress, overwrite, start)
     except KeyboardInterrupt:
+        try:
+            work.wait()  # the block committing in the background is kept too
+        except Exception:  # its error would hide the interruption; the commit before it stays
+            pass
         raise Interrupted(f"interrupted; {work.finished_blocks()} of {run.blocks} blocks are kept in "
                           f"{str(work.path)!r}: resume with {how}.") from None
     except (OSError, SafetensorError) as e:

@@ -87,7 +87,11 @@ def test_a_full_disk_is_said_and_the_run_resumes(stories_path, tmp_path):
     there is room, --resume finishes it, the same bytes as a run that never failed. In memory, nothing is left."""
     args = ["--method", "gptq", "--group-size", "4", *QUICK_CALIB]
     assert quantize(stories_path, tmp_path / "whole", *args).returncode == 0
-    full = quantize(stories_path, tmp_path / "q", *args, max_file_bytes=70_000)
+    # room for a block's shard, not for the next block's inputs nor the embeddings' shard
+    shards = sorted(p.stat().st_size for p in (tmp_path / "whole").glob("model-*.safetensors"))
+    room = shards[0] + 4096
+    assert room < shards[-1]
+    full = quantize(stories_path, tmp_path / "q", *args, max_file_bytes=room)
     said = " ".join(full.stderr.split())
     assert full.returncode == 2 and "a file grew past the size this process may write" in said, full.stderr
     assert "make room, then resume with" in said and "Traceback" not in full.stderr
@@ -96,9 +100,33 @@ def test_a_full_disk_is_said_and_the_run_resumes(stories_path, tmp_path):
     resumed = quantize(stories_path, tmp_path / "q", *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert files(tmp_path / "q") == files(tmp_path / "whole")
-    whole = quantize(stories_path, tmp_path / "m", *args, "--in-memory", max_file_bytes=70_000)
+    whole = quantize(stories_path, tmp_path / "m", *args, "--in-memory", max_file_bytes=room)
     assert whole.returncode == 2 and "Nothing was written in its place" in " ".join(whole.stderr.split())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "whole"]
+
+
+def test_a_full_disk_while_checkpointing_inputs_is_an_os_error(tmp_path):
+    """The next block's inputs are saved in the background: a full disk there is raised by the next commit as the
+    OS's error (torch.save's own is an "unexpected pos" RuntimeError), and no partial file is left."""
+    code = f"""
+import errno, resource, signal, torch
+from pathlib import Path
+from lowbit.io.workdir import WorkDir
+from lowbit.model.capture import BlockInputs
+from lowbit.pipeline import PipelineResult
+work = WorkDir(Path({str(tmp_path / "q")!r}))
+work.start({{"model": "m"}})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+work.commit(1, BlockInputs(hidden=[torch.zeros(100_000)], kwargs=[{{}}]), PipelineResult())
+try:
+    work.commit(2, None, PipelineResult())
+except OSError as e:
+    print("raised", errno.errorcode[e.errno])
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.split() == ["raised", "EFBIG"], run.stderr
+    assert sorted(p.name for p in (tmp_path / ".q.lowbit-work" / "resume").iterdir()) == ["identity.json"]
 
 
 @pytest.mark.slow

@@ -5,8 +5,10 @@
 and, after each block, `inputs-<next>.pt` (the next block's calibration inputs) then `progress-<next>.pt` (the
 blocks' reports, the transform's scales, the pipeline's checks, the RNG state). Each file is written to a
 temporary name and renamed, and the progress file is written last: a run killed at any point (SIGKILL included)
-leaves the last committed block as the place to resume from. When the output is complete, `resume/` is removed and
-the folder renamed to the output.
+leaves the last committed block as the place to resume from. A block's files are written by a background thread
+while the next block is quantized (an 8B-class block's inputs are 1-2 GB); each commit first waits for the one
+before it, so at most one is in flight, and its error, if any, is raised there. When the output is complete,
+`resume/` is removed and the folder renamed to the output.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,12 +33,35 @@ def work_path(out: Path) -> Path:
     return out.parent / f".{out.name}{WORK_SUFFIX}"
 
 
+class _KeepsWriteErrors:
+    """A file whose write errors are kept, for the caller to raise in place of torch.save's RuntimeError."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_atomic(obj, path: Path) -> None:
     """torch.save to a temporary name, flushed to disk, then renamed over `path`."""
     tmp = path.with_name(f".{path.name}.partial")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            writes = _KeepsWriteErrors(f)
+            try:
+                torch.save(obj, writes)
+            except RuntimeError:
+                if writes.error is not None:  # torch.save reports a full disk as its own "unexpected pos"
+                    raise writes.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
@@ -56,6 +82,8 @@ class WorkDir:
         self.out = Path(out).expanduser()
         self.path = work_path(self.out)
         self.state = self.path / "resume"
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def exists(self) -> bool:
         return (self.state / "identity.json").is_file()
@@ -87,15 +115,34 @@ class WorkDir:
                               f"or delete that folder to start over.")
 
     def commit(self, next_block: int, inputs: BlockInputs | None, result: PipelineResult) -> None:
-        """Record that every block before `next_block` is written: its inputs first, then the progress."""
-        if inputs is not None:
-            save_atomic(inputs, self.state / f"inputs-{next_block:05d}.pt")
-        progress = {"next_block": next_block, "blocks": result.blocks, "scales": result.scales,
-                    "verified": result.verified, "rng": torch.get_rng_state()}
-        save_atomic(progress, self.state / f"progress-{next_block:05d}.pt")
-        for old in self.state.glob("*-*.pt"):
-            if int(old.stem.split("-")[1]) < next_block:
-                old.unlink(missing_ok=True)
+        """Record, in the background, that every block before `next_block` is written: its inputs first, then the
+        progress (what it holds is taken now: the RNG state, copies of the reports)."""
+        self.wait()
+        progress = {"next_block": next_block, "blocks": list(result.blocks), "scales": dict(result.scales),
+                    "verified": dict(result.verified), "rng": torch.get_rng_state()}
+        self._writer = threading.Thread(target=self._write, args=(next_block, inputs, progress),
+                                        name="lowbit-checkpoint")
+        self._writer.start()
+
+    def wait(self) -> None:
+        """Wait for the commit in flight; raise what it raised."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _write(self, next_block: int, inputs: BlockInputs | None, progress: dict) -> None:
+        try:
+            if inputs is not None:
+                save_atomic(inputs, self.state / f"inputs-{next_block:05d}.pt")
+            save_atomic(progress, self.state / f"progress-{next_block:05d}.pt")
+            for old in self.state.glob("*-*.pt"):
+                if int(old.stem.split("-")[1]) < next_block:
+                    old.unlink(missing_ok=True)
+        except BaseException as e:
+            self._error = e
 
     def load(self) -> Resumed | None:
         """The last committed state, or None when no block was finished."""
@@ -112,6 +159,7 @@ class WorkDir:
 
     def finish(self, overwrite: bool) -> None:
         """Drop the resume state and move the completed folder to the output (replacing it only if asked)."""
+        self.wait()
         shutil.rmtree(self.state)
         if self.out.exists():
             if not overwrite:
