@@ -5,7 +5,10 @@ weights drawn once per shape and shared by every block (GPTQ's cost does not dep
 calibration sequences of 2048 random tokens. Prints the wall time of capture and of the block-by-block GPTQ pass
 and the peak GPU memory. Run on a GPU machine:
 
-    python benchmarks/gptq_gpu.py [--blocks 32] [--samples 128] [--seqlen 2048]
+    python benchmarks/gptq_gpu.py [--blocks 32] [--samples 128] [--seqlen 2048] [--hessian 16bit|float32]
+
+`--hessian float32` times the Hessian products in float32 on the CUDA cores (lowbit's default multiplies the
+16-bit activations on the tensor cores, exactly, and sums in float32; lowbit.methods.gptq.accumulate).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from lowbit.methods import gptq
 from lowbit.methods.gptq import GPTQConfig
 from lowbit.methods.registry import get_method
 from lowbit.model.capture import capture_block_inputs
@@ -52,11 +56,14 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=32)
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--hessian", choices=["16bit", "float32"], default="16bit")
     args = p.parse_args()
+    gptq.SIXTEEN_BIT_PRODUCTS = args.hessian == "16bit"
     torch.manual_seed(0)
     t = time.perf_counter()
     model = llama3_8b_shaped(args.blocks)
-    print(f"model built in {time.perf_counter() - t:.0f} s on {torch.cuda.get_device_name()}", flush=True)
+    print(f"model built in {time.perf_counter() - t:.0f} s on {torch.cuda.get_device_name()}; Hessian products: "
+          f"{args.hessian}", flush=True)
     family = family_of(model)
     recipe = Recipe(method="gptq", scheme="w4a16", group_size=128, options={"act_order": True})
     plan = select_layers(model, family, recipe)

@@ -9,6 +9,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats import FP8Format, IntFormat, PerChannel, PerGroup, PerTensor, quantize
 from lowbit.formats.intgrid import decode, encode, grid_params
 from lowbit.formats.search import best_shrink
+from lowbit.methods import gptq
 from lowbit.methods.gptq import GPTQConfig, accumulate, gptq_quantize, init_stats
 
 
@@ -59,8 +60,10 @@ def test_equals_naive_implementation(fmt, block_size):
     assert (ours - naive).abs().mean() < 1e-5
 
 
-@pytest.mark.parametrize("cols", [64, 600])  # 600: accumulated in upper-triangle panels
-def test_hessian_is_streamed(cols):
+@pytest.mark.parametrize("cols,panel_rows", [(64, 2048), (600, 2048), (600, 128)])  # 600: in 3, then 5 panels
+def test_hessian_is_streamed(cols, panel_rows, monkeypatch):
+    monkeypatch.setattr(gptq, "PANEL_ROWS", panel_rows)
+    assert len(gptq._panels(cols)) == (1 if cols < 256 else max(3, -(-cols // panel_rows)))
     _, X = _layer(1, cols=cols)
     one = accumulate(init_stats(cols), X)
     two = accumulate(accumulate(init_stats(cols), X[:200]), X[200:])
