@@ -63,7 +63,7 @@ from lowbit.io.lazy import LazyWeights, read_header
 from lowbit.io.workdir import Resumed, WorkDir
 from lowbit.model.adapt import adapt
 from lowbit.model.architectures import Family, decoder_blocks, family_for
-from lowbit.model.capture import BlockInputs, layer_types, stash
+from lowbit.model.capture import BlockInputs, stash
 from lowbit.model.loading import builtin_checkpoint, checkpoint_dtype
 from lowbit.model.sources import resolve
 from lowbit.model.targets import linear_layers, select_layers
@@ -120,9 +120,6 @@ def open_source(model: str | Path) -> Source:
     skel = skeleton(directory)
     check_layout(skel, lazy)
     family = family_for(skel.config.model_type)
-    if layer_types(skel, len(decoder_blocks(skel, family))) is not None:
-        raise LowbitError(f"{skel.config.model_type} has blocks of several kinds, whose inputs are captured by running "
-                          f"the first blocks; quantizing from disk does not do that yet. Use --in-memory.")
     return Source(str(model), directory, lazy, skel, family)
 
 

@@ -250,3 +250,33 @@ def test_a_bfloat16_checkpoint_keeps_bfloat16(tmp_path, where):
         with safe_open(shard, "pt") as f:
             stored.update({k: f.get_slice(k).get_dtype() for k in f.keys()})
     assert stored["model.norm.weight"] == "BF16" and stored["model.embed_tokens.weight"] == "BF16"
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gemma3_text"])
+def test_blocks_of_several_kinds_stream_from_disk(name, stories_path, tmp_path):
+    """Gemma 2 and 3 mix sliding-window and global attention blocks, each kind with its own mask (and, in Gemma 3,
+    rotary table): read from disk, each kind's keyword arguments are captured through blocks that are not loaded,
+    and GPTQ writes the same tensors as with the whole model in memory."""
+    from safetensors.torch import load_file
+    from test_families import _model
+
+    from lowbit.model.capture import layer_types
+
+    model = _model(name)
+    kinds = layer_types(model, model.config.num_hidden_layers)
+    assert kinds is not None and len(set(kinds)) == 2, kinds
+    model.save_pretrained(tmp_path / "src")
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (stories_path / f).is_file():
+            shutil.copy(stories_path / f, tmp_path / "src" / f)
+    args = ["--method", "gptq", "--group-size", "16", *QUICK_CALIB]
+    tensors = {}
+    for where, extra in (("disk", []), ("memory", ["--in-memory"])):
+        run = quantize(tmp_path / "src", tmp_path / where, *args, *extra)
+        assert run.returncode == 0, run.stderr
+        files = sorted((tmp_path / where).glob("*.safetensors"))
+        tensors[where] = {k: v for f in files for k, v in load_file(f).items()}
+    assert len(list((tmp_path / "disk").glob("model-*.safetensors"))) == len(kinds) + 1  # a shard per block: streamed
+    assert tensors["disk"].keys() == tensors["memory"].keys()
+    for k, v in tensors["disk"].items():
+        assert torch.equal(v, tensors["memory"][k]), k

@@ -111,14 +111,18 @@ def capture_block_inputs(model: nn.Module, family: Family, ids: torch.Tensor, de
                          dtype: torch.dtype | None = None) -> BlockInputs:
     """Run the model on ids [n, seqlen] until block 0 and keep block 0's inputs (cast to `dtype`, when given: the
     precision the blocks will run in). Where blocks differ in kind, the pass goes on to the first block of each
-    kind and keeps its keyword arguments too."""
+    kind and keeps its keyword arguments too (through blocks that are not loaded, unchanged)."""
     blocks = decoder_blocks(model, family)
     types = layer_types(model, len(blocks))
     firsts = {t: types.index(t) for t in types} if types else {}
     store = BlockInputs(layer_types=types, by_type={t: [] for t in firsts})
     last = max(firsts.values(), default=0)
-    # the modules the pass runs: those before block 0, and the blocks before the first block of the last kind
-    pre = [m for p in family.pre_block if (m := optional_submodule(model, p)) is not None] + list(blocks[:last])
+    # the modules the pass runs: those before block 0, and the blocks before the first block of the last kind; of
+    # these, blocks whose weights are not loaded (on the meta device: the model is read from disk block by block)
+    # pass their input on, since what a block of each kind is given besides it does not depend on it
+    unloaded = [b for b in blocks[:last] if any(p.is_meta for p in b.parameters())]
+    pre = [m for p in family.pre_block if (m := optional_submodule(model, p)) is not None] + \
+        [b for b in blocks[:last] if not any(b is u for u in unloaded)]
 
     def hook_for(i: int):
         def hook(_module, args, kwargs):
@@ -137,6 +141,8 @@ def capture_block_inputs(model: nn.Module, family: Family, ids: torch.Tensor, de
 
     handles = [blocks[i].register_forward_pre_hook(hook_for(i), with_kwargs=True) for i in {0, *firsts.values()}]
     homes = [next(m.parameters(), torch.empty(0)).device for m in pre]  # weights go back here, not to `offload`
+    for b in unloaded:
+        b.forward = _pass_on
     try:
         for m in pre:
             m.to(device)
@@ -148,9 +154,16 @@ def capture_block_inputs(model: nn.Module, family: Family, ids: torch.Tensor, de
     finally:
         for h in handles:
             h.remove()
+        for b in unloaded:
+            del b.forward
         for m, home in zip(pre, homes, strict=True):
             m.to(home)
     return store
+
+
+def _pass_on(*args, **kwargs) -> torch.Tensor:
+    """A decoder block's forward that returns its hidden states unchanged."""
+    return args[0] if args else kwargs["hidden_states"]
 
 
 def squared_error(a: torch.Tensor, b: torch.Tensor | float) -> float:
