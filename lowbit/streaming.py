@@ -211,7 +211,6 @@ class BlockStream:
         tmp.replace(path)
         fault_point("block-written", i)
         self.work.commit(i + 1, inputs, result)
-        fault_point("block-end", i)
         release(block)
         trim_freed_memory()
 
@@ -334,19 +333,16 @@ def quantize_streamed(model: str | Path | Source, recipe: Recipe, out: str | Pat
         work.start(identity)
     try:
         return run.run(method, reused, tokenizer, resumed, progress, overwrite, start)
-    except KeyboardInterrupt:
-        try:
-            work.wait()  # the block committing in the background is kept too
-        except Exception:  # its error would hide the interruption; the commit before it stays
-            pass
-        raise Interrupted(f"interrupted; {work.finished_blocks()} of {run.blocks} blocks are kept in "
-                          f"{str(work.path)!r}: resume with {how}.") from None
-    except (OSError, SafetensorError) as e:
-        if (why := disk_full(e)) is None:
-            raise
-        raise LowbitError(f"could not write the output in {str(work.path)!r}: {why} ({free_space(work.path)}). "
-                          f"{work.finished_blocks()} of {run.blocks} blocks are kept there, and nothing is in "
-                          f"{str(run.work.out)!r}; make room, then resume with {how}.") from None
+    except BaseException as e:
+        work.settle()  # the block committing in the background is kept too, and counted below
+        if isinstance(e, KeyboardInterrupt):
+            raise Interrupted(f"interrupted; {work.finished_blocks()} of {run.blocks} blocks are kept in "
+                              f"{str(work.path)!r}: resume with {how}.") from None
+        if isinstance(e, (OSError, SafetensorError)) and (why := disk_full(e)) is not None:
+            raise LowbitError(f"could not write the output in {str(work.path)!r}: {why} ({free_space(work.path)}). "
+                              f"{work.finished_blocks()} of {run.blocks} blocks are kept there, and nothing is in "
+                              f"{str(run.work.out)!r}; make room, then resume with {how}.") from None
+        raise
 
 
 class Interrupted(KeyboardInterrupt):

@@ -67,10 +67,11 @@ def check_resumes(model, tmp_path: Path, args: list[str], faults: list[str]) -> 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_killed_runs_resume_bit_identically(stories_path, tmp_path, method):
-    """Killed at a block boundary (after block 1 is committed), between a block's shard and its commit, and in the
-    middle of a block (its layers quantized, its outputs not yet computed)."""
+    """Killed at a block boundary (after block 1 is committed), between a block's shard and its commit, inside the
+    background commit (the next inputs saved, the progress not), and in the middle of a block (its layers quantized,
+    its outputs not yet computed)."""
     args = ["--method", method, "--group-size", "4", *QUICK_CALIB]
-    check_resumes(stories_path, tmp_path, args, ["block-end:1", "block-written:2", "block-mid:3"])
+    check_resumes(stories_path, tmp_path, args, ["block-end:1", "block-written:2", "commit-inputs:2", "block-mid:3"])
 
 
 def test_a_resume_of_another_run_is_refused(stories_path, tmp_path):

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.io.faults import fault_point
 from lowbit.model.capture import BlockInputs
 from lowbit.pipeline import PipelineResult
 
@@ -133,14 +134,26 @@ class WorkDir:
             error, self._error = self._error, None
             raise error
 
+    def settle(self) -> None:
+        """Wait for the commit in flight without raising its error (the caller is reporting another); a second
+        Ctrl-C stops the wait."""
+        try:
+            if self._writer is not None:
+                self._writer.join()
+        except KeyboardInterrupt:
+            pass
+        self._writer, self._error = None, None
+
     def _write(self, next_block: int, inputs: BlockInputs | None, progress: dict) -> None:
         try:
             if inputs is not None:
                 save_atomic(inputs, self.state / f"inputs-{next_block:05d}.pt")
+            fault_point("commit-inputs", next_block - 1)
             save_atomic(progress, self.state / f"progress-{next_block:05d}.pt")
             for old in self.state.glob("*-*.pt"):
                 if int(old.stem.split("-")[1]) < next_block:
                     old.unlink(missing_ok=True)
+            fault_point("block-end", next_block - 1)
         except BaseException as e:
             self._error = e
 

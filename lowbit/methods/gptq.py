@@ -72,9 +72,9 @@ def _panels(n: int) -> list[tuple[int, int]]:
 
 
 @functools.cache
-def _mm_to_float32() -> bool:
+def _mm_to_float32(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether this PyTorch multiplies 16-bit CUDA matrices into float32 (torch.mm's out_dtype, PyTorch 2.8+)."""
-    a = torch.ones(16, 16, dtype=torch.bfloat16, device="cuda")
+    a = torch.ones(16, 16, dtype=dtype, device=device)
     try:
         return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
     except (TypeError, RuntimeError):
@@ -95,7 +95,8 @@ def accumulate(stats: HessianStats, x: torch.Tensor) -> HessianStats:
     x = x.reshape(-1, x.shape[-1])
     total = stats.n + x.shape[0]
     stats.upper.mul_(stats.n / total)
-    sixteen = SIXTEEN_BIT_PRODUCTS and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _mm_to_float32()
+    sixteen = SIXTEEN_BIT_PRODUCTS and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and \
+        _mm_to_float32(x.device, x.dtype)
     if not sixteen:
         x = x.float()
     for a, b in _panels(x.shape[1]):

@@ -228,6 +228,8 @@ def to_device(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.
             if t is not None and t.is_floating_point() and t.dtype != dtype and not _keeps_dtype(module, name):
                 t.data = t.data.to(dtype)
     model.config.dtype = dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        model.checkpoint_dtype = None  # the 16-bit dtype it now has is the one to store
     if device.type == "cuda":
         for module in model.modules():
             if isinstance(module, QuantLinear):
