@@ -29,7 +29,14 @@ from lowbit.methods.registry import MethodEntry, get_method, transform_name
 from lowbit.model.adapt import adapt
 from lowbit.model.architectures import text_config
 from lowbit.model.capture import BlockInputs, Where, capture_block_inputs
-from lowbit.model.loading import family_of, load, load_tokenizer, model_type, to_device  # noqa: F401 (the public API)
+from lowbit.model.loading import (  # noqa: F401 (the public API)
+    checkpoint_dtype,
+    family_of,
+    load,
+    load_tokenizer,
+    model_type,
+    to_device,
+)
 from lowbit.model.sources import resolve
 from lowbit.model.targets import fit_group_size, linear_layers, select_layers
 from lowbit.pipeline import MoEConfig, PipelineResult, activation_device, quantize_model
@@ -51,10 +58,9 @@ def storage_dtype_of(model: nn.Module, requested: str, tensors: Callable[[], Ite
         if requested not in _DTYPES:
             raise LowbitError(f"unknown --dtype {requested!r}: use auto, {', '.join(_DTYPES)}.")
         return _DTYPES[requested]
-    own = getattr(model, "checkpoint_dtype", None) or getattr(model.config, "dtype", None) or \
-        getattr(model.config, "torch_dtype", None)
-    if own in (torch.float16, torch.bfloat16, "float16", "bfloat16"):
-        return _DTYPES[str(own).removeprefix("torch.")]
+    own = getattr(model, "checkpoint_dtype", None) or checkpoint_dtype(model.config)
+    if own is not None:
+        return own
     fits = all(t.abs().max().item() <= FP16_MAX for t in tensors() if t.is_floating_point() and t.numel())
     return torch.float16 if fits else torch.bfloat16
 

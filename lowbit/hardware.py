@@ -59,6 +59,7 @@ def peak_memory(device: torch.device) -> dict:
     return out
 
 
+@functools.cache
 def _libc():
     import ctypes
     import ctypes.util

@@ -120,9 +120,10 @@ def capture_block_inputs(model: nn.Module, family: Family, ids: torch.Tensor, de
     # the modules the pass runs: those before block 0, and the blocks before the first block of the last kind; of
     # these, blocks whose weights are not loaded (on the meta device: the model is read from disk block by block)
     # pass their input on, since what a block of each kind is given besides it does not depend on it
-    unloaded = [b for b in blocks[:last] if any(p.is_meta for p in b.parameters())]
+    loaded = {i: not any(p.is_meta for p in b.parameters()) for i, b in enumerate(blocks[:last])}
+    unloaded = [blocks[i] for i, yes in loaded.items() if not yes]
     pre = [m for p in family.pre_block if (m := optional_submodule(model, p)) is not None] + \
-        [b for b in blocks[:last] if not any(b is u for u in unloaded)]
+        [blocks[i] for i, yes in loaded.items() if yes]
 
     def hook_for(i: int):
         def hook(_module, args, kwargs):
